@@ -1,0 +1,25 @@
+"""Config of the embed-memory Beam job."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    url_col: str = "url"
+    caption_col: str = "caption"
+    label_col: str | None = "label"   # passed through when the URL list has it (evaluation sets)
+    shard_size: int = 1000            # URL-list rows per shard (unit of download, resume and output)
+    batch_size: int = 256             # open_clip forward batch
+    processes: int = 1                # img2dataset processes per shard
+    threads: int = 16                 # img2dataset download threads per process
+    timeout: int = 10                 # seconds per URL
+    retries: int = 0
+    allow_private: bool = False       # refuse loopback/private/link-local hosts unless set
+    runner: str = "DirectRunner"
+    direct_running_mode: str = "in_memory"   # or multi_processing (never multi_threading)
+    direct_num_workers: int = 1
+    torch_threads: int = 2
+
+
+PRESETS = {"tiny": EmbedConfig(shard_size=500), "demo": EmbedConfig()}

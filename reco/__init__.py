@@ -1,0 +1,11 @@
+"""reco: retrieval-enhanced contrastive vision-text models on top of open_clip.
+
+Sub-packages:
+  reco.world       generated fine-grained world (images, captions, loopback server, base CLIP)
+  reco.pipelines   Beam jobs (embed-memory, neighbours)          [folder: pipelines/]
+  reco.index       faiss/autofaiss memory indices               [folder: index/]
+  reco.trainer     fusion heads, loss, streaming loader, loop   [folder: trainer/]
+  reco.evaluation  zero-shot / retrieval evaluation, ablations
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,147 @@
+"""open_clip models: the project's own configs beside open_clip's, one loading function.
+
+A model is named the open_clip way: a built-in name with a pretrained tag or checkpoint file
+(``ViT-B-32`` + ``openai``), a project config (``reco-tiny``, random init unless ``pretrained``
+is a file), or ``local-dir:/path`` holding ``open_clip_config.json`` and
+``open_clip_model.safetensors`` (how reco saves the base CLIP it trains on the generated world).
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from reco.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+LOCAL_DIR = "local-dir:"
+WEIGHTS_FILE = "open_clip_model.safetensors"
+CONFIG_FILE = "open_clip_config.json"
+_registered = False
+
+
+def register_project_configs() -> None:
+    """Add reco's JSON model configs (``reco/model_configs``) to open_clip's registry."""
+    global _registered
+    if not _registered:
+        import open_clip
+
+        open_clip.add_model_config(CONFIG_DIR)
+        _registered = True
+
+
+def list_models() -> list[str]:
+    import open_clip
+
+    register_project_configs()
+    return open_clip.list_models()
+
+
+@dataclass
+class LoadedClip:
+    model: torch.nn.Module
+    preprocess: Callable          # PIL image -> tensor (eval transform)
+    tokenizer: Callable           # list[str] -> LongTensor
+    name: str                     # model spec as given
+    pretrained: str               # tag/path, or "" for none
+    embed_dim: int
+    image_size: int
+
+    @property
+    def model_id(self) -> str:
+        """What manifests record, so that artefacts of different models are never mixed."""
+        return f"{self.name}|{self.pretrained}"
+
+
+def load_clip(model: str, pretrained: str | None = None, device: str = "cpu",
+              precision: str = "fp32") -> LoadedClip:
+    """Create an open_clip model in eval mode with its eval preprocess and tokenizer.
+
+    Args:
+        model: open_clip model name, project config name, or ``local-dir:/path``.
+        pretrained: open_clip pretrained tag or checkpoint path; ignored for ``local-dir:``.
+        device: torch device string.
+        precision: open_clip precision (``fp32``, ``fp16``, ``bf16``, ``amp``...).
+    """
+    import open_clip
+
+    register_project_configs()
+    _check_model_name(model)
+    if model.startswith(LOCAL_DIR):
+        pretrained = None
+    clip, _, preprocess = open_clip.create_model_and_transforms(
+        model, pretrained=pretrained, device=device, precision=precision,
+        pretrained_text=False, pretrained_image=False)
+    clip.eval()
+    tokenizer = open_clip.get_tokenizer(model)
+    cfg = open_clip.get_model_config(model) or {}
+    image_size = cfg.get("vision_cfg", {}).get("image_size", 224)
+    if isinstance(image_size, (list, tuple)):
+        image_size = image_size[0]
+    return LoadedClip(clip, preprocess, tokenizer, model, pretrained or "",
+                      int(cfg.get("embed_dim", 0)), int(image_size))
+
+
+def _check_model_name(model: str) -> None:
+    if model.startswith(LOCAL_DIR):
+        folder = Path(model[len(LOCAL_DIR):])
+        if not (folder / CONFIG_FILE).is_file():
+            raise ConfigError(f"--model {model}: no {CONFIG_FILE} in {folder}")
+        return
+    if model.startswith("hf-hub:"):
+        return
+    names = list_models()
+    if model not in names:
+        close = difflib.get_close_matches(model, names, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"--model {model!r}: unknown open_clip model{hint}")
+
+
+def save_local_dir(clip: torch.nn.Module, model_name: str, folder: str | Path,
+                   extra: dict[str, Any] | None = None) -> str:
+    """Save weights + config so that ``load_clip('local-dir:' + folder)`` restores the model.
+    Returns the ``local-dir:`` spec. Files are written to temporary names and renamed."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    register_project_configs()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model_cfg = open_clip.get_model_config(model_name)
+    if model_cfg is None:
+        raise ConfigError(f"--model {model_name!r}: unknown open_clip model")
+    preprocess_cfg = {"mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD)}
+    state = {k: v.detach().contiguous().cpu() for k, v in clip.state_dict().items()}
+    tmp = folder / f".{WEIGHTS_FILE}.tmp"
+    save_file(state, str(tmp))
+    os.replace(tmp, folder / WEIGHTS_FILE)
+    from reco.formats import atomic_write_text
+
+    config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg, "reco": extra or {}}
+    atomic_write_text(folder / CONFIG_FILE, json.dumps(config, indent=2))
+    return LOCAL_DIR + str(folder)
+
+
+def resolve_model_spec(model: str, pretrained: str | None, base_clip_dir: str | Path) -> tuple[str, str | None]:
+    """The model the pipeline should use: a project config with no weights given means the base
+    CLIP trained on the generated world (``base_clip_dir``), if it has been trained."""
+    register_project_configs()
+    if pretrained is None and model.startswith("reco-") and (Path(base_clip_dir) / CONFIG_FILE).is_file():
+        return LOCAL_DIR + str(base_clip_dir), None
+    return model, pretrained
+
+
+@torch.no_grad()
+def encode_images(clip: LoadedClip, pixels: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(clip.model.encode_image(pixels).float(), dim=-1)
+
+
+@torch.no_grad()
+def encode_texts(clip: LoadedClip, texts: list[str]) -> torch.Tensor:
+    tokens = clip.tokenizer(list(texts))
+    return torch.nn.functional.normalize(clip.model.encode_text(tokens).float(), dim=-1)

@@ -1,0 +1,257 @@
+"""On-disk formats of reco, declared once (pyarrow schemas), written atomically, validated on read.
+
+Artefacts and where they are described:
+
+* URL lists: Parquet/CSV/TSV with (by default) ``url`` and ``caption`` columns, like LAION/CC12M
+  metadata; an optional ``label`` (int) column for class-labelled evaluation sets.
+* Embedded shards (:func:`embedded_schema`): one row per URL-list row, whatever happened to it.
+* Neighbour shards and trainer tensors: see ``reco.index`` (declared there with the same helpers).
+* Manifests (:class:`Manifest`): JSON beside a shard folder listing only complete shards.
+
+Every writer goes through :func:`atomic_write_table` / :func:`atomic_write_text`: data is written
+to a temporary name in the same folder and renamed, so a reader never sees a half-written file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from reco.errors import FormatError
+
+# Status of a URL after the download/embed job.
+STATUS_OK = "success"
+STATUSES = (STATUS_OK, "failed_to_download", "failed_to_resize", "refused", "failed_to_embed")
+
+
+def embedding_type(dim: int) -> pa.DataType:
+    """Embeddings are stored as fixed-size lists of float16 (L2-normalised before the cast)."""
+    return pa.list_(pa.float16(), dim)
+
+
+def embedded_schema(dim: int, model: str = "", pretrained: str = "") -> pa.Schema:
+    """Schema of an embedded shard. ``image_emb``/``text_emb`` are null unless status == success."""
+    return pa.schema(
+        [
+            pa.field("id", pa.int64(), nullable=False),       # row number in the URL list(s)
+            pa.field("url", pa.string()),
+            pa.field("caption", pa.string()),
+            pa.field("label", pa.int64()),                    # class id, null when unlabelled
+            pa.field("status", pa.string(), nullable=False),
+            pa.field("error_message", pa.string()),
+            pa.field("image_emb", embedding_type(dim)),
+            pa.field("text_emb", embedding_type(dim)),
+        ],
+        metadata={b"reco.format": b"embedded/1", b"reco.model": model.encode(),
+                  b"reco.pretrained": pretrained.encode(), b"reco.dim": str(dim).encode()},
+    )
+
+
+def to_fp16_list(vectors: np.ndarray, dim: int) -> pa.Array:
+    """(n, dim) float array -> FixedSizeList<float16> array (pyarrow refuses float32 -> f16)."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float16)
+    if vectors.ndim != 2 or vectors.shape[1] != dim:
+        raise FormatError(f"expected embeddings of shape (n, {dim}), got {vectors.shape}")
+    return pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), type=pa.float16()), dim)
+
+
+def from_fp16_list(column: pa.Array | pa.ChunkedArray, dim: int, dtype=np.float32) -> np.ndarray:
+    """FixedSizeList<float16> column (no nulls) -> (n, dim) numpy array."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if column.null_count:
+        raise FormatError("embedding column has null rows; filter on status first")
+    flat = column.flatten().to_numpy(zero_copy_only=False)
+    return flat.reshape(-1, dim).astype(dtype, copy=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# atomic writes
+# ---------------------------------------------------------------------------------------------
+
+def _tmp_name(path: str) -> str:
+    head, tail = os.path.split(path)
+    return os.path.join(head, f".{tail}.tmp-{uuid.uuid4().hex[:8]}")
+
+
+def atomic_write_table(table: pa.Table, path: str | Path, **parquet_kwargs: Any) -> None:
+    """Write a Parquet file so that ``path`` either does not exist or is complete."""
+    path = str(path)
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    fs.makedirs(os.path.dirname(fs_path) or ".", exist_ok=True)
+    tmp = _tmp_name(fs_path)
+    try:
+        with fs.open(tmp, "wb") as f:
+            pq.write_table(table, f, **parquet_kwargs)
+        fs.mv(tmp, fs_path)
+    finally:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+
+
+def atomic_write_bytes(data: bytes, path: str | Path) -> None:
+    path = str(path)
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    fs.makedirs(os.path.dirname(fs_path) or ".", exist_ok=True)
+    tmp = _tmp_name(fs_path)
+    try:
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+        fs.mv(tmp, fs_path)
+    finally:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(text.encode("utf-8"), path)
+
+
+def atomic_save_npy(array: np.ndarray, path: str | Path) -> None:
+    """np.save through a temporary file (local paths; for memory-mapped reading)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# validated reads
+# ---------------------------------------------------------------------------------------------
+
+def read_parquet(path: str | Path, required: pa.Schema | list[str] | None = None,
+                 columns: list[str] | None = None) -> pa.Table:
+    """Read a Parquet file; a corrupt file or a missing/ill-typed column raises FormatError
+    naming the file."""
+    path = str(path)
+    try:
+        fs, fs_path = fsspec.core.url_to_fs(path)
+        with fs.open(fs_path, "rb") as f:
+            table = pq.read_table(f, columns=columns)
+    except FileNotFoundError as exc:
+        raise FormatError(f"{path}: file not found") from exc
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise FormatError(f"{path}: not a readable Parquet file ({exc})") from exc
+    if required is not None:
+        check_columns(table.schema, required, path)
+    return table
+
+
+def check_columns(schema: pa.Schema, required: pa.Schema | list[str], where: str) -> None:
+    if isinstance(required, pa.Schema):
+        for fld in required:
+            if fld.name not in schema.names:
+                raise FormatError(f"{where}: missing column {fld.name!r} (has {schema.names})")
+            got = schema.field(fld.name).type
+            if not got.equals(fld.type):
+                raise FormatError(f"{where}: column {fld.name!r} has type {got}, expected {fld.type}")
+    else:
+        missing = [c for c in required if c not in schema.names]
+        if missing:
+            raise FormatError(f"{where}: missing column(s) {missing} (has {schema.names})")
+
+
+def check_finite(vectors: np.ndarray, where: str) -> None:
+    bad = ~np.isfinite(vectors).all(axis=1)
+    if bad.any():
+        raise FormatError(f"{where}: {int(bad.sum())} vector(s) contain NaN/inf, first at row "
+                          f"{int(np.argmax(bad))}")
+
+
+# ---------------------------------------------------------------------------------------------
+# manifests
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Manifest:
+    """What a shard folder holds. Only complete shards are listed; written atomically."""
+
+    kind: str                                   # "embedded", "neighbours", ...
+    shards: list[str] = field(default_factory=list)   # file names relative to the folder
+    counts: dict[str, int] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    FILE = "manifest.json"
+
+    def write(self, folder: str | Path) -> None:
+        atomic_write_text(os.path.join(str(folder), self.FILE), json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def read(cls, folder: str | Path, kind: str | None = None) -> "Manifest":
+        path = os.path.join(str(folder), cls.FILE)
+        try:
+            with fsspec.open(path, "r") as f:
+                data = json.load(f)
+            manifest = cls(**data)
+        except FileNotFoundError as exc:
+            raise FormatError(f"{path}: no manifest; has the previous stage run?") from exc
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise FormatError(f"{path}: corrupt manifest ({exc})") from exc
+        if kind is not None and manifest.kind != kind:
+            raise FormatError(f"{path}: manifest of kind {manifest.kind!r}, expected {kind!r}")
+        return manifest
+
+    def shard_paths(self, folder: str | Path) -> list[str]:
+        return [os.path.join(str(folder), s) for s in self.shards]
+
+
+# ---------------------------------------------------------------------------------------------
+# neighbours and trainer tensors
+# ---------------------------------------------------------------------------------------------
+# A "context field" names what is retrieved for a query: f"{query}_{search}_{fuse}", where query is
+# "v" (image embedding) or "t" (text embedding), search is the memory index searched ("img" or
+# "txt") and fuse the modality of the memory embeddings that are fused ("img" or "txt").
+#   v_img_txt  image -> nearest memory images -> their texts     (RECO default, image side)
+#   t_txt_img  text  -> nearest memory texts  -> their images    (RECO default, text side)
+#   v_img_img / t_txt_txt                                         (uni-modal fusion ablation)
+#   v_txt_txt / t_img_img                                         (cross-modal search ablation)
+#   v_txt_img / t_img_txt                                         (cross search + uni fusion)
+MODALITIES = {"img": "image", "txt": "text"}
+DEFAULT_FIELDS = ("v_img_txt", "t_txt_img")
+
+
+def parse_field(name: str) -> tuple[str, str, str]:
+    """'v_img_txt' -> ('v', 'img', 'txt'); raises FormatError for anything else."""
+    parts = name.split("_")
+    if len(parts) != 3 or parts[0] not in ("v", "t") or parts[1] not in MODALITIES or parts[2] not in MODALITIES:
+        raise FormatError(f"bad context field {name!r}: expected '{{v|t}}_{{img|txt}}_{{img|txt}}'")
+    return parts[0], parts[1], parts[2]
+
+
+def search_keys(fields: tuple[str, ...]) -> list[str]:
+    """The distinct searches ("v_img", "t_txt", ...) that a set of context fields needs."""
+    return sorted({"_".join(parse_field(f)[:2]) for f in fields})
+
+
+def neighbours_schema(k: int, searches: list[str]) -> pa.Schema:
+    """Neighbour ids/scores per training pair: for each search s (e.g. "v_img"), ``{s}_ids``
+    (memory ids, -1 = none) and ``{s}_scores`` (inner products), best first, length k."""
+    cols = [pa.field("id", pa.int64(), nullable=False)]
+    for s in searches:
+        cols += [pa.field(f"{s}_ids", pa.list_(pa.int64(), k)),
+                 pa.field(f"{s}_scores", pa.list_(pa.float32(), k))]
+    return pa.schema(cols, metadata={b"reco.format": b"neighbours/1", b"reco.k": str(k).encode()})
+
+
+def tensors_schema(dim: int, k: int, fields: tuple[str, ...]) -> pa.Schema:
+    """What the trainer streams: per pair ``v``, ``t`` (dim) and each context field as a
+    flattened (k, dim) block, all float16. Missing neighbours (memory too small) are zero rows."""
+    cols = [pa.field("id", pa.int64(), nullable=False),
+            pa.field("v", embedding_type(dim)), pa.field("t", embedding_type(dim))]
+    cols += [pa.field(f, embedding_type(k * dim)) for f in fields]
+    meta = {b"reco.format": b"tensors/1", b"reco.dim": str(dim).encode(), b"reco.k": str(k).encode(),
+            b"reco.fields": ",".join(fields).encode()}
+    return pa.schema(cols, metadata=meta)

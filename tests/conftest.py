@@ -1,0 +1,23 @@
+"""Shared test set-up. Every test runs with HOME/TMPDIR inside pytest's temporary folder so that
+nothing (Beam's runner downloads, caches) lands outside the test's folders."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    old = {k: os.environ.get(k) for k in ("HOME", "TMPDIR")}
+    os.environ["HOME"] = str(home)
+    os.environ["TMPDIR"] = str(home)
+    yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -1,0 +1,41 @@
+"""Config of the fusion heads and their training."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    layers: int = 1
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """``fusion``: transformer (RECO) | mean (no parameters) | mlp (same capacity, no retrieval).
+    Each side's context is a field of ``reco.formats`` (query_search_fuse): the defaults are
+    RECO's uni-modal search with cross-modal fusion; the ablations change them."""
+
+    fusion: str = "transformer"
+    fuse_image: bool = True            # train/use phi_image (v-bar)
+    fuse_text: bool = True             # train/use phi_text (t-bar)
+    image_context: str = "v_img_txt"
+    text_context: str = "t_txt_img"
+    k: int = 10                        # neighbours used per query (<= neighbours.k)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    batch_size: int = 512
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    warmup_steps: int = 50
+    steps: int = 1000
+    init_temperature: float = 0.07
+    shuffle_buffer: int = 8192
+    num_workers: int = 0
+    checkpoint_every: int = 200
+    seed: int = 0
+    precision: str = "fp32"           # amp_bf16 / amp on GPU
+
+
+PRESETS = {"tiny": TrainConfig(batch_size=256, steps=300, checkpoint_every=100), "demo": TrainConfig()}
