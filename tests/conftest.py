@@ -21,3 +21,14 @@ def _isolated_home(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+# Session fixtures, one module per stage, each building on the previous one:
+#   tiny_world (world + base CLIP + loopback server) -> tiny_embedded -> tiny_indexed
+#   -> tiny_neighbours -> tiny_trained
+pytest_plugins = [
+    "tests.fixtures.world",
+    "tests.fixtures.embed",
+    "tests.fixtures.index",
+    "tests.fixtures.trainer",
+]

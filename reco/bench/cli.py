@@ -1,0 +1,50 @@
+"""``reco bench``: every stage's benchmark, results written to a JSON file (never asserted in tests).
+
+Benchmarks live beside their stage (``reco/bench/<stage>.py``), each a function
+``bench_<stage>(out_dir, quick) -> dict`` registered in :data:`BENCHES`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import platform
+import time
+from pathlib import Path
+
+from reco.config import RecoConfig
+from reco.formats import atomic_write_text
+
+BENCHES = {
+    "embed": "reco.bench.embed:bench_embed",
+    "index": "reco.bench.index:bench_index",
+    "train": "reco.bench.train:bench_train",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--only", action="append", choices=sorted(BENCHES), help="run only these")
+    parser.add_argument("--full", action="store_true", help="full sizes (default: quick sizes)")
+    parser.add_argument("--out", default="bench-results", help="folder for results.json")
+
+
+def run_benches(names: list[str], out_dir: Path, quick: bool) -> dict:
+    results = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
+                           "cpus": __import__("os").cpu_count()}, "quick": quick}
+    for name in names:
+        module, func = BENCHES[name].split(":")
+        t0 = time.perf_counter()
+        print(f"bench {name} ...", flush=True)
+        results[name] = getattr(importlib.import_module(module), func)(out_dir / name, quick=quick)
+        results[name]["bench_seconds"] = round(time.perf_counter() - t0, 1)
+        print(json.dumps(results[name], indent=2), flush=True)
+    return results
+
+
+def main(cfg: RecoConfig, args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = run_benches(args.only or sorted(BENCHES), out, quick=not args.full)
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+    print(f"results written to {out / 'results.json'}")
+    return 0
