@@ -11,11 +11,13 @@ class EmbedConfig:
     label_col: str | None = "label"   # passed through when the URL list has it (evaluation sets)
     shard_size: int = 1000            # URL-list rows per shard (unit of download, resume and output)
     batch_size: int = 256             # open_clip forward batch
-    processes: int = 1                # img2dataset processes per shard
+    processes: int = 1                # img2dataset processes per shard (1: in the worker, no spawn)
     threads: int = 16                 # img2dataset download threads per process
     timeout: int = 10                 # seconds per URL
     retries: int = 0
     allow_private: bool = False       # refuse loopback/private/link-local hosts unless set
+    resize_mode: str = "center_crop"  # img2dataset resize mode (to the model's input size)
+    encode_format: str = "png"        # how img2dataset re-encodes resized images (png: lossless)
     runner: str = "DirectRunner"
     direct_running_mode: str = "in_memory"   # or multi_processing (never multi_threading)
     direct_num_workers: int = 1

@@ -1,15 +1,30 @@
-"""Config of evaluation."""
+"""Config of evaluation, of the neighbour gallery and of the ablations."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+INFERENCE_MODES = ("off", "image", "text", "both")
+
 
 @dataclass(frozen=True)
 class EvalConfig:
-    modes: tuple[str, ...] = ("off", "image", "text", "both")
+    """``modes``: inference modes evaluated (off = frozen CLIP, image = v-bar only, text = t-bar
+    only, both). ``k``: neighbours retrieved at inference (None: as trained). ``templates``:
+    zero-shot prompts, ``{}`` (or clip_benchmark's ``{c}``) is replaced by the class name."""
+
+    modes: tuple[str, ...] = INFERENCE_MODES
     k: int | None = None               # neighbours at inference (None: as trained)
     templates: tuple[str, ...] = ("a photo of a {}.",)
     batch_size: int = 256
+    retrieval_ks: tuple[int, ...] = (1, 5, 10)
+    gallery_queries: int = 6           # test images (and as many class names) in gallery.html
+    gallery_k: int = 8
+    # ablations (reco ablations): variant names of reco.evaluation.ablations.VARIANTS, () = all
+    ablations: tuple[str, ...] = ()
+    ablation_steps: int | None = None  # train steps of each variant (None: train.steps)
+    small_memory_fraction: float = 0.1 # memory kept for the "small memory at training" variant
+    ablation_train_k: tuple[int, ...] = (1, 5)   # extra k at training (besides train.k)
+    ablation_eval_k: tuple[int, ...] = (1, 5, 10, 16)
 
 
 PRESETS = {"tiny": EvalConfig(), "demo": EvalConfig()}

@@ -1,0 +1,289 @@
+"""``reco embed-memory``: Beam job from URL lists to embedded Parquet shards.
+
+    ReadUrls -> SafetyFilter -> Download (img2dataset) -> Embed (open_clip) -> Write (Parquet)
+
+Everything that can be checked is checked before the pipeline starts (URL list columns, model
+name, writable output, model of an existing output). Resume: shards whose file already exists
+(complete, by atomic rename) are skipped, so a rerun after a kill adds only the missing shards.
+Beam flags pass through (``--runner``, ``--direct_num_workers``...); default DirectRunner.
+
+    reco embed-memory --preset tiny --workdir runs/tiny                 # world splits
+    reco embed-memory --input urls.parquet --output out/ --model ViT-B-32 --pretrained openai \
+        -- --direct_running_mode=multi_processing --direct_num_workers=2
+    python -m reco.pipelines.embed_memory --input urls.csv --output out/ --model reco-tiny
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import logging
+import os
+import socket
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+
+import apache_beam as beam
+import fsspec
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+
+from reco.errors import ConfigError, FormatError
+from reco.formats import Manifest
+from reco.pipelines.config import EmbedConfig
+from reco.pipelines.download import DownloadShards
+from reco.pipelines.embed import EmbedShards
+from reco.pipelines.urls import (FilterUnsafeUrls, ReadUrlShards, UrlFile, inspect_url_files,
+                                 list_url_files, num_shards)
+from reco.pipelines.write import WriteShards, check_model, complete_shards, write_manifest
+
+log = logging.getLogger(__name__)
+WORLD_SPLITS = ("memory", "train", "test")
+RUNNING_MODES = ("in_memory", "multi_processing")
+# "DirectRunner" means Beam's Python FnApiRunner (honours direct_running_mode/num_workers). Beam's
+# own DirectRunner first tries to download and run the Go Prism runner, which ignores both.
+RUNNER_ALIASES = {"directrunner": "apache_beam.runners.portability.fn_api_runner.FnApiRunner"}
+
+
+@dataclass(frozen=True)
+class EmbedJob:
+    """Everything the pipeline needs, resolved and checked on the driver."""
+
+    files: tuple[UrlFile, ...]
+    output_dir: str
+    model: str
+    pretrained: str | None
+    model_id: str
+    image_size: int
+    dim: int
+    shards: int
+    skip: tuple[int, ...]
+    cfg: EmbedConfig
+
+
+class EmbedMemory(beam.PTransform):
+    """PBegin -> (shard, counts by status) for every shard written by this run."""
+
+    def __init__(self, job: EmbedJob):
+        super().__init__()
+        self.job = job
+
+    def expand(self, pbegin):
+        job, cfg = self.job, self.job.cfg
+        return (pbegin
+                | "ReadUrls" >> ReadUrlShards(job.files, cfg.shard_size, job.skip)
+                | "SafetyFilter" >> FilterUnsafeUrls(cfg.allow_private)
+                | "Download" >> DownloadShards(job.image_size, cfg)
+                | "Embed" >> EmbedShards(job.model, job.pretrained, batch_size=cfg.batch_size,
+                                         torch_threads=cfg.torch_threads)
+                | "Write" >> WriteShards(job.output_dir, job.dim, job.model, job.pretrained or ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# driver: checks, options, run
+# ---------------------------------------------------------------------------------------------
+
+def check_writable(output_dir: str) -> None:
+    """Create ``output_dir`` and write/remove a probe file; ConfigError naming it otherwise."""
+    try:
+        fs, path = fsspec.core.url_to_fs(str(output_dir))
+        fs.makedirs(path, exist_ok=True)
+        probe = f"{path.rstrip('/')}/.write-probe-{uuid.uuid4().hex[:8]}"
+        with fs.open(probe, "wb") as f:
+            f.write(b"ok")
+        fs.rm(probe)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"output {output_dir}: not writable ({exc})") from exc
+
+
+def plan_job(inputs, output_dir: str, *, model: str, pretrained: str | None,
+             embed_cfg: EmbedConfig) -> EmbedJob:
+    """Check inputs, model and output; find the shards still to do."""
+    from reco.clip import load_clip
+
+    if embed_cfg.shard_size < 1 or embed_cfg.batch_size < 1:
+        raise ConfigError("embed.shard_size and embed.batch_size must be >= 1")
+    files = inspect_url_files(list_url_files(inputs), embed_cfg)
+    check_writable(output_dir)
+    clip = load_clip(model, pretrained)             # unknown model: ConfigError, before any work
+    check_model(output_dir, clip.name, clip.pretrained)
+    shards = num_shards(files, embed_cfg.shard_size)
+    skip = tuple(s for s in complete_shards(output_dir) if s < shards)
+    return EmbedJob(tuple(files), str(output_dir), clip.name, clip.pretrained or None, clip.model_id,
+                    clip.image_size, clip.embed_dim, shards, skip, embed_cfg)
+
+
+def pipeline_options(cfg: EmbedConfig, beam_options=None) -> PipelineOptions:
+    """Defaults from the config, then the caller's Beam flags (list of args or PipelineOptions)."""
+    if isinstance(beam_options, PipelineOptions):
+        user = beam_options.get_all_options(drop_default=True, retain_unknown_options=True)
+        args = [f"--{k}={v}" for k, v in user.items() if v is not None and not isinstance(v, (list, dict))]
+    else:
+        args = list(beam_options or [])
+    defaults = [f"--runner={cfg.runner}", f"--direct_running_mode={cfg.direct_running_mode}",
+                f"--direct_num_workers={cfg.direct_num_workers}"]
+    options = PipelineOptions(defaults + args)
+    standard = options.view_as(StandardOptions)
+    standard.runner = RUNNER_ALIASES.get(str(standard.runner).lower(), standard.runner)
+    mode = options.view_as(DirectOptions).direct_running_mode
+    if mode not in RUNNING_MODES:
+        raise ConfigError(f"direct_running_mode={mode!r} is not supported; use one of {RUNNING_MODES}")
+    return options
+
+
+def run_job(job: EmbedJob, options: PipelineOptions) -> dict[str, int]:
+    """Wire the transform, run it, return the Beam counters."""
+    pipeline = beam.Pipeline(options=options)
+    _ = pipeline | "EmbedMemory" >> EmbedMemory(job)
+    result = pipeline.run()
+    result.wait_until_finish()
+    return counters(result)
+
+
+def counters(result) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for c in result.metrics().query(MetricsFilter().with_namespace("reco.embed"))["counters"]:
+        value = c.committed if c.committed is not None else c.attempted
+        out[c.key.metric.name] = out.get(c.key.metric.name, 0) + int(value or 0)
+    return out
+
+
+def embed_urls(inputs, output_dir: str, *, model: str, pretrained: str | None = None,
+               embed_cfg: EmbedConfig = EmbedConfig(), beam_options=None) -> tuple[Manifest, dict]:
+    """Download, embed and write URL lists to ``output_dir`` (resuming what is there).
+
+    Args:
+        inputs: a URL list path/URL, a folder or glob of them, or a list of those (sorted).
+        output_dir: folder (local or fsspec URL) for ``part-*.parquet`` + ``manifest.json``.
+        model, pretrained: open_clip model spec (see :func:`reco.clip.load_clip`).
+        embed_cfg: columns, shard size, download and embedding settings.
+        beam_options: Beam flags (list of ``--flag=value``) or PipelineOptions.
+    Returns:
+        (manifest, info) with counts by status, shards run/skipped and Beam counters.
+    """
+    start = time.time()
+    job = plan_job(inputs, output_dir, model=model, pretrained=pretrained, embed_cfg=embed_cfg)
+    options = pipeline_options(embed_cfg, beam_options)
+    todo = job.shards - len(job.skip)
+    log.info("embed %s -> %s: %d rows, %d shards (%d already complete), model %s",
+             [f.path for f in job.files], output_dir, sum(f.rows for f in job.files), job.shards,
+             len(job.skip), job.model_id)
+    metrics = run_job(job, options) if todo else {}
+    rows = sum(f.rows for f in job.files)
+    manifest = write_manifest(output_dir, job.model_id, job.dim, {
+        "inputs": [f.path for f in job.files], "shard_size": embed_cfg.shard_size,
+        "input_rows": rows, "shards_expected": job.shards, "image_size": job.image_size})
+    info = {"output_dir": str(output_dir), "rows": rows, "shards": job.shards,
+            "shards_run": todo, "shards_skipped": len(job.skip), "counts": manifest.counts,
+            "complete": len(manifest.shards) == job.shards, "model_id": job.model_id,
+            "dim": job.dim, "metrics": metrics, "seconds": round(time.time() - start, 2)}
+    log.info("embed %s: %s", output_dir, {k: info[k] for k in ("counts", "metrics", "seconds")})
+    return manifest, info
+
+
+# ---------------------------------------------------------------------------------------------
+# the generated world
+# ---------------------------------------------------------------------------------------------
+
+def _listening(host: str, port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def world_server(cfg):
+    """Serve the world over loopback unless something already listens on its address."""
+    if _listening(cfg.world.host, cfg.world.port):
+        yield None
+        return
+    try:
+        from reco.world.server import WorldServer
+    except ImportError as exc:
+        raise ConfigError(f"nothing serves the world on {cfg.world.host}:{cfg.world.port} and "
+                          f"reco.world.server is unavailable; run `reco serve-world`") from exc
+    with WorldServer(cfg.paths.world, cfg.world.host, cfg.world.port) as server:
+        yield server
+
+
+def embed_splits(cfg, splits=WORLD_SPLITS, *, beam_options=None) -> dict:
+    """Embed the world's URL lists (``cfg.paths.urls(split)``) into ``cfg.paths.embedded(split)``
+    with the pipeline's model (:func:`reco.clip.resolve_model_spec`). Returns info per split."""
+    from reco.clip import resolve_model_spec
+
+    missing = [str(cfg.paths.urls(s)) for s in splits if not cfg.paths.urls(s).is_file()]
+    if missing:
+        raise FormatError(f"no URL list {missing}; run `reco world` first")
+    model, pretrained = resolve_model_spec(cfg.clip.model, cfg.clip.pretrained, cfg.paths.base_clip)
+    embed_cfg = dataclasses.replace(cfg.embed, allow_private=True)   # the world is on 127.0.0.1
+    info = {}
+    with world_server(cfg):
+        for split in splits:
+            _, info[split] = embed_urls(str(cfg.paths.urls(split)), str(cfg.paths.embedded(split)),
+                                        model=model, pretrained=pretrained, embed_cfg=embed_cfg,
+                                        beam_options=beam_options)
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", action="append", default=[],
+                        help="URL list (Parquet/CSV/TSV, path/URL/folder/glob; repeatable)")
+    parser.add_argument("--output", default=None, help="output folder (with --input)")
+    parser.add_argument("--split", action="append", default=[], choices=WORLD_SPLITS,
+                        help="world split to embed (repeatable; default: all three)")
+    parser.add_argument("beam_args", nargs=argparse.REMAINDER,
+                        help="Beam flags after --, e.g. -- --direct_num_workers=2")
+
+
+def _print_info(info: dict, name: str) -> None:
+    print(f"{name}: {info['rows']} rows, {info['shards_run']} shards run, "
+          f"{info['shards_skipped']} skipped, counts {info['counts']}, "
+          f"counters {info['metrics']}, {info['seconds']} s -> {info['output_dir']}")
+
+
+def main(cfg, args) -> int:
+    beam_args = [a for a in (args.beam_args or []) if a != "--"]
+    if args.input:
+        if not args.output:
+            raise ConfigError("--input needs --output")
+        from reco.clip import resolve_model_spec
+
+        model, pretrained = resolve_model_spec(cfg.clip.model, cfg.clip.pretrained, cfg.paths.base_clip)
+        _, info = embed_urls(args.input, args.output, model=model, pretrained=pretrained,
+                             embed_cfg=cfg.embed, beam_options=beam_args)
+        _print_info(info, "embedded")
+        return 0
+    for split, info in embed_splits(cfg, tuple(args.split) or WORLD_SPLITS,
+                                    beam_options=beam_args).items():
+        _print_info(info, split)
+    return 0
+
+
+def run(argv=None) -> int:
+    """Standalone Beam entry point: ``--input``, ``--output``, ``--model``, ``--pretrained``;
+    every other flag goes to PipelineOptions."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--input", action="append", required=True)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--pretrained", default=None)
+    parser.add_argument("--preset", default="demo", help="preset whose embed options are used")
+    known, beam_args = parser.parse_known_args(argv)
+    from reco.config import preset
+
+    _, info = embed_urls(known.input, known.output, model=known.model, pretrained=known.pretrained,
+                         embed_cfg=preset(known.preset).embed, beam_options=beam_args)
+    _print_info(info, "embedded")
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    sys.exit(run())

@@ -1,0 +1,123 @@
+"""Write embedded shards (one atomic Parquet file per shard) and the folder's manifest.
+
+``part-{shard:05d}.parquet`` follows :func:`reco.formats.embedded_schema`; a file either does not
+exist or is complete (atomic rename), which is what resume relies on. The manifest is written at
+the end from what is on disk, so it lists exactly the complete shards.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+
+import apache_beam as beam
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from reco.errors import MismatchError
+from reco.formats import STATUSES, Manifest, atomic_write_table, embedded_schema, to_fp16_list
+
+log = logging.getLogger(__name__)
+PART = re.compile(r"part-(\d{5,})\.parquet$")
+
+
+def shard_path(output_dir: str, shard: int) -> str:
+    return f"{str(output_dir).rstrip('/')}/part-{shard:05d}.parquet"
+
+
+def complete_shards(output_dir: str) -> dict[int, str]:
+    """shard index -> path of every complete shard file in ``output_dir`` (none if missing)."""
+    fs, path = fsspec.core.url_to_fs(str(output_dir))
+    if not fs.isdir(path):
+        return {}
+    found = {}
+    for name in fs.ls(path, detail=False):
+        m = PART.search(name.rsplit("/", 1)[-1])
+        if m and not name.rsplit("/", 1)[-1].startswith("."):
+            found[int(m.group(1))] = shard_path(output_dir, int(m.group(1)))
+    return dict(sorted(found.items()))
+
+
+def rows_to_table(rows: list[dict], dim: int, model: str = "", pretrained: str = "") -> pa.Table:
+    """Rows (with float32 ``image_emb``/``text_emb`` on success) -> a table of embedded_schema.
+    Rows without embeddings get all-zero vectors: filter on ``status == "success"``."""
+    schema = embedded_schema(dim, model, pretrained)
+    columns = {name: pa.array([r.get(name) for r in rows], type=schema.field(name).type)
+               for name in ("id", "url", "caption", "label", "status", "error_message")}
+    for name in ("image_emb", "text_emb"):
+        columns[name] = _embedding_column([r.get(name) for r in rows], dim)
+    return pa.Table.from_pydict(columns, schema=schema)
+
+
+def _embedding_column(vectors: list, dim: int) -> pa.Array:
+    """Zero vectors where there is no embedding (status != success), not nulls: pyarrow <= 25
+    writes null FixedSizeList entries but cannot read them back (apache/arrow#35692)."""
+    dense = np.zeros((len(vectors), dim), dtype=np.float32)
+    for i, v in enumerate(vectors):
+        if v is not None:
+            dense[i] = v
+    return to_fp16_list(dense, dim)
+
+
+def write_shard(output_dir: str, shard: int, rows: list[dict], dim: int, model: str = "",
+                pretrained: str = "") -> dict[str, int]:
+    """Write one shard atomically; returns counts by status."""
+    atomic_write_table(rows_to_table(rows, dim, model, pretrained), shard_path(output_dir, shard))
+    return dict(Counter(r["status"] for r in rows))
+
+
+class _WriteShardFn(beam.DoFn):
+    def __init__(self, output_dir: str, dim: int, model: str, pretrained: str):
+        self.args = (str(output_dir), dim, model, pretrained)
+        self.written = beam.metrics.Metrics.counter("reco.embed", "shards_written")
+        self.rows = beam.metrics.Metrics.counter("reco.embed", "rows_written")
+
+    def process(self, element):
+        shard, rows = element
+        output_dir, dim, model, pretrained = self.args
+        counts = write_shard(output_dir, shard, rows, dim, model, pretrained)
+        self.written.inc()
+        self.rows.inc(len(rows))
+        log.info("shard %05d: wrote %d rows %s", shard, len(rows), counts)
+        yield shard, counts
+
+
+class WriteShards(beam.PTransform):
+    """(shard, embedded rows) -> (shard, counts by status), one Parquet file per shard."""
+
+    def __init__(self, output_dir: str, dim: int, model: str = "", pretrained: str = ""):
+        super().__init__()
+        self.fn = _WriteShardFn(output_dir, dim, model, pretrained or "")
+
+    def expand(self, shards):
+        return shards | "AtomicParquet" >> beam.ParDo(self.fn)
+
+
+def check_model(output_dir: str, model: str, pretrained: str | None) -> None:
+    """Refuse to resume into a folder whose shards were embedded with another model."""
+    for path in list(complete_shards(output_dir).values())[:1]:
+        with fsspec.open(path, "rb") as f:
+            meta = pq.read_schema(f).metadata or {}
+        got = (meta.get(b"reco.model", b"").decode(), meta.get(b"reco.pretrained", b"").decode())
+        if got != (model, pretrained or ""):
+            raise MismatchError(f"{path}: embedded with model {got[0]}|{got[1]}, not "
+                                f"{model}|{pretrained or ''}; use another output folder")
+
+
+def write_manifest(output_dir: str, model_id: str, dim: int, info: dict | None = None) -> Manifest:
+    """Manifest of the complete shards on disk: their names, counts by status, model, dim."""
+    counts = Counter({s: 0 for s in STATUSES})
+    shards = complete_shards(output_dir)
+    rows = 0
+    for path in shards.values():
+        with fsspec.open(path, "rb") as f:
+            status = pq.read_table(f, columns=["status"]).column("status").to_pylist()
+        counts.update(status)
+        rows += len(status)
+    manifest = Manifest(kind="embedded", shards=[p.rsplit("/", 1)[-1] for p in shards.values()],
+                        counts=dict(counts),
+                        info={**(info or {}), "model_id": model_id, "dim": dim, "rows": rows})
+    manifest.write(output_dir)
+    return manifest

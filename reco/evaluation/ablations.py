@@ -1,0 +1,212 @@
+"""``reco ablations``: the RECO paper's ablations, re-run on the generated world.
+
+Every variant trains fusion heads with :func:`reco.trainer.train.train` on the cached neighbour
+tensors (which hold all 8 context fields) and is evaluated like ``reco evaluate``:
+
+* Table 3: uni-/cross-modal search x uni-/cross-modal fusion (``train.image_context`` /
+  ``train.text_context``), transformer vs mean fusion;
+* Table 4: fusing the image side, the text side or both (and the inference modes of each);
+* Fig. 3: an MLP head of equal capacity without retrieval; a memory at inference larger than at
+  training (heads trained on neighbours of a subsampled memory, evaluated with it and with the
+  full one); k at training vs k at inference.
+
+Results: ``eval/ablations/results.json`` and ``report.md`` (one Markdown table per study).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from reco.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One trained variant: TrainConfig overrides, the memory its neighbours come from, and
+    which extra evaluations it gets (k sweep, small/full memory)."""
+
+    label: str
+    train: dict[str, Any] = field(default_factory=dict)
+    memory: str = "full"              # "full" | "small" (neighbours of a subsampled memory)
+    k_sweep: bool = False
+    memory_sweep: bool = False
+    steps: int | None = None          # fixed steps (parameter-free heads need none)
+
+
+VARIANTS: dict[str, Variant] = {
+    "reco": Variant("uni-modal search, cross-modal fusion (RECO)", {}, k_sweep=True, memory_sweep=True),
+    "uni_search_uni_fusion": Variant("uni-modal search, uni-modal fusion",
+                                     {"image_context": "v_img_img", "text_context": "t_txt_txt"}),
+    "cross_search_cross_fusion": Variant("cross-modal search, cross-modal fusion",
+                                         {"image_context": "v_txt_txt", "text_context": "t_img_img"}),
+    "cross_search_uni_fusion": Variant("cross-modal search, uni-modal fusion",
+                                       {"image_context": "v_txt_img", "text_context": "t_img_txt"}),
+    "mean": Variant("mean fusion (no parameters)", {"fusion": "mean"}, steps=1),
+    "image_only": Variant("image fusion only (v̄)", {"fuse_text": False}),
+    "text_only": Variant("text fusion only (t̄)", {"fuse_image": False}),
+    "mlp": Variant("MLP of equal capacity, no retrieval", {"fusion": "mlp"}),
+    "small_memory": Variant("trained with a small memory", {}, memory="small", memory_sweep=True),
+}
+
+
+def variants_for(cfg) -> dict[str, Variant]:
+    """The static variants plus one per extra k at training (``eval.ablation_train_k``)."""
+    out = dict(VARIANTS)
+    for k in cfg.eval.ablation_train_k:
+        if k != cfg.train.k:
+            out[f"train_k{k}"] = Variant(f"k={k} at training", {"k": int(k)}, k_sweep=True)
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("ablations")
+    g.add_argument("--variants", default=None,
+                   help=f"comma-separated variants (default: all): {','.join(VARIANTS)},train_kK")
+    g.add_argument("--steps", type=int, default=None, help="training steps of each variant")
+    g.add_argument("--out", default=None, help="output folder (default: WORKDIR/eval/ablations)")
+
+
+def main(cfg, args: argparse.Namespace) -> int:
+    from reco.evaluation.ablation_report import markdown_report
+
+    names = tuple(v.strip() for v in args.variants.split(",") if v.strip()) if args.variants else None
+    results = run_ablations(cfg, variants=names, steps=args.steps, out_dir=args.out)
+    print(markdown_report(results))
+    return 0
+
+
+def run_ablations(cfg, *, variants: tuple[str, ...] | None = None, steps: int | None = None,
+                  out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Train and evaluate the ablation variants; write results.json and report.md.
+
+    Args:
+        variants: names among :func:`variants_for` (default ``cfg.eval.ablations`` or all).
+        steps: training steps per variant (default ``cfg.eval.ablation_steps`` or ``train.steps``).
+        out_dir: output folder (default ``cfg.paths.eval / "ablations"``); each variant's heads
+            go to ``out_dir/<variant>/heads`` and are reused when their config is unchanged.
+    """
+    from reco.clip import load_clip, resolve_model_spec
+    from reco.evaluation.ablation_report import write_report
+    from reco.evaluation.evaluate import load_inputs
+    from reco.index.memory import Memory
+
+    table = variants_for(cfg)
+    names = tuple(variants or cfg.eval.ablations or table)
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise ConfigError(f"ablation variant {unknown[0]!r}: choose among {', '.join(table)}")
+    out = Path(out_dir or Path(cfg.paths.eval) / "ablations")
+    steps = steps or cfg.eval.ablation_steps or cfg.train.steps
+    _check_fields(cfg, [table[n] for n in names if table[n].memory == "full"])
+
+    model, pretrained = resolve_model_spec(cfg.clip.model, cfg.clip.pretrained, cfg.paths.base_clip)
+    clip = load_clip(model, pretrained, device=cfg.clip.device)
+    memories = {"full": Memory.load(Path(cfg.paths.index), mmap=cfg.index.mmap)}
+    inputs = load_inputs(cfg, clip)
+    small_cfg = None
+    if any(table[n].memory == "small" or table[n].memory_sweep for n in names):
+        from reco.evaluation.small_memory import prepare_small_memory
+
+        small_cfg, small_info = prepare_small_memory(cfg, cfg.eval.small_memory_fraction, out / "_small_memory")
+        memories["small"] = Memory.load(Path(small_cfg.paths.index))
+    results: dict[str, Any] = {
+        "model_id": clip.model_id, "steps": steps, "train_k": cfg.train.k,
+        "memory_sizes": {k: int(len(m.ids)) for k, m in memories.items()},
+        "small_memory_fraction": cfg.eval.small_memory_fraction, "n_test": len(inputs.test),
+        "variants": {}}
+    for name in names:
+        variant = table[name]
+        base = small_cfg if variant.memory == "small" else cfg
+        results["variants"][name] = run_variant(base, name, variant, out / name, clip=clip,
+                                                memories=memories, inputs=inputs, steps=steps)
+        write_report(out, results)             # partial results survive an interruption
+    return results
+
+
+def run_variant(cfg, name: str, variant: Variant, out: Path, *, clip, memories, inputs,
+                steps: int) -> dict[str, Any]:
+    """Train one variant (unless already trained with the same config) and evaluate it."""
+    from reco.evaluation.evaluate import evaluate_model
+    from reco.model import RecoModel
+    from reco.trainer.checkpoint import load_heads
+
+    tc = dataclasses.replace(cfg.train, **variant.train, steps=variant.steps or steps)
+    tc = dataclasses.replace(tc, checkpoint_every=min(tc.checkpoint_every, tc.steps),
+                             warmup_steps=min(tc.warmup_steps, max(1, tc.steps // 5)))
+    heads_dir = out / "heads"
+    t0 = time.perf_counter()
+    trained = _already_trained(heads_dir, tc)
+    if not trained:
+        from reco.trainer.train import train
+
+        log.info("ablation %s: training %d steps (%s)", name, tc.steps, variant.train or "defaults")
+        info = train(dataclasses.replace(cfg, train=tc), out_dir=heads_dir)
+        train_info = {"final_loss": info.get("final_loss"), "head_params": info.get("head_params")}
+    else:
+        train_info = {"final_loss": trained.get("final_loss"), "reused": True}
+    train_info["seconds"] = round(time.perf_counter() - t0, 1)
+    heads, meta = load_heads(heads_dir)
+    memory = memories[variant.memory]
+    model = RecoModel(clip, memory, heads, meta, mode="off")
+    row: dict[str, Any] = {"label": variant.label, "train": dict(variant.train), "memory": variant.memory,
+                           "fusion": model.fusion, "contexts": dict(model.contexts), "k": model.train_k,
+                           "sides": sorted(heads), "train_info": train_info,
+                           "eval": evaluate_model(model, inputs, cfg.eval.modes, cfg.eval.retrieval_ks)}
+    if variant.k_sweep:
+        row["k_sweep"] = {}
+        for k in cfg.eval.ablation_eval_k:
+            model.k = k
+            row["k_sweep"][str(k)] = evaluate_model(model, inputs, _main_mode(model))
+        model.k = None
+    if variant.memory_sweep:
+        row["memory_sweep"] = {}
+        for mem_name, mem in memories.items():
+            model.memory = mem
+            row["memory_sweep"][mem_name] = evaluate_model(model, inputs, _main_mode(model))
+        model.memory = memory
+    return row
+
+
+def _main_mode(model) -> tuple[str, ...]:
+    return ("both",) if "both" in model.available_modes() else (model.available_modes()[-1],)
+
+
+def _already_trained(heads_dir: Path, tc) -> dict | None:
+    """The heads' meta when ``heads_dir`` holds heads trained with exactly ``tc``."""
+    path = heads_dir / "heads.json"
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    same = meta.get("train") == json.loads(json.dumps(dataclasses.asdict(tc)))
+    return meta if same else None
+
+
+def _check_fields(cfg, variants: list[Variant]) -> None:
+    """Every context field the variants train on must be in the neighbour tensors."""
+    from reco.trainer.data import read_tensors_info
+
+    needed = set()
+    for v in variants:
+        tc = dataclasses.replace(cfg.train, **v.train)
+        if tc.fuse_image:
+            needed.add(tc.image_context)
+        if tc.fuse_text:
+            needed.add(tc.text_context)
+    folder = Path(cfg.paths.neighbours) / "tensors"
+    have = set(read_tensors_info(folder).fields)
+    missing = sorted(needed - have)
+    if missing:
+        raise ConfigError(f"{folder}: neighbour tensors lack context field(s) {missing} needed by "
+                          f"the ablations; re-run precompute-neighbours with "
+                          f"--set neighbours.fields={','.join(sorted(needed | have))}")

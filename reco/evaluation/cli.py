@@ -1,0 +1,34 @@
+"""``reco evaluate``: zero-shot and retrieval evaluation of frozen CLIP vs reco."""
+from __future__ import annotations
+
+import argparse
+
+from reco.evaluation.config import INFERENCE_MODES
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("evaluate")
+    g.add_argument("--heads", default=None, help="heads folder (default: WORKDIR/heads)")
+    g.add_argument("--memory", default=None, help="memory index folder used at inference "
+                                                 "(default: WORKDIR/index)")
+    g.add_argument("--modes", default=None,
+                   help=f"comma-separated inference modes among {','.join(INFERENCE_MODES)} "
+                        "(default: eval.modes)")
+    g.add_argument("--k", type=int, default=None, help="neighbours at inference (default: as trained)")
+    g.add_argument("--image-folder", default=None,
+                   help="also evaluate zero-shot on FOLDER/<class>/*.png")
+    g.add_argument("--classnames", default=None,
+                   help="class-name file, one per line (default: WORKDIR/world/classnames.txt)")
+    g.add_argument("--no-gallery", action="store_true", help="do not write gallery.html")
+
+
+def main(cfg, args: argparse.Namespace) -> int:
+    from reco.evaluation.evaluate import evaluate, markdown_table
+
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip()) if args.modes else None
+    results = evaluate(cfg, heads_dir=args.heads, memory_dir=args.memory, modes=modes, k=args.k,
+                       image_folder=args.image_folder, classnames=args.classnames,
+                       gallery=not args.no_gallery)
+    print(markdown_table(results["modes"]))
+    print(f"\nwritten to {cfg.paths.eval}/ (results.json, report.md, zeroshot.png)")
+    return 0

@@ -1,0 +1,211 @@
+"""Evaluation of frozen CLIP vs reco in every inference mode: zero-shot classification (overall,
+seen and unseen species) and image<->text retrieval on the embedded test split, optionally on an
+ImageFolder-layout folder too. Writes ``eval/results.json``, ``eval/report.md``,
+``eval/zeroshot.png`` and ``eval/gallery.html``."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from reco.errors import ConfigError
+from reco.evaluation.config import INFERENCE_MODES
+from reco.evaluation.data import EmbeddedSplit, load_embedded, read_classnames, read_groups
+from reco.evaluation.retrieval import evaluate_retrieval
+from reco.evaluation.zeroshot import encode_prompts, evaluate_zeroshot, image_folder_inputs
+from reco.formats import atomic_write_bytes, atomic_write_text
+
+log = logging.getLogger(__name__)
+MODE_LABELS = {"off": "CLIP (frozen)", "image": "reco image (v̄)", "text": "reco text (t̄)",
+               "both": "reco both (v̄, t̄)"}
+
+
+@dataclass
+class EvalInputs:
+    """What every evaluated model shares: test pairs, class names, prompt embeddings, groups."""
+
+    test: EmbeddedSplit
+    classnames: list[str]
+    prompt_emb: np.ndarray
+    groups: dict[str, np.ndarray]
+    folder: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None   # images, labels, prompts
+
+
+def load_inputs(cfg, clip, *, image_folder: str | Path | None = None,
+                classnames: str | Path | None = None) -> EvalInputs:
+    """Read the test split and class names once, embed the prompts (and the image folder)."""
+    names_file = Path(classnames) if classnames else cfg.paths.world / "classnames.txt"
+    names = read_classnames(names_file)
+    test = load_embedded(cfg.paths.embedded("test"), model_id=clip.model_id)
+    if test.labels.max() >= len(names):
+        raise ConfigError(f"{names_file}: {len(names)} class names but test label {test.labels.max()}")
+    prompts = encode_prompts(clip, names, cfg.eval.templates, cfg.eval.batch_size)
+    inputs = EvalInputs(test, names, prompts, read_groups(cfg.paths.world))
+    if image_folder is not None:
+        folder_names = read_classnames(classnames) if classnames else None
+        imgs, labels, fnames = image_folder_inputs(clip, image_folder, folder_names, cfg.eval.batch_size)
+        fprompts = prompts if fnames == names else encode_prompts(clip, fnames, cfg.eval.templates,
+                                                                  cfg.eval.batch_size)
+        inputs.folder = (imgs, labels, fprompts)
+    return inputs
+
+
+def evaluate_model(model, inputs: EvalInputs, modes: Sequence[str],
+                   ks: Sequence[int] = (1, 5, 10)) -> dict[str, dict[str, Any]]:
+    """``{mode: {"zeroshot": ..., "retrieval": ..., ["image_folder": ...]}}`` for a RecoModel;
+    modes the heads cannot run (e.g. text with image-only heads) are left out."""
+    out = {}
+    previous = model.mode
+    try:
+        for mode in modes:
+            if mode not in model.available_modes():
+                log.info("mode %s skipped: heads lack a side", mode)
+                continue
+            model.mode = mode
+            t = inputs.test
+            row = {"zeroshot": evaluate_zeroshot(model, t.image_emb, t.labels, inputs.prompt_emb,
+                                                 inputs.groups),
+                   "retrieval": evaluate_retrieval(model, t.image_emb, t.text_emb, t.captions, ks)}
+            if inputs.folder is not None:
+                imgs, labels, prompts = inputs.folder
+                groups = inputs.groups if prompts is inputs.prompt_emb else None
+                row["image_folder"] = evaluate_zeroshot(model, imgs, labels, prompts, groups)
+            out[mode] = row
+    finally:
+        model.mode = previous
+    return out
+
+
+def evaluate(cfg, *, heads_dir: str | Path | None = None, memory_dir: str | Path | None = None,
+             modes: Sequence[str] | None = None, k: int | None = None,
+             image_folder: str | Path | None = None, classnames: str | Path | None = None,
+             gallery: bool = True) -> dict[str, Any]:
+    """Evaluate plain CLIP and reco in each inference mode; write results.json, report.md, a
+    bar chart and the neighbour gallery to ``cfg.paths.eval``.
+
+    Args:
+        heads_dir: trained heads (default ``cfg.paths.heads``).
+        memory_dir: memory index used at inference (default ``cfg.paths.index``).
+        modes: inference modes (default ``cfg.eval.modes``); k: neighbours at inference
+            (default ``cfg.eval.k``, None = as trained).
+        image_folder / classnames: also evaluate zero-shot on an ImageFolder-layout folder.
+        gallery: write ``gallery.html``.
+    """
+    from reco.model import RecoModel
+
+    modes = tuple(modes or cfg.eval.modes)
+    bad = [m for m in modes if m not in INFERENCE_MODES]
+    if bad:
+        raise ConfigError(f"--modes {bad[0]!r}: choose among {', '.join(INFERENCE_MODES)}")
+    k = cfg.eval.k if k is None else k
+    model = RecoModel.from_config(cfg, heads_dir=heads_dir, memory_dir=memory_dir, mode="off", k=k)
+    inputs = load_inputs(cfg, model.loaded_clip, image_folder=image_folder, classnames=classnames)
+    results = {
+        "model_id": model.model_id, "heads": str(heads_dir or cfg.paths.heads),
+        "memory": str(memory_dir or cfg.paths.index), "memory_size": int(len(model.memory.ids)),
+        "k": model.k, "train_k": model.train_k, "fusion": model.fusion,
+        "contexts": dict(model.contexts), "templates": list(cfg.eval.templates),
+        "n_test": len(inputs.test), "n_classes": len(inputs.classnames),
+        "image_folder": str(image_folder) if image_folder else None,
+        "modes": evaluate_model(model, inputs, modes, cfg.eval.retrieval_ks),
+    }
+    write_outputs(cfg.paths.eval, results)
+    if gallery:
+        from reco.evaluation.gallery import write_gallery
+
+        model.mode = "both" if "both" in model.available_modes() else model.available_modes()[-1]
+        write_gallery(cfg, model, inputs, Path(cfg.paths.eval) / "gallery.html")
+    return results
+
+
+def write_outputs(folder: str | Path, results: dict[str, Any]) -> None:
+    folder = Path(folder)
+    atomic_write_text(folder / "results.json", json.dumps(_jsonable(results), indent=2))
+    atomic_write_text(folder / "report.md", markdown_report(results))
+    atomic_write_bytes(bar_chart(results), folder / "zeroshot.png")
+
+
+def markdown_report(results: dict[str, Any]) -> str:
+    """Markdown: one row per mode (zero-shot all/seen/unseen, retrieval R@1)."""
+    lines = [f"# reco evaluation\n",
+             f"model `{results['model_id']}`, memory `{results['memory']}` "
+             f"({results['memory_size']} items), k={results['k']} (trained with "
+             f"{results['train_k']}), fusion {results['fusion']}, {results['n_test']} test pairs, "
+             f"{results['n_classes']} classes\n", "## Zero-shot classification and retrieval (%)\n",
+             markdown_table(results["modes"])]
+    folder = {m: r["image_folder"] for m, r in results["modes"].items() if "image_folder" in r}
+    if folder:
+        lines += [f"\n## Zero-shot on {results['image_folder']} (%)\n",
+                  markdown_table({m: {"zeroshot": r} for m, r in folder.items()})]
+    return "\n".join(lines) + "\n"
+
+
+def markdown_table(modes: dict[str, dict[str, Any]], label: str = "mode") -> str:
+    cols = [("top-1", ("zeroshot", "all", "top1")), ("top-5", ("zeroshot", "all", "top5")),
+            ("mean/class", ("zeroshot", "all", "mean_per_class_recall")),
+            ("seen top-1", ("zeroshot", "seen", "top1")), ("unseen top-1", ("zeroshot", "unseen", "top1")),
+            ("I→T R@1", ("retrieval", "image_to_text", "R@1")),
+            ("T→I R@1", ("retrieval", "text_to_image", "R@1"))]
+    cols = [(n, p) for n, p in cols if any(_get(r, p) is not None for r in modes.values())]
+    head = f"| {label} | " + " | ".join(n for n, _ in cols) + " |"
+    sep = "|---|" + "---:|" * len(cols)
+    rows = [f"| {MODE_LABELS.get(m, m)} | " + " | ".join(_fmt(_get(r, p)) for _, p in cols) + " |"
+            for m, r in modes.items()]
+    return "\n".join([head, sep, *rows])
+
+
+def bar_chart(results: dict[str, Any]) -> bytes:
+    """PNG: zero-shot top-1 per mode, overall / seen / unseen."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = list(results["modes"])
+    groups = [g for g in ("all", "seen", "unseen")
+              if any(g in results["modes"][m]["zeroshot"] for m in modes)]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(modes), 3.2))
+    width = 0.8 / max(1, len(groups))
+    for i, g in enumerate(groups):
+        vals = [results["modes"][m]["zeroshot"].get(g, {}).get("top1", 0.0) for m in modes]
+        ax.bar(np.arange(len(modes)) + (i - (len(groups) - 1) / 2) * width, vals, width, label=g)
+    ax.set_xticks(np.arange(len(modes)), [MODE_LABELS.get(m, m) for m in modes], fontsize=8)
+    ax.set_ylabel("zero-shot top-1 (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _get(row: dict, path: tuple[str, ...]):
+    for key in path:
+        if not isinstance(row, dict) or key not in row:
+            return None
+        row = row[key]
+    return row
+
+
+def _fmt(value) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1f}"
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return None if math.isnan(float(obj)) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj

@@ -1,0 +1,118 @@
+"""HTML neighbour gallery: what the memory returns for some test images and class names.
+
+For each test image: the image, its caption, what frozen CLIP and reco predict, and its k memory
+neighbours (searched in the index its context field names) with their captions. For each class
+name: the prompt's neighbours (text index by default) with their images. Images of the world are
+embedded as base64 data URIs (a self-contained file); images not found locally link to their URL.
+"""
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+from typing import Any, Sequence
+from urllib.parse import urlparse
+
+import numpy as np
+
+from reco.formats import atomic_write_text, parse_field
+
+
+def local_image(url: str | None, roots: Sequence[Path]) -> Path | None:
+    """The local file of a world URL (its path under one of ``roots``), or None."""
+    if not url:
+        return None
+    path = urlparse(url).path.lstrip("/")
+    parts = Path(path).parts
+    for root in roots:
+        for i in range(len(parts)):               # try the URL path and its suffixes
+            cand = Path(root, *parts[i:])
+            if cand.is_file():
+                return cand
+    return None
+
+
+def image_tag(url: str | None, roots: Sequence[Path], size: int = 64) -> str:
+    path = local_image(url, roots)
+    if path is not None:
+        mime = "image/png" if path.suffix.lower() == ".png" else "image/jpeg"
+        src = f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+    elif url:
+        src = html.escape(url, quote=True)
+    else:
+        return "<div class='missing'>?</div>"
+    return f"<img src='{src}' width='{size}' height='{size}' style='image-rendering:pixelated'>"
+
+
+def pick_queries(labels: np.ndarray, groups: dict[str, np.ndarray], n: int) -> list[int]:
+    """Indices of ``n`` test rows spread over classes, unseen classes first."""
+    order = []
+    unseen = set(groups.get("unseen", np.array([], dtype=np.int64)).tolist())
+    classes = sorted(set(labels.tolist()) - {-1}, key=lambda c: (c not in unseen, c))
+    for c in classes[:n]:
+        order.append(int(np.flatnonzero(labels == c)[0]))
+    return order
+
+
+def write_gallery(cfg, model, inputs, path: str | Path, *, n: int | None = None,
+                  k: int | None = None) -> dict[str, Any]:
+    """Write the gallery of ``model`` (a RecoModel; its memory, contexts and current mode) on
+    evaluation ``inputs`` (reco.evaluation.evaluate.EvalInputs) to ``path``. Returns info."""
+    from reco.evaluation.query import memory_metadata
+    from reco.evaluation.zeroshot import class_embeddings
+
+    n = n or cfg.eval.gallery_queries
+    k = k or cfg.eval.gallery_k
+    roots = [Path(cfg.paths.world), Path(cfg.paths.world) / "images"]
+    meta = memory_metadata(cfg.paths.embedded("memory"))
+    test, names = inputs.test, inputs.classnames
+    rows = pick_queries(test.labels, inputs.groups, n)
+    img_q = test.image_emb[rows]
+    clip_pred = (img_q @ class_embeddings(inputs.prompt_emb).T).argmax(1)
+    reco_cls = class_embeddings(inputs.prompt_emb, refine=lambda x: model.refine("text", x))
+    reco_pred = (np.asarray(model.refine("image", img_q)) @ reco_cls.T).argmax(1)
+    img_index = parse_field(model.contexts["image"])[1]
+    txt_index = parse_field(model.contexts["text"])[1]
+    parts = [_HEAD, f"<h1>reco neighbour gallery</h1><p>model <code>{html.escape(model.model_id)}"
+             f"</code>, memory of {len(model.memory.ids)} items, mode {model.mode}, k={k}</p>",
+             f"<h2>Test images &rarr; memory ({img_index} index)</h2>"]
+    scores, pos = model.memory.search(np.ascontiguousarray(img_q, np.float32), img_index, k)
+    for j, r in enumerate(rows):
+        label = int(test.labels[r])
+        title = (f"{image_tag(test.urls[r], roots)}<div>{html.escape(test.captions[r])}<br>"
+                 f"true: <b>{html.escape(names[label])}</b>{_unseen(label, inputs.groups)}<br>"
+                 f"CLIP: {html.escape(names[clip_pred[j]])}<br>reco: {html.escape(names[reco_pred[j]])}</div>")
+        parts.append(_row(title, model.memory, scores[j], pos[j], meta, roots))
+    parts.append(f"<h2>Class names &rarr; memory ({txt_index} index)</h2>")
+    classes = [int(test.labels[r]) for r in rows]
+    prompts = np.ascontiguousarray(inputs.prompt_emb[classes, 0], np.float32)
+    scores, pos = model.memory.search(prompts, txt_index, k)
+    for j, c in enumerate(classes):
+        title = f"<div><b>{html.escape(names[c])}</b>{_unseen(c, inputs.groups)}</div>"
+        parts.append(_row(title, model.memory, scores[j], pos[j], meta, roots))
+    parts.append("</body></html>")
+    atomic_write_text(path, "\n".join(parts))
+    return {"path": str(path), "queries": len(rows), "k": k}
+
+
+def _unseen(label: int, groups: dict[str, np.ndarray]) -> str:
+    return " <i>(unseen)</i>" if "unseen" in groups and label in set(groups["unseen"].tolist()) else ""
+
+
+def _row(title: str, memory, scores, positions, meta, roots) -> str:
+    cells = [f"<td class='q'>{title}</td>"]
+    for s, p in zip(scores, positions):
+        if p < 0:
+            continue
+        item = meta.get(int(memory.ids[p]), {})
+        cap = html.escape(item.get("caption") or "")
+        cells.append(f"<td>{image_tag(item.get('url'), roots)}<div>{cap}<br><small>{s:.3f}"
+                     f"</small></div></td>")
+    return "<table><tr>" + "".join(cells) + "</tr></table>"
+
+
+_HEAD = """<!doctype html><html><head><meta charset='utf-8'><title>reco gallery</title><style>
+body{font-family:sans-serif;font-size:12px} table{border-collapse:collapse;margin:6px 0}
+td{vertical-align:top;width:96px;padding:3px;border:1px solid #ddd} td.q{width:170px;background:#f4f4f8}
+.missing{width:64px;height:64px;background:#eee;text-align:center;line-height:64px}
+</style></head><body>"""

@@ -1,0 +1,227 @@
+"""``reco react-train``: REACT's locked-text gated-image tuning on the customisation set.
+
+The customisation set (``react-retrieve``) gives (image, caption) pairs. Captions are embedded once
+with the frozen, locked text tower; images are decoded once into a tensor. Gated blocks are
+inserted into the frozen image tower (:mod:`reco.react.gated`) and trained with CLIP's symmetric
+InfoNCE between the customised image embedding and the locked text embedding, with a learned
+temperature — the trainer's :class:`~reco.trainer.loss.RecoLoss` with only its image side on
+(``NCE(V̄, T)``) — AdamW, linear warm-up + cosine decay (the trainer's ``lr_at``) and safetensors
+checkpoints (the trainer's ``save_checkpoint``). The output folder holds ``gated.safetensors`` +
+``gated.json``, loadable in one call with :meth:`reco.react.model.ReactModel.load`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reco.config import RecoConfig
+from reco.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReactTrainConfig:
+    """Options of REACT training (names follow :class:`reco.trainer.config.TrainConfig`)."""
+
+    k_blocks: int = 2                 # gated blocks before each of the last k vision blocks
+    init: str = "copy"                # copy | random (weights of the gated blocks; gates start at 0)
+    steps: int = 200
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 20
+    init_temperature: float | None = None   # None: the frozen CLIP's own temperature
+    shift: int = 2                    # random-translation augmentation, pixels (0: none)
+    checkpoint_every: int = 100
+    image_source: str = "world"       # reco.react.images.SOURCES
+    seed: int = 0
+    log_every: int = 20
+
+
+def check_options(o: ReactTrainConfig) -> None:
+    for name in ("steps", "batch_size", "k_blocks", "checkpoint_every", "log_every"):
+        if getattr(o, name) < 1:
+            raise ConfigError(f"react {name}={getattr(o, name)}: must be >= 1")
+    if not o.lr > 0 or o.weight_decay < 0 or o.warmup_steps < 0 or o.shift < 0:
+        raise ConfigError(f"react options out of range: lr={o.lr} weight_decay={o.weight_decay} "
+                          f"warmup_steps={o.warmup_steps} shift={o.shift}")
+
+
+def default_out_dir(cfg: RecoConfig) -> Path:
+    return cfg.paths.react / "model"
+
+
+@torch.no_grad()
+def text_targets(clip, captions: list[str], batch_size: int = 512) -> torch.Tensor:
+    """Locked text tower: L2-normalised caption embeddings, computed once."""
+    from reco.clip import encode_texts
+
+    return torch.cat([encode_texts(clip, captions[i:i + batch_size])
+                      for i in range(0, len(captions), batch_size)])
+
+
+def random_shift(pixels: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image by up to ``shift`` pixels (replicate padding, then crop)."""
+    if shift <= 0:
+        return pixels
+    n, _, h, w = pixels.shape
+    padded = F.pad(pixels, (shift, shift, shift, shift), mode="replicate")
+    dx = torch.randint(0, 2 * shift + 1, (n,), generator=generator)
+    dy = torch.randint(0, 2 * shift + 1, (n,), generator=generator)
+    return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+
+
+def _loss(init_temperature: float):
+    from reco.trainer.loss import RecoLoss
+
+    return RecoLoss(fuse_image=True, fuse_text=False, init_temperature=init_temperature)
+
+
+def _trainables(model: nn.Module, loss: nn.Module) -> nn.ModuleDict:
+    from reco.react.gated import gated_blocks
+
+    return nn.ModuleDict({"gated": nn.ModuleList(gated_blocks(model)), "loss": loss})
+
+
+def _meta(clip, options: ReactTrainConfig, extra: dict[str, Any]) -> dict[str, Any]:
+    return {"model_id": clip.model_id, "base_model": clip.name, "base_pretrained": clip.pretrained,
+            "embed_dim": clip.embed_dim, "image_size": clip.image_size,
+            "react": dataclasses.asdict(options), **extra}
+
+
+def react_train(cfg: RecoConfig, *, k_blocks: int | None = None, steps: int | None = None,
+                out_dir: str | Path | None = None, options: ReactTrainConfig | None = None,
+                customisation: str | Path | None = None, evaluate: bool = True,
+                clip=None) -> dict[str, Any]:
+    """Train REACT gated blocks on the customisation set; returns an info dict.
+
+    Args:
+        k_blocks, steps: override ``options.k_blocks`` / ``options.steps``.
+        out_dir: output folder (default ``cfg.paths.react / "model"``).
+        options: :class:`ReactTrainConfig` (default values otherwise).
+        customisation: the set written by react-retrieve (default
+            ``cfg.paths.react / customisation.parquet``).
+        evaluate: zero-shot evaluation of frozen CLIP vs REACT on the world's test split after
+            training (written to ``out_dir/eval.json``).
+        clip: an already loaded frozen CLIP (default: the pipeline's base CLIP).
+    """
+    from reco.react import images, retrieve
+    from reco.react.gated import customise, gates, save_gated, trainable_parameters
+    from reco.trainer.checkpoint import save_checkpoint
+    from reco.trainer.train import build_optimizer, lr_at
+
+    options = options or ReactTrainConfig()
+    options = dataclasses.replace(options, **{k: v for k, v in
+                                              (("k_blocks", k_blocks), ("steps", steps)) if v is not None})
+    check_options(options)
+    images.get_source(options.image_source)
+    out = Path(out_dir) if out_dir else default_out_dir(cfg)
+    table = retrieve.read_customisation_set(customisation or cfg.paths.react / retrieve.SET_FILE)
+    clip = clip or retrieve.load_frozen_clip(cfg)
+    torch.manual_seed(options.seed)
+    t0 = time.perf_counter()
+    pixels = images.load_pixels(cfg, table, clip.preprocess, source=options.image_source)
+    targets = text_targets(clip, table.column("caption").to_pylist())
+    decode_s = time.perf_counter() - t0
+
+    model = customise(clip.model, options.k_blocks, init=options.init)
+    temperature = options.init_temperature or float(1.0 / clip.model.logit_scale.exp())
+    loss_fn = _loss(temperature)
+    trainable = _trainables(model, loss_fn)
+    optimizer = build_optimizer(trainable, options)
+    generator = torch.Generator().manual_seed(options.seed)
+    n, batch = pixels.shape[0], min(options.batch_size, pixels.shape[0])
+    order, cursor, history = torch.randperm(n, generator=generator), 0, []
+    t1 = time.perf_counter()
+    for step in range(options.steps):
+        if cursor + batch > n:
+            order, cursor = torch.randperm(n, generator=generator), 0
+        idx = order[cursor:cursor + batch]
+        cursor += batch
+        lr = lr_at(step, options)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        v_bar = F.normalize(model.encode_image(random_shift(pixels[idx], options.shift, generator)), dim=-1)
+        terms = loss_fn(None, targets[idx], v_bar=v_bar)
+        optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        optimizer.step()
+        loss_fn.clamp_()
+        history.append([step + 1, float(terms["loss"]), lr])
+        if (step + 1) % options.log_every == 0 or step == 0:
+            log.info("react step %d/%d loss %.4f lr %.2e gates %s", step + 1, options.steps,
+                     history[-1][1], lr, gates(model))
+        if (step + 1) % options.checkpoint_every == 0 and step + 1 < options.steps:
+            state = {k: v for k, v in trainable_parameters(model).items()}
+            state["loss.logit_scale"] = loss_fn.logit_scale
+            save_checkpoint(out, step + 1, model=state, optimizer=optimizer.state_dict(),
+                            state={"react": dataclasses.asdict(options), "history": history})
+    train_s = time.perf_counter() - t1
+    model.eval()
+    meta = _meta(clip, options, {"pairs": n, "steps_done": options.steps,
+                                 "logit_scale": float(loss_fn.scale()),
+                                 "customisation": str(customisation or cfg.paths.react / retrieve.SET_FILE)})
+    save_gated(model, out, extra=meta)
+    info = {"out": str(out), "pairs": n, "steps": options.steps, "k_blocks": options.k_blocks,
+            "first_loss": history[0][1], "final_loss": history[-1][1], "gates": gates(model),
+            "decode_seconds": round(decode_s, 2), "train_seconds": round(train_s, 2),
+            "trainable_params": int(sum(p.numel() for p in trainable_parameters(model).values())),
+            "model_id": clip.model_id}
+    from reco.formats import atomic_write_text
+
+    atomic_write_text(out / "train.json", json.dumps({**info, "history": history}, indent=2))
+    if evaluate:
+        from reco.react.evaluate import evaluate_react
+
+        info["zeroshot"] = evaluate_react(cfg, out, clip=clip, react_model=model,
+                                          image_source=options.image_source)
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = ReactTrainConfig()
+    parser.add_argument("--k-blocks", type=int, default=d.k_blocks,
+                        help="gated blocks, one before each of the last K vision blocks")
+    parser.add_argument("--steps", type=int, default=d.steps)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    parser.add_argument("--init", choices=("copy", "random"), default=d.init,
+                        help="gated-block weights: copy of the next block, or random")
+    parser.add_argument("--shift", type=int, default=d.shift, help="random-shift augmentation (px)")
+    parser.add_argument("--image-source", default=d.image_source,
+                        help="where image pixels come from: world | embedded")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--customisation", default=None,
+                        help="customisation set (default: WORKDIR/react/customisation.parquet)")
+    parser.add_argument("--out", default=None, help="output folder (default: WORKDIR/react/model)")
+    parser.add_argument("--no-eval", action="store_true", help="skip the zero-shot evaluation")
+
+
+def main(cfg: RecoConfig, args: argparse.Namespace) -> int:
+    options = ReactTrainConfig(
+        k_blocks=args.k_blocks, init=args.init, steps=args.steps, batch_size=args.batch_size,
+        lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+        shift=args.shift, image_source=args.image_source, seed=args.seed)
+    info = react_train(cfg, options=options, out_dir=args.out, customisation=args.customisation,
+                       evaluate=not args.no_eval)
+    print(json.dumps(info, indent=2, default=float))
+    return 0 if math.isfinite(info["final_loss"]) else 1

@@ -1,0 +1,276 @@
+"""Build the generated world on disk (images, URL lists, species) and its base CLIP.
+
+Layout under the world folder (``cfg.paths.world``)::
+
+    images/<split>/<index:06d>.png     one file per row (dead memory links have none)
+    urls/<split>.parquet               url, caption, label (int64 species id)
+    meta/<split>.parquet               row, species, caption kind, background, dead (analysis/tests)
+    classnames.txt                     line i = name of species i
+    species.json                       attributes, names, "seen" / "unseen" ids
+    world.json                         config, key, counts, hashes, eval duplicates in memory
+
+Everything is a pure function of :class:`WorldConfig`: same config, same bytes. URLs contain
+``host:port``; images do not, so a world built for another port is re-addressed (URL lists
+rewritten) instead of rebuilt.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from reco.errors import ConfigError
+from reco.formats import atomic_write_bytes, atomic_write_table, atomic_write_text, read_parquet
+from reco.world import captions as cap
+from reco.world.config import WorldConfig
+from reco.world.render import render_png, sample_pose
+from reco.world.species import Species, make_species, species_json, split_seen_unseen
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SPLITS = ("pretrain", "memory", "train", "test")
+_SPLIT_CODE = {s: i for i, s in enumerate(SPLITS)}
+N_EVAL_DUPLICATES = 5
+_ADDRESS_FIELDS = ("host", "port", "workers")
+
+
+def world_key(cfg: WorldConfig) -> str:
+    """Hash of everything that changes the images and captions (not host/port)."""
+    data = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _ADDRESS_FIELDS}
+    data["format_version"] = FORMAT_VERSION
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def base_url(cfg: WorldConfig) -> str:
+    return f"http://{cfg.host}:{cfg.port}/"
+
+
+def _check(cfg: WorldConfig) -> None:
+    for name in ("n_species", "n_pretrain", "n_memory", "n_train", "n_test_per_species", "image_size"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"world.{name}={getattr(cfg, name)}: must be >= 1")
+    for name in ("pretrain_name_rate", "memory_name_rate", "train_name_rate", "noise", "dead_link_rate"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise ConfigError(f"world.{name}={getattr(cfg, name)}: must be in [0, 1]")
+
+
+# ---------------------------------------------------------------------------------------------
+# planning: which species, which caption, which pose, for every row
+# ---------------------------------------------------------------------------------------------
+
+def _balanced(n_rows: int, choices: list[int], rng: np.random.Generator) -> np.ndarray:
+    """Species ids for n_rows, every choice used (n_rows >= len(choices)), shuffled."""
+    ids = np.asarray(choices, dtype=np.int64)[np.arange(n_rows) % len(choices)]
+    return ids[rng.permutation(n_rows)]
+
+
+def plan_split(split: str, cfg: WorldConfig, species: list[Species], seen: list[int]) -> list[dict]:
+    """Rows of a split: species, caption, caption kind and pose, from per-row seeds."""
+    all_ids = list(range(len(species)))
+    split_rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 7, _SPLIT_CODE[split]]))
+    if split == "test":
+        ids = np.repeat(np.arange(len(species), dtype=np.int64), cfg.n_test_per_species)
+    else:
+        n, choices = {"pretrain": (cfg.n_pretrain, all_ids), "memory": (cfg.n_memory, all_ids),
+                      "train": (cfg.n_train, seen)}[split]
+        ids = _balanced(n, choices, split_rng)
+    rate, noise = {"pretrain": (cfg.pretrain_name_rate, 0.0), "memory": (cfg.memory_name_rate, cfg.noise),
+                   "train": (cfg.train_name_rate, 0.0), "test": (1.0, 0.0)}[split]
+    rows = []
+    for i, sid in enumerate(ids):
+        rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 11, _SPLIT_CODE[split], i]))
+        pose = sample_pose(rng)
+        sp = species[int(sid)]
+        if split == "test":
+            kind, text = "test", cap.name_prompt(sp)
+        else:
+            kind = cap.choose_kind(rng, rate, noise)
+            text = cap.caption(kind, sp, pose.background, rng, species)
+        rows.append({"row": i, "species": int(sid), "kind": kind, "caption": text, "pose": pose,
+                     "dead": False, "copy_of_test": -1})
+    return rows
+
+
+def _mark_memory(memory: list[dict], test: list[dict], species: list[Species], cfg: WorldConfig) -> list[dict]:
+    """Dead links and exact copies of test images in the memory (for the cleaning step)."""
+    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 13]))
+    order = rng.permutation(len(memory))
+    n_dead = int(round(cfg.dead_link_rate * len(memory)))
+    n_dup = min(N_EVAL_DUPLICATES, len(memory) - n_dead, len(test))
+    for j in order[:n_dead]:
+        memory[int(j)]["dead"] = True
+    duplicates = []
+    test_rows = rng.choice(len(test), size=n_dup, replace=False) if n_dup else []
+    for j, t in zip(order[n_dead:n_dead + n_dup], test_rows):
+        row, src = memory[int(j)], test[int(t)]
+        row.update(species=src["species"], kind="name", copy_of_test=int(t),
+                   caption=cap.name_caption(species[src["species"]], src["pose"].background, rng))
+        duplicates.append({"memory_row": int(j), "test_row": int(t), "label": int(src["species"])})
+    return sorted(duplicates, key=lambda d: d["memory_row"])
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+# ---------------------------------------------------------------------------------------------
+
+def _image_rel(split: str, row: int) -> str:
+    return f"images/{split}/{row:06d}.png"
+
+
+def _write_images(out: Path, split: str, rows: list[dict], species: list[Species],
+                  cfg: WorldConfig, test_png: dict[int, bytes], digest) -> int:
+    (out / "images" / split).mkdir(parents=True, exist_ok=True)
+    written = 0
+    for r in rows:
+        if r["dead"]:
+            continue
+        if r["copy_of_test"] >= 0:
+            data = test_png[r["copy_of_test"]]
+        else:
+            data = render_png(species[r["species"]], r["pose"], cfg.image_size)
+        if split == "test":
+            test_png[r["row"]] = data
+        rel = _image_rel(split, r["row"])
+        atomic_write_bytes(data, out / rel)
+        digest.update(f"{rel} {hashlib.sha256(data).hexdigest()}\n".encode())
+        written += 1
+    return written
+
+
+def _url_table(split: str, rows: list[dict], base: str) -> pa.Table:
+    return pa.table({
+        "url": pa.array([base + _image_rel(split, r["row"]) for r in rows], pa.string()),
+        "caption": pa.array([r["caption"] for r in rows], pa.string()),
+        "label": pa.array([r["species"] for r in rows], pa.int64()),
+    })
+
+
+def _meta_table(rows: list[dict]) -> pa.Table:
+    return pa.table({
+        "row": pa.array([r["row"] for r in rows], pa.int64()),
+        "species": pa.array([r["species"] for r in rows], pa.int64()),
+        "kind": pa.array([r["kind"] for r in rows], pa.string()),
+        "background": pa.array([r["pose"].background for r in rows], pa.string()),
+        "dead": pa.array([r["dead"] for r in rows], pa.bool_()),
+        "copy_of_test": pa.array([r["copy_of_test"] for r in rows], pa.int64()),
+    })
+
+
+def _small_files_hash(out: Path) -> str:
+    digest = hashlib.sha256()
+    names = ["classnames.txt", "species.json"] + [f"{d}/{s}.parquet" for d in ("urls", "meta") for s in SPLITS]
+    for name in names:
+        digest.update(f"{name} {hashlib.sha256((out / name).read_bytes()).hexdigest()}\n".encode())
+    return digest.hexdigest()
+
+
+def _content_hash(images_hash: str, out: Path) -> str:
+    return hashlib.sha256(f"{images_hash} {_small_files_hash(out)}".encode()).hexdigest()
+
+
+def build_world(cfg: WorldConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Generate the world into ``out_dir`` (overwriting its files). Returns world.json's content.
+
+    Args:
+        cfg: sizes, rates, noise, seed and serving address of the world.
+        out_dir: the world folder (``cfg.paths.world`` in a run).
+    """
+    _check(cfg)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    species = make_species(cfg.n_species, cfg.seed)
+    seen, unseen = split_seen_unseen(cfg.n_species, cfg.unseen_fraction, cfg.seed)
+    plans = {s: plan_split(s, cfg, species, seen) for s in SPLITS}
+    duplicates = _mark_memory(plans["memory"], plans["test"], species, cfg)
+    digest, test_png, written = hashlib.sha256(), {}, {}
+    for split in ("test", "pretrain", "memory", "train"):      # test first: memory copies it
+        written[split] = _write_images(out, split, plans[split], species, cfg, test_png, digest)
+        atomic_write_table(_url_table(split, plans[split], base_url(cfg)), out / "urls" / f"{split}.parquet")
+        atomic_write_table(_meta_table(plans[split]), out / "meta" / f"{split}.parquet")
+    atomic_write_text(out / "classnames.txt", "".join(f"{s.name}\n" for s in species))
+    atomic_write_text(out / "species.json", species_json(species, seen, unseen))
+    info = {
+        "format_version": FORMAT_VERSION,
+        "key": world_key(cfg),
+        "config": dataclasses.asdict(cfg),
+        "base_url": base_url(cfg),
+        "counts": {s: len(plans[s]) for s in SPLITS},
+        "images": {s: written[s] for s in SPLITS},
+        "n_species": len(species), "n_seen": len(seen), "n_unseen": len(unseen),
+        "dead_links": sum(r["dead"] for r in plans["memory"]),
+        "caption_kinds": {s: _kind_counts(plans[s]) for s in SPLITS},
+        "eval_duplicates_in_memory": duplicates,
+        "images_hash": digest.hexdigest(),
+    }
+    info["content_hash"] = _content_hash(info["images_hash"], out)
+    atomic_write_text(out / "world.json", json.dumps(info, indent=2, sort_keys=True))
+    return info
+
+
+def _kind_counts(rows: list[dict]) -> dict[str, int]:
+    kinds: dict[str, int] = {}
+    for r in rows:
+        kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
+    return dict(sorted(kinds.items()))
+
+
+def read_world_info(world_dir: str | Path) -> dict[str, Any] | None:
+    path = Path(world_dir) / "world.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def readdress_world(cfg: WorldConfig, world_dir: str | Path) -> dict[str, Any]:
+    """Point the URL lists of an existing world at ``cfg.host:cfg.port`` (images untouched)."""
+    out = Path(world_dir)
+    info = read_world_info(out)
+    old, new = info["base_url"], base_url(cfg)
+    for split in SPLITS:
+        path = out / "urls" / f"{split}.parquet"
+        table = read_parquet(path, required=["url", "caption", "label"])
+        urls = [new + u[len(old):] for u in table.column("url").to_pylist()]
+        table = table.set_column(table.schema.get_field_index("url"), "url", pa.array(urls, pa.string()))
+        atomic_write_table(table, path)
+    info.update(base_url=new, config=dataclasses.asdict(cfg))
+    info["content_hash"] = _content_hash(info["images_hash"], out)
+    atomic_write_text(out / "world.json", json.dumps(info, indent=2, sort_keys=True))
+    return info
+
+
+def ensure_world(cfg: WorldConfig, world_dir: str | Path) -> dict[str, Any]:
+    """Build the world unless ``world_dir`` already holds it (same key); re-address if only the
+    host/port changed. Returns world.json's content plus ``action`` and ``seconds``."""
+    start = time.perf_counter()
+    info = read_world_info(world_dir)
+    if info is not None and info.get("key") == world_key(cfg):
+        if info.get("base_url") == base_url(cfg):
+            action = "kept"
+        else:
+            info, action = readdress_world(cfg, world_dir), "readdressed"
+    else:
+        log.info("building world %s into %s", world_key(cfg), world_dir)
+        info, action = build_world(cfg, world_dir), "built"
+    return {**info, "action": action, "seconds": round(time.perf_counter() - start, 2)}
+
+
+def run_world(cfg) -> dict[str, Any]:
+    """World + base CLIP of a run (``cfg``: RecoConfig), each skipped when already present with
+    the same configuration. Returns {"world": ..., "base_clip": ...} infos."""
+    from reco.world.base_clip import ensure_base_clip
+
+    world = ensure_world(cfg.world, cfg.paths.world)
+    base = ensure_base_clip(cfg.base_clip, cfg.paths.world, cfg.paths.base_clip, seed=cfg.seed,
+                            world_key=world["key"])
+    return {"world": world, "base_clip": base}

@@ -1,0 +1,134 @@
+"""Ablation plumbing on a small in-test "concept world" (real trainer, real heads, in-test memory):
+variants train, get evaluated, swept over k and memories, reused, and reported."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from reco import config as config_lib
+from reco.errors import ConfigError
+from reco.evaluation.ablation_report import markdown_report, write_report
+from reco.evaluation.ablations import VARIANTS, _check_fields, run_variant, variants_for
+from reco.evaluation.data import EmbeddedSplit
+from reco.evaluation.evaluate import EvalInputs
+from tests.fixtures.trainer import write_tensors
+from tests.test_model import ArrayMemory
+
+ALL_FIELDS = ("v_img_txt", "t_txt_img", "v_img_img", "t_txt_txt", "v_txt_txt", "t_img_img",
+              "v_txt_img", "t_img_txt")
+
+
+def _unit(x):
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def clip():
+    from reco.clip import load_clip
+
+    torch.manual_seed(0)
+    return load_clip("reco-tiny")
+
+
+@pytest.fixture(scope="module")
+def world(clip, tmp_path_factory):
+    """12 classes; 8 'seen' in the training pairs. Image embeddings: noisy views of an image
+    concept unrelated to the class prompt; memory texts are near the class prompt."""
+    rng = np.random.default_rng(0)
+    d, c = clip.embed_dim, 12
+    prompt = _unit(rng.normal(size=(c, d)))
+    concept = _unit(rng.normal(size=(c, d)))
+
+    def pairs(labels, noise):
+        v = _unit(concept[labels] + noise * rng.normal(size=(len(labels), d)) / np.sqrt(d))
+        t = _unit(prompt[labels] + 0.2 * rng.normal(size=(len(labels), d)) / np.sqrt(d))
+        return v, t
+
+    mem_labels = np.repeat(np.arange(c), 30)
+    memory = ArrayMemory(*pairs(mem_labels, 0.3), clip.model_id)
+    small = ArrayMemory(memory.image_emb[::10].astype(np.float32), memory.text_emb[::10].astype(np.float32),
+                        clip.model_id)
+    train_labels = rng.choice(np.arange(8), 1024)
+    v, t = pairs(train_labels, 0.6)
+    work = tmp_path_factory.mktemp("ablation_world")
+    k = 8
+    contexts = {f: memory.context(v if f[0] == "v" else t, f, k) for f in ALL_FIELDS}
+    write_tensors(work / "neighbours" / "tensors", v=v, t=t, contexts=contexts, model_id=clip.model_id)
+    test_labels = np.repeat(np.arange(c), 8)
+    tv, tt = pairs(test_labels, 0.6)
+    split = EmbeddedSplit(ids=np.arange(len(tv)), image_emb=tv, text_emb=tt, labels=test_labels,
+                          captions=[f"c{i}" for i in test_labels], urls=[""] * len(tv))
+    inputs = EvalInputs(split, [f"class {i}" for i in range(c)], prompt[:, None, :],
+                        {"seen": np.arange(8), "unseen": np.arange(8, 12)})
+    cfg = config_lib.preset("tiny", workdir=str(work))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, k=k, batch_size=128, steps=80,
+                                                             head=dataclasses.replace(cfg.train.head, heads=4)),
+                              eval=dataclasses.replace(cfg.eval, ablation_eval_k=(1, 8), ablation_train_k=(2,)))
+    return {"cfg": cfg, "memories": {"full": memory, "small": small}, "inputs": inputs}
+
+
+def _run(world, clip, name, out):
+    cfg = world["cfg"]
+    return run_variant(cfg, name, variants_for(cfg)[name], out / name, clip=clip,
+                       memories=world["memories"], inputs=world["inputs"], steps=cfg.train.steps)
+
+
+def test_variant_registry():
+    cfg = config_lib.preset("tiny")
+    table = variants_for(cfg)
+    assert {"reco", "mlp", "mean", "small_memory", "image_only", "text_only",
+            "cross_search_cross_fusion"} <= set(table)
+    assert "train_k1" in table and table["train_k1"].train == {"k": 1}
+    fields = set()
+    for v in VARIANTS.values():
+        fields |= {v.train.get("image_context", "v_img_txt"), v.train.get("text_context", "t_txt_img")}
+    assert fields == set(ALL_FIELDS)
+
+
+def test_missing_fields_is_a_clear_error(tmp_path, clip):
+    rng = np.random.default_rng(0)
+    v = _unit(rng.normal(size=(16, 64)))
+    write_tensors(tmp_path / "neighbours" / "tensors", v=v, t=v,
+                  contexts={"v_img_txt": v[:, None].repeat(2, 1), "t_txt_img": v[:, None].repeat(2, 1)})
+    cfg = config_lib.preset("tiny", workdir=str(tmp_path))
+    _check_fields(cfg, [VARIANTS["reco"], VARIANTS["image_only"]])
+    with pytest.raises(ConfigError, match=r"lack context field\(s\) \['t_img_img', 'v_txt_txt'\].*"
+                                          r"neighbours.fields="):
+        _check_fields(cfg, [VARIANTS["cross_search_cross_fusion"]])
+
+
+def test_variants_train_evaluate_and_report(world, clip, tmp_path):
+    rows = {name: _run(world, clip, name, tmp_path)
+            for name in ("reco", "mlp", "image_only", "cross_search_cross_fusion", "mean", "train_k2")}
+    reco = rows["reco"]
+    assert list(reco["eval"]) == ["off", "image", "text", "both"]
+    assert list(rows["image_only"]["eval"]) == ["off", "image"] and rows["image_only"]["sides"] == ["image"]
+    off = reco["eval"]["off"]["zeroshot"]["unseen"]["top1"]
+    both = reco["eval"]["both"]["zeroshot"]["unseen"]["top1"]
+    assert both > off + 20, (off, both)                  # retrieval carries the class
+    mlp = rows["mlp"]["eval"]["both"]["zeroshot"]["unseen"]["top1"]
+    assert mlp < both - 20, (mlp, both)                  # no retrieval: nothing to learn unseen
+    assert rows["mlp"]["fusion"] == "mlp" and rows["mean"]["fusion"] == "mean"
+    assert rows["cross_search_cross_fusion"]["contexts"] == {"image": "v_txt_txt", "text": "t_img_img"}
+    assert set(reco["k_sweep"]) == {"1", "8"} and set(reco["memory_sweep"]) == {"full", "small"}
+    assert rows["train_k2"]["k"] == 2 and set(rows["train_k2"]["k_sweep"]) == {"1", "8"}
+    results = {"model_id": clip.model_id, "steps": 80, "train_k": 8, "memory_sizes": {"full": 360, "small": 36},
+               "small_memory_fraction": 0.1, "n_test": 96, "variants": rows}
+    write_report(tmp_path, results)
+    report = (tmp_path / "report.md").read_text()
+    for title in ("Table 3", "Table 4", "Fig. 3a", "Fig. 3b", "Fig. 3c"):
+        assert title in report
+    assert "| CLIP (frozen) |" in report and "v_txt_txt" in report
+    assert markdown_report(results) == report
+    again = _run(world, clip, "reco", tmp_path)          # same config: heads reused, same numbers
+    assert again["train_info"].get("reused") and again["eval"] == reco["eval"]
+
+
+def test_unknown_variant(world):
+    from reco.evaluation.ablations import run_ablations
+
+    with pytest.raises(ConfigError, match="ablation variant 'nope'"):
+        run_ablations(world["cfg"], variants=("nope",))

@@ -1,0 +1,169 @@
+"""Checkpoints and final heads as safetensors + JSON (never pickle).
+
+A training checkpoint is a folder ``checkpoints/step-000200/`` with
+
+* ``model.safetensors``   parameters of the trained heads and the loss temperature,
+* ``optimizer.safetensors`` optimiser state tensors, flattened as ``state.<param>.<name>``,
+* ``rng.safetensors``     torch CPU (and CUDA) generator states,
+* ``state.json``          step, train config, optimiser param groups and non-tensor state,
+                          loss history, data position, grad-scaler state (written last).
+
+The folder is assembled under a temporary name and renamed, so a listed checkpoint is complete.
+Final heads are ``heads.safetensors`` (``image.*`` / ``text.*`` parameters of the trained sides)
+and ``heads.json`` (meta: train config, dim, k, fields, model_id, fusion, logit scale).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save, save_file
+
+from reco.errors import FormatError
+from reco.formats import atomic_write_bytes, atomic_write_text
+
+CHECKPOINTS = "checkpoints"
+HEADS_WEIGHTS, HEADS_META = "heads.safetensors", "heads.json"
+SIDES = ("image", "text")
+
+
+# ---------------------------------------------------------------------------------------------
+# optimiser state <-> (tensors, JSON)
+# ---------------------------------------------------------------------------------------------
+
+def flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """torch optimiser ``state_dict()`` -> (flat tensors, JSON-able rest)."""
+    tensors, scalars = {}, {}
+    for pid, entry in state_dict["state"].items():
+        for name, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{pid}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(pid), {})[name] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, pid, name = key.split(".", 2)
+        state.setdefault(int(pid), {})[name] = value
+    for pid, entry in rest.get("scalars", {}).items():
+        state.setdefault(int(pid), {}).update(entry)
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in rest["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+# ---------------------------------------------------------------------------------------------
+# training checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def rng_state() -> dict[str, torch.Tensor]:
+    out = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["torch_cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return out
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    if "torch_cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(tensors["torch_cuda"]))
+
+
+def checkpoint_dir(out_dir: str | Path, step: int) -> Path:
+    return Path(out_dir) / CHECKPOINTS / f"step-{step:06d}"
+
+
+def save_checkpoint(out_dir: str | Path, step: int, *, model: dict[str, torch.Tensor],
+                    optimizer: dict, state: dict[str, Any]) -> Path:
+    """Write checkpoint ``step`` atomically (see module doc); returns its folder."""
+    final = checkpoint_dir(out_dir, step)
+    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        opt_tensors, opt_rest = flatten_optimizer(optimizer)
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.items()}, tmp / "model.safetensors")
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        save_file(rng_state(), tmp / "rng.safetensors")
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "optimizer": opt_rest}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return final
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step, or None."""
+    root = Path(out_dir) / CHECKPOINTS
+    done = sorted(p for p in root.glob("step-*") if (p / "state.json").exists()) if root.is_dir() else []
+    return done[-1] if done else None
+
+
+def load_checkpoint(folder: str | Path) -> tuple[dict, dict, dict, dict]:
+    """-> (model tensors, optimiser state_dict, state JSON, rng tensors)."""
+    folder = Path(folder)
+    try:
+        state = json.loads((folder / "state.json").read_text())
+        model = load_file(folder / "model.safetensors")
+        optim = unflatten_optimizer(load_file(folder / "optimizer.safetensors"), state.pop("optimizer"))
+        rng = load_file(folder / "rng.safetensors")
+    except (OSError, json.JSONDecodeError, KeyError) as exc:
+        raise FormatError(f"{folder}: unreadable checkpoint ({exc})") from exc
+    return model, optim, state, rng
+
+
+# ---------------------------------------------------------------------------------------------
+# final heads
+# ---------------------------------------------------------------------------------------------
+
+def save_heads(out_dir: str | Path, heads: dict[str, torch.nn.Module], meta: dict[str, Any]) -> None:
+    """``heads.safetensors`` (``<side>.<param>``) then ``heads.json`` (written last)."""
+    tensors = {f"{side}.{name}": p.detach().cpu().contiguous()
+               for side, head in heads.items() for name, p in head.state_dict().items()}
+    atomic_write_bytes(save(tensors), Path(out_dir) / HEADS_WEIGHTS)
+    atomic_write_text(Path(out_dir) / HEADS_META,
+                      json.dumps({**meta, "sides": sorted(heads)}, indent=2, sort_keys=True))
+
+
+def load_heads(folder: str | Path, device: str | torch.device = "cpu"
+               ) -> tuple[dict[str, torch.nn.Module], dict[str, Any]]:
+    """Trained heads of a folder -> ({"image"/"text": head in eval mode}, meta).
+
+    Only the sides that were trained are returned. ``meta`` holds ``train`` (the TrainConfig
+    dict), ``dim``, ``k``, ``fields`` ({"image": field, "text": field}), ``model_id``, ``fusion``,
+    ``logit_scale``.
+    """
+    from reco.config import from_dict
+    from reco.trainer.config import HeadConfig
+    from reco.trainer.heads import build_head
+
+    folder = Path(folder)
+    meta_path, weights_path = folder / HEADS_META, folder / HEADS_WEIGHTS
+    try:
+        meta = json.loads(meta_path.read_text())
+        tensors = load_file(weights_path)
+    except FileNotFoundError as exc:
+        raise FormatError(f"{folder}: no trained heads ({exc.filename} missing); run `reco train`") from exc
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{folder}: unreadable heads ({exc})") from exc
+    head_cfg = from_dict(HeadConfig, meta["train"]["head"], where=f"{meta_path}:train.head")
+    heads = {}
+    for side in meta["sides"]:
+        head = build_head(meta["fusion"], int(meta["dim"]), head_cfg)
+        prefix = f"{side}."
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        try:
+            head.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise FormatError(f"{weights_path}: {side} head does not match {meta_path} ({exc})") from exc
+        heads[side] = head.to(device).eval()
+    return heads, meta
