@@ -27,6 +27,7 @@ from reco.formats import STATUS_OK
 from reco.pipelines.config import EmbedConfig
 
 log = logging.getLogger(__name__)
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")   # else albumentations phones home at import
 ID_COL = "reco_id"
 IMAGE_KEY = "image"          # row key holding the resized, re-encoded image bytes
 
@@ -35,7 +36,8 @@ def _quality(encode_format: str) -> int:
     return 1 if encode_format == "png" else 95     # png: zlib level; jpg/webp: quality
 
 
-def _resizer(image_size: int, cfg: EmbedConfig):
+def resizer(image_size: int, cfg: EmbedConfig):
+    """img2dataset Resizer to the model input size, as the pipeline uses it."""
     from img2dataset.resizer import Resizer
 
     return Resizer(image_size=image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=False,
@@ -53,7 +55,7 @@ def _run_in_process(url_list: str, out: str, n: int, image_size: int, cfg: Embed
     os.makedirs(out + "/_tmp", exist_ok=True)
     reader = Reader(url_list, "parquet", "url", "caption", None, None, [ID_COL], n, set(), out + "/_tmp")
     downloader = Downloader(
-        sample_writer_class=ParquetSampleWriter, resizer=_resizer(image_size, cfg),
+        sample_writer_class=ParquetSampleWriter, resizer=resizer(image_size, cfg),
         thread_count=cfg.threads, save_caption=True, extract_exif=False, output_folder=out,
         column_list=reader.column_list, timeout=cfg.timeout, number_sample_per_shard=n,
         oom_shard_count=5, compute_hash=None, verify_hash_type=None,

@@ -30,7 +30,7 @@ import fsspec
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
-from reco.errors import ConfigError, FormatError
+from reco.errors import ConfigError, FormatError, RecoError
 from reco.formats import Manifest
 from reco.pipelines.config import EmbedConfig
 from reco.pipelines.download import DownloadShards
@@ -274,11 +274,14 @@ def run(argv=None) -> int:
     parser.add_argument("--model", required=True)
     parser.add_argument("--pretrained", default=None)
     parser.add_argument("--preset", default="demo", help="preset whose embed options are used")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="e.g. --set embed.shard_size=100")
     known, beam_args = parser.parse_known_args(argv)
-    from reco.config import preset
+    from reco.config import override, preset
 
+    cfg = override(preset(known.preset), known.overrides)
     _, info = embed_urls(known.input, known.output, model=known.model, pretrained=known.pretrained,
-                         embed_cfg=preset(known.preset).embed, beam_options=beam_args)
+                         embed_cfg=cfg.embed, beam_options=beam_args)
     _print_info(info, "embedded")
     return 0
 
@@ -286,4 +289,7 @@ def run(argv=None) -> int:
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    sys.exit(run())
+    try:
+        sys.exit(run())
+    except RecoError as error:
+        sys.exit(f"embed_memory: error: {error}")

@@ -20,6 +20,15 @@ from reco.react.train import ReactTrainConfig, react_train
 from tests.test_react_helpers import CLASSNAMES, make_world
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The tiny model trains fastest on one thread (and the test machine's cores are shared)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
     """A random-init reco-tiny saved as a local dir (as the world saves its base CLIP)."""
@@ -161,6 +170,14 @@ def test_retrieval_text_only_search_is_exact_and_refuses_other_models(world, cli
                                              searches=("txt",), memory=memory, clip=clip, out=out)
     assert out.is_file() and (tmp_path / "set.json").is_file()
     assert info["label_precision"] == 1.0 and info["min_count"] == info["max_count"] == 4
+    # an evaluation image that duplicates a retrieved memory image keeps that item out
+    first = table.column("memory_id")[0].as_py()
+    dup = memory.image_emb[list(memory.ids).index(first)][None].astype(np.float32)
+    again, info = retrieve_customisation_set(cfg, CLASSNAMES, ("a photo of a {}.",), per_class=4,
+                                             searches=("txt",), memory=memory, clip=clip, out=out,
+                                             eval_image_emb=dup)
+    assert info["eval_duplicates_excluded"] >= 1 and first not in again.column("memory_id").to_pylist()
+    assert again.num_rows == table.num_rows
     memory.model_id, saved = "ViT-B-32|openai", memory.model_id
     try:
         with pytest.raises(MismatchError, match="memory embedded with 'ViT-B-32"):

@@ -71,11 +71,22 @@ def candidates(memory, queries: np.ndarray, prompt_class: np.ndarray, n_classes:
     return best
 
 
-def select(best: dict[int, dict[int, tuple[float, str]]], per_class: int
-           ) -> list[tuple[int, int, float, str]]:
+def eval_duplicates(memory, eval_image_emb: np.ndarray | None, threshold: float, k: int = 16) -> set[int]:
+    """Memory positions whose image is a near-duplicate (inner product >= ``threshold``) of an
+    evaluation image: kept out of the customisation set, as RECO keeps them out of retrieval."""
+    if eval_image_emb is None or len(eval_image_emb) == 0:
+        return set()
+    scores, positions = memory.search(np.ascontiguousarray(eval_image_emb, np.float32), "img",
+                                      min(k, len(memory.ids)))
+    return {int(p) for p in positions[(scores >= threshold) & (positions >= 0)]}
+
+
+def select(best: dict[int, dict[int, tuple[float, str]]], per_class: int,
+           blocked: set[int] = frozenset()) -> list[tuple[int, int, float, str]]:
     """Top ``per_class`` per class, each memory position once (for its best-scoring class).
     Returns (class, position, score, search) rows, by class then score."""
     owner: dict[int, tuple[float, int]] = {}
+    best = {cls: {p: v for p, v in found.items() if p not in blocked} for cls, found in best.items()}
     for cls, found in best.items():
         for pos, (score, _) in found.items():
             if pos not in owner or score > owner[pos][0]:
@@ -112,6 +123,7 @@ def read_memory_rows(folder: str | Path, ids: np.ndarray) -> dict[int, dict[str,
 def retrieve_customisation_set(cfg: RecoConfig, classnames: Sequence[str],
                                templates: Sequence[str] | None = None, *, per_class: int = 50,
                                searches: Sequence[str] = SEARCHES, memory=None, clip=None,
+                               eval_image_emb: np.ndarray | str | Path | None = "auto",
                                out: str | Path | None = None) -> tuple[pa.Table, dict[str, Any]]:
     """Retrieve and write the REACT customisation set of ``classnames``.
 
@@ -123,6 +135,10 @@ def retrieve_customisation_set(cfg: RecoConfig, classnames: Sequence[str],
             ``txt`` (text -> captions).
         memory: a loaded :class:`reco.index.memory.Memory` (default: ``cfg.paths.index``).
         clip: a loaded frozen CLIP (default: :func:`load_frozen_clip`).
+        eval_image_emb: image embeddings (n, d) of the evaluation set, or an embedded split
+            folder; memory items with an image this close (>= ``cfg.neighbours.
+            eval_dedup_threshold``) are left out. ``"auto"``: the embedded test split when it
+            exists; None: no de-duplication against evaluation images.
         out: Parquet file written (default ``cfg.paths.react / customisation.parquet``).
     Returns (table with CUSTOMISATION_SCHEMA, info with per-class counts).
     """
@@ -149,15 +165,29 @@ def retrieve_customisation_set(cfg: RecoConfig, classnames: Sequence[str],
     k = min(len(memory.ids), CANDIDATE_FACTOR * per_class)   # spare hits for de-duplication
     best = candidates(memory, queries.reshape(-1, queries.shape[-1]), prompt_class,
                       len(classnames), k, searches)
-    chosen = select(best, per_class)
+    blocked = eval_duplicates(memory, _eval_embeddings(cfg, eval_image_emb, clip.model_id),
+                              cfg.neighbours.eval_dedup_threshold)
+    chosen = select(best, per_class, blocked)
     table = _to_table(cfg, memory, chosen, classnames)
     out = Path(out) if out else cfg.paths.react / SET_FILE
     atomic_write_table(table, out)
     info = _info(table, classnames, templates, per_class, searches, clip.model_id, out)
+    info["eval_duplicates_excluded"] = len(blocked)
     atomic_write_text(out.with_name(INFO_FILE) if out.name == SET_FILE else
                       out.with_suffix(".json"), json.dumps(info, indent=2))
     log.info("react-retrieve: %d pairs for %d classes -> %s", table.num_rows, len(classnames), out)
     return table, info
+
+
+def _eval_embeddings(cfg: RecoConfig, value, model_id: str) -> np.ndarray | None:
+    if value is None or isinstance(value, np.ndarray):
+        return value
+    from reco.evaluation.data import load_embedded
+
+    folder = cfg.paths.embedded("test") if isinstance(value, str) and value == "auto" else Path(value)
+    if isinstance(value, str) and value == "auto" and not (folder / Manifest.FILE).is_file():
+        return None
+    return load_embedded(folder, model_id=model_id).image_emb
 
 
 def _to_table(cfg: RecoConfig, memory, chosen, classnames) -> pa.Table:

@@ -160,7 +160,7 @@ def react_train(cfg: RecoConfig, *, k_blocks: int | None = None, steps: int | No
         terms["loss"].backward()
         optimizer.step()
         loss_fn.clamp_()
-        history.append([step + 1, float(terms["loss"]), lr])
+        history.append([step + 1, float(terms["loss"].detach()), lr])
         if (step + 1) % options.log_every == 0 or step == 0:
             log.info("react step %d/%d loss %.4f lr %.2e gates %s", step + 1, options.steps,
                      history[-1][1], lr, gates(model))
@@ -172,7 +172,7 @@ def react_train(cfg: RecoConfig, *, k_blocks: int | None = None, steps: int | No
     train_s = time.perf_counter() - t1
     model.eval()
     meta = _meta(clip, options, {"pairs": n, "steps_done": options.steps,
-                                 "logit_scale": float(loss_fn.scale()),
+                                 "logit_scale": float(loss_fn.scale().detach()),
                                  "customisation": str(customisation or cfg.paths.react / retrieve.SET_FILE)})
     save_gated(model, out, extra=meta)
     info = {"out": str(out), "pairs": n, "steps": options.steps, "k_blocks": options.k_blocks,

@@ -138,9 +138,10 @@ def train_base_clip(cfg: BaseClipConfig, world_dir: str | Path, out_dir: str | P
         sched.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        losses.append(float(loss))
-        if step % 50 == 0 or step == cfg.steps - 1:
-            log.info("base clip step %d/%d loss %.3f", step + 1, cfg.steps, losses[-1])
+        losses.append(loss.item())
+        if step % 25 == 0 or step == cfg.steps - 1:
+            log.info("base clip step %d/%d loss %.3f (%.1f s)", step + 1, cfg.steps, losses[-1],
+                     time.perf_counter() - train_start)
     train_seconds = time.perf_counter() - train_start
     model.eval()
     extra = dict(extra or {})

@@ -1,0 +1,205 @@
+"""Loopback HTTP server for the world's images, with hostile endpoints for reliability tests.
+
+``WorldServer(root)`` serves the files under ``root`` (``/images/<split>/<file>.png``) from a
+``ThreadingHTTPServer`` in a daemon thread; it binds loopback addresses only. Under
+``/_hostile/`` it misbehaves on purpose:
+
+==================================  ============================================================
+``/_hostile/404/x``                 404 Not Found
+``/_hostile/500/x``                 500 Internal Server Error
+``/_hostile/garbage/x.png``         200, ``image/png``, bytes that are not an image
+``/_hostile/truncated/x.png``       200, the first half of a valid PNG
+``/_hostile/slow/x.png?s=SECONDS``  sleeps SECONDS (default 5, at most 60) then a valid PNG
+``/_hostile/redirect-loop/x``       302 to itself (with a counter), forever
+``/_hostile/bomb/x.png``            a ~100 kB PNG declaring 30000 x 30000 pixels
+==================================  ============================================================
+"""
+from __future__ import annotations
+
+import functools
+import ipaddress
+import io
+import logging
+import socket
+import struct
+import threading
+import zlib
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+from PIL import Image
+
+from reco.errors import ConfigError
+
+log = logging.getLogger(__name__)
+MAX_SLOW_SECONDS = 60.0
+BOMB_SIDE = 30000
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def check_loopback(host: str) -> str:
+    """``host`` resolved to a loopback IPv4 address, or ConfigError."""
+    try:
+        addr = socket.gethostbyname(host)
+        loopback = ipaddress.ip_address(addr).is_loopback
+    except (OSError, ValueError):
+        loopback = False
+    if not loopback:
+        raise ConfigError(f"world.host={host!r}: the world server binds loopback addresses only "
+                          f"(e.g. 127.0.0.1)")
+    return addr
+
+
+@functools.lru_cache(maxsize=1)
+def _valid_png() -> bytes:
+    rgb = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb, "RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+@functools.lru_cache(maxsize=1)
+def bomb_png(side: int = BOMB_SIDE) -> bytes:
+    """A 1-bit greyscale PNG of side x side zero pixels: tiny on the wire, huge decoded
+    (PIL refuses it as a decompression bomb)."""
+    row = b"\x00" * (1 + (side + 7) // 8)
+    comp = zlib.compressobj(9)
+    parts = [comp.compress(row * 1000) for _ in range(side // 1000)]
+    parts += [comp.compress(row * (side % 1000)), comp.flush()]
+    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", b"".join(parts)) + _chunk(b"IEND", b"")
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    server_version = "reco-world/1"
+    stopping: threading.Event          # set per server class
+
+    def log_message(self, format, *args):  # noqa: A002 (http.server's signature)
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def do_GET(self):  # noqa: N802
+        parts = urlsplit(self.path)
+        if parts.path.startswith("/_hostile/"):
+            try:
+                return self._hostile(parts.path.split("/")[2], parse_qs(parts.query))
+            except (BrokenPipeError, ConnectionResetError):
+                return None
+        return super().do_GET()
+
+    def _hostile(self, kind: str, query: dict) -> None:
+        handler = {
+            "404": lambda: self.send_error(404, "hostile: not found"),
+            "500": lambda: self.send_error(500, "hostile: server error"),
+            "garbage": lambda: self._send(b"this is not an image\x00\xff" * 40),
+            "truncated": lambda: self._send(_valid_png()[: len(_valid_png()) // 2]),
+            "slow": lambda: self._slow(query),
+            "redirect-loop": lambda: self._redirect(query),
+            "bomb": lambda: self._send(bomb_png()),
+        }.get(kind)
+        if handler is None:
+            self.send_error(404, f"unknown hostile endpoint {kind!r}")
+        else:
+            handler()
+
+    def _send(self, data: bytes, ctype: str = "image/png") -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _slow(self, query: dict) -> None:
+        try:
+            seconds = float(query.get("s", ["5"])[0])
+        except ValueError:
+            seconds = 5.0
+        if self.stopping.wait(min(max(seconds, 0.0), MAX_SLOW_SECONDS)):
+            return                                   # server stopping: drop the request
+        self._send(_valid_png())
+
+    def _redirect(self, query: dict) -> None:
+        n = int(query.get("n", ["0"])[0]) if query.get("n", ["0"])[0].isdigit() else 0
+        self.send_response(302)
+        self.send_header("Location", f"{urlsplit(self.path).path}?n={n + 1}")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def handle_error(self, request, client_address):
+        log.debug("world server: error serving %s", client_address, exc_info=True)
+
+
+class WorldServer:
+    """Serve ``root`` over HTTP on a loopback address, as a context manager.
+
+    Args:
+        root: folder whose files are served (the world folder).
+        host: loopback address to bind (anything else is a ConfigError).
+        port: TCP port; 0 picks a free one (see :attr:`port`).
+    """
+
+    def __init__(self, root: str | Path, host: str = "127.0.0.1", port: int = 0):
+        self.root = Path(root)
+        self.host = host
+        self.address = check_loopback(host)
+        self._requested_port = int(port)
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("WorldServer is not running")
+        return self._server.server_address[1]
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/"
+
+    def start(self) -> "WorldServer":
+        if self._server is not None:
+            return self
+        self._stopping.clear()
+        handler = type("Handler", (_Handler,), {"stopping": self._stopping})
+        factory = functools.partial(handler, directory=str(self.root))
+        try:
+            self._server = _Server((self.address, self._requested_port), factory)
+        except OSError as exc:
+            raise ConfigError(f"world server: cannot bind {self.host}:{self._requested_port}: {exc}") from exc
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
+                                        name=f"world-server-{self.port}", daemon=True)
+        self._thread.start()
+        log.info("serving %s on %s", self.root, self.base_url)
+        return self
+
+    def stop(self) -> None:
+        if self._server is None:
+            return
+        self._stopping.set()
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+        self._server, self._thread = None, None
+
+    def __enter__(self) -> "WorldServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
