@@ -15,6 +15,11 @@ class IndexConfig:
     recall_sample: int = 1000
     use_gpu: bool = False
     mmap: bool = False
+    refine_k_factor: int = 8           # shortlist = k_factor * k codes re-ranked exactly (doubled
+                                       # during tuning when nprobe alone cannot reach the target)
+    max_nprobe: int = 512              # tuning stops here (or at nlist)
+    nb_cores: int = 0                  # faiss/autofaiss threads; 0 = all cores
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -26,7 +31,30 @@ class NeighboursConfig:
     shard_size: int = 10000
     # which cross/uni-modal neighbour tensors to materialise for the trainer
     fields: tuple[str, ...] = ("v_img_txt", "t_txt_img")
+    # Modalities in which a memory item is compared with the training PAIR to decide that it is a
+    # near-duplicate of it (excluded from every search of that pair): "img" = the pair's image vs
+    # the memory image (a copy of the picture would hand the trainer its own caption), "txt" = the
+    # pair's caption vs the memory caption (opt-in: templated captions are shared by design).
+    dedup_on: tuple[str, ...] = ("img",)
+    search_margin: int = 16            # extra hits searched so that k remain after exclusion
+    runner: str = "DirectRunner"
+    direct_running_mode: str = "in_memory"   # or multi_processing (never multi_threading)
+    direct_num_workers: int = 1
 
 
 PRESETS = {"tiny": IndexConfig(), "demo": IndexConfig()}
-NEIGHBOUR_PRESETS = {"tiny": NeighboursConfig(shard_size=1000), "demo": NeighboursConfig()}
+
+# The defaults above (0.97) suit web-trained CLIPs, where near-duplicates (re-encoded, resized)
+# score >= 0.97 and different images of one concept far less. The presets embed the generated
+# world with its small base CLIP, whose image space is much tighter. Measured on the tiny world
+# (memory vs test images, fp16 embeddings renormalised): the planted exact copies score
+# 1 - 2e-7 .. 1; the other 2845 memory images have a best match of 1 - 5.8e-3 (median) ..
+# 1 - 1.1e-4 (max), and 0.97 would have removed 2832 of them (0.999: 129, 0.9999: 0). For the
+# training pairs, 0.97 would exclude ~100 memory items per pair (all of the top 16 for 97% of
+# pairs), 0.9999 none but copies. Hence copies-only thresholds for the world presets:
+WORLD_DUPLICATE = 0.99995
+NEIGHBOUR_PRESETS = {
+    "tiny": NeighboursConfig(shard_size=1000, dedup_threshold=WORLD_DUPLICATE,
+                             eval_dedup_threshold=WORLD_DUPLICATE),
+    "demo": NeighboursConfig(dedup_threshold=WORLD_DUPLICATE, eval_dedup_threshold=WORLD_DUPLICATE),
+}

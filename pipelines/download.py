@@ -28,6 +28,9 @@ from reco.pipelines.config import EmbedConfig
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")   # else albumentations phones home at import
+# Decompression bombs: OpenCV (img2dataset's decoder) refuses images above this many pixels
+# (read once per process, before the first decode) instead of allocating gigabytes.
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(64_000_000))
 ID_COL = "reco_id"
 IMAGE_KEY = "image"          # row key holding the resized, re-encoded image bytes
 

@@ -37,16 +37,18 @@ def test_download_transform_statuses(embed_corpus):
     want = [(0, sorted((i, expected[i], expected[i] == "success") for i in range(half))),
             (1, sorted((i, expected[i], expected[i] == "success") for i in range(half, len(rows))))]
 
-    base, good = embed_corpus.server.base, list(embed_corpus.good)   # plain values: picklable
+    base, good = embed_corpus.server.base_url, list(embed_corpus.good)   # plain values: picklable
 
     def check_messages(elements):
         msgs = {r["id"]: r["error_message"] for _, rows_ in elements for r in rows_}
         by_url = {r["url"]: msgs[r["id"]] for r in rows}
-        assert "404" in by_url[f"{base}/good/missing.png"]
-        assert "timed out" in by_url[next(u for u in by_url if "/slow/" in u)]
+        assert "404" in by_url[f"{base}good/missing.png"]
+        assert "500" in by_url[f"{base}_hostile/500/x.png"]
+        assert "timed out" in by_url[f"{base}_hostile/slow/x.png?s=4"]
+        assert "CV_IO_MAX_IMAGE_PIXELS" in by_url[f"{base}_hostile/bomb/x.png"]
         assert "refused" in by_url["http://127.0.0.1:1/refused.png"].lower()
         assert "scheme 'ftp'" in by_url["ftp://127.0.0.1/x.png"]
-        assert "decod" in by_url[f"{base}/bad/garbage.png"].lower()
+        assert "decod" in by_url[f"{base}_hostile/garbage/x.png"].lower()
         assert all(r["status"] in STATUSES for _, rows_ in elements for r in rows_)
         assert all(msgs[i] is None for i in good)
 

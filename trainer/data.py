@@ -87,7 +87,7 @@ def read_tensors_info(folder: str | os.PathLike, need: tuple[str, ...] = ()) -> 
                 raise FormatError(f"{path}: reco.{key}={got} but the manifest says {want}")
         meta = pq.ParquetFile(path).metadata
         row_groups.append([meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
-    model_id = str(manifest.info.get("model_id") or "")
+    model_id = str(manifest.info.get("model_id") or manifest.info.get("model") or "")
     return TensorsInfo(folder, paths, row_groups, dim, k, fields, model_id,
                        {"kind": manifest.kind, "counts": manifest.counts, "info": manifest.info})
 

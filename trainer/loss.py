@@ -37,9 +37,13 @@ def gather_features(x: torch.Tensor, *, rank: int, world_size: int, gather_with_
     import torch.distributed as dist
 
     if gather_with_grad:
+        import warnings
+
         import torch.distributed.nn
 
-        return torch.cat(torch.distributed.nn.all_gather(x), dim=0)
+        with warnings.catch_warnings():          # deprecated name, same autograd-aware gather
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.cat(torch.distributed.nn.all_gather(x), dim=0)
     parts = [torch.zeros_like(x) for _ in range(world_size)]
     dist.all_gather(parts, x.detach())
     if not local_loss:

@@ -213,6 +213,8 @@ def train(cfg, *, out_dir: str | Path | None = None, resume: bool = False) -> di
         state = _resume_state(found, model, optimizer, scaler, tc, info, world)
         start, history, resumed = state["step"], state["history"], str(found)
         log.info("resuming from %s (step %d)", found, start)
+    elif rank == 0:
+        _clear_previous_run(out)
     if world > 1:
         ddp_kw = {"device_ids": [device.index]} if device.type == "cuda" else {}
         net = nn.parallel.DistributedDataParallel(model, **ddp_kw)
@@ -265,6 +267,17 @@ def train(cfg, *, out_dir: str | Path | None = None, resume: bool = False) -> di
             "head_params_vs_clip_b32": {s: count_params(h) / CLIP_B32_PARAMS for s, h in model.heads.items()},
             "logit_scale": float(model.loss.scale().detach()), "dim": info.dim, "k": tc.k, "rows": info.rows,
             "model_id": info.model_id, "heads": str(out / ckpt_lib.HEADS_WEIGHTS)}
+
+
+def _clear_previous_run(out: Path) -> None:
+    """A fresh run must not leave an older run's checkpoints (a later --resume would pick them)
+    or TensorBoard events behind."""
+    import shutil
+
+    for name in (ckpt_lib.CHECKPOINTS, "tb"):
+        if (out / name).exists():
+            log.info("fresh run: removing %s from a previous run", out / name)
+            shutil.rmtree(out / name)
 
 
 def _writer(out: Path, start: int):

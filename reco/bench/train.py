@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 
-def _write(folder: Path, n: int, dim: int, k: int) -> None:
+def _write(folder: Path, n: int, dim: int, k: int, plain: bool = True) -> None:
     import pyarrow as pa
 
     from reco.formats import Manifest, atomic_write_table, tensors_schema, to_fp16_list
@@ -32,7 +32,9 @@ def _write(folder: Path, n: int, dim: int, k: int) -> None:
         cols = [pa.array(np.arange(lo, lo + m), pa.int64()), to_fp16_list(unit(m), dim), to_fp16_list(unit(m), dim)]
         cols += [to_fp16_list(unit(m, k).reshape(m, k * dim), k * dim) for _ in fields]
         shards.append(f"part-{i:05d}.parquet")
-        atomic_write_table(pa.Table.from_arrays(cols, schema=schema), folder / shards[-1], row_group_size=2048)
+        enc = {"use_dictionary": False, "compression": "none"} if plain else {}
+        atomic_write_table(pa.Table.from_arrays(cols, schema=schema), folder / shards[-1],
+                           row_group_size=2048, **enc)
     Manifest("tensors", shards, {"rows": n}, {"dim": dim, "k": k, "fields": list(fields)}).write(folder)
 
 
@@ -95,24 +97,56 @@ def throughput(folder: Path, *, batch: int, steps: int, workers: int) -> dict:
             "in_memory_samples_per_s": steps * batch / memory_s, "ratio": memory_s / stream_s}
 
 
+def read_rate(folder: Path, *, batch: int, batches: int) -> float:
+    """Samples/s of the data path alone (main process, after the shuffle buffer is full)."""
+    from reco.trainer.data import make_loader
+
+    _, _, _, stream = _setup(folder, batch, 0)
+    it = iter(make_loader(stream))
+    next(it)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return batches * batch / (time.perf_counter() - t0)
+
+
+def _hwm_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def _peak_probe(folder: str, mode: str, batch: int, steps: int) -> None:
-    """Run in a subprocess: print the peak RSS (MiB) of streaming ``steps`` batches or of loading all."""
-    import resource
+    """In a subprocess: peak RSS (MiB) while streaming ``steps`` batches or loading everything and
+    training on it, measured from after the imports/model set-up (peak counter reset there)."""
+    import torch
 
     from reco.trainer.data import make_loader
 
+    torch.set_num_threads(1)
     info, model, optimizer, stream = _setup(Path(folder), batch, 0)
+    base = _rss_mib()
+    Path("/proc/self/clear_refs").write_text("5")        # reset VmHWM (Linux)
     if mode == "stream":
         _time_steps(model, optimizer, iter(make_loader(stream)), steps, warmup=0)
     else:
         _time_steps(model, optimizer, _in_memory_batches(_load_all(info), batch), steps, warmup=0)
-    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"base_mib": base, "peak_mib": _hwm_mib()}))
 
 
-def _peak(folder: Path, mode: str, batch: int, steps: int) -> float:
+def _rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _peak(folder: Path, mode: str, batch: int, steps: int) -> dict:
     code = f"from reco.bench.train import _peak_probe; _peak_probe({str(folder)!r}, {mode!r}, {batch}, {steps})"
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_rss_mib"]
+    got = json.loads(out.strip().splitlines()[-1])
+    return {"peak_mib": round(got["peak_mib"], 1), "above_setup_mib": round(got["peak_mib"] - got["base_mib"], 1)}
 
 
 def bench_train(out_dir: str | Path, quick: bool = True) -> dict:
@@ -121,23 +155,29 @@ def bench_train(out_dir: str | Path, quick: bool = True) -> dict:
     Args:
         out_dir: scratch folder for the synthetic shards; ``bench_train.json`` is written there.
         quick: small dims/rows (dim 128, 8k rows) instead of CLIP-B-like (dim 512, 40k rows).
+    Timings use one torch thread (the machine is shared); memory is measured in subprocesses.
     """
     import torch
 
     from reco.formats import atomic_write_text
 
     out = Path(out_dir)
-    dim, k, rows, batch, steps = (128, 10, 8192, 256, 30) if quick else (512, 10, 40000, 512, 60)
-    for scale in (1, 10):
-        folder = out / f"tensors-x{scale}"
-        if not (folder / "manifest.json").exists():
-            _write(folder, rows * scale, dim, k)
-    result = {"dim": dim, "k": k, "rows_1x": rows, "batch": batch, "steps": steps,
-              "torch_threads": torch.get_num_threads(),
-              "throughput": [throughput(out / "tensors-x1", batch=batch, steps=steps, workers=w) for w in (0, 1)]}
-    result["peak_rss_mib"] = {f"{mode}_x{scale}": _peak(out / f"tensors-x{scale}", mode, batch, steps)
-                              for mode in ("stream", "in_memory") for scale in (1, 10)}
-    result["shard_mib_x1"] = sum(p.stat().st_size for p in (out / "tensors-x1").glob("*.parquet")) / 2**20
+    dim, k, rows, batch, steps = (128, 10, 8192, 256, 20) if quick else (512, 10, 40000, 512, 40)
+    for name, scale, plain in (("plain-x1", 1, True), ("plain-x10", 10, True), ("default-x1", 1, False)):
+        if not (out / name / "manifest.json").exists():
+            _write(out / name, rows * scale, dim, k, plain=plain)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = {"dim": dim, "k": k, "rows_1x": rows, "batch": batch, "steps": steps, "torch_threads": 1,
+                  "read_samples_per_s": {enc: read_rate(out / f"{enc}-x1", batch=batch, batches=steps)
+                                         for enc in ("plain", "default")},
+                  "throughput": [throughput(out / "plain-x1", batch=batch, steps=steps, workers=w) for w in (0, 1)]}
+    finally:
+        torch.set_num_threads(threads)
+    result["peak_rss"] = {f"{mode}_x{scale}": _peak(out / f"plain-x{scale}", mode, batch, steps)
+                          for mode in ("stream", "in_memory") for scale in (1, 10)}
+    result["shard_mib_x1"] = sum(p.stat().st_size for p in (out / "plain-x1").glob("*.parquet")) / 2**20
     result["goal_ratio_0.9_met"] = max(t["ratio"] for t in result["throughput"]) >= 0.9
     atomic_write_text(out / "bench_train.json", json.dumps(result, indent=2))
     return result

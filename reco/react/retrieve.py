@@ -54,6 +54,13 @@ def load_frozen_clip(cfg: RecoConfig):
     return clip
 
 
+def load_memory(cfg: RecoConfig):
+    """The memory indices built by build-index (``cfg.paths.index``)."""
+    from reco.index.memory import Memory
+
+    return Memory.load(cfg.paths.index, mmap=cfg.index.mmap)
+
+
 def candidates(memory, queries: np.ndarray, prompt_class: np.ndarray, n_classes: int, k: int,
                searches: Sequence[str] = SEARCHES) -> dict[int, dict[int, tuple[float, str]]]:
     """class -> {memory position: (best score, search)} over all prompts of the class."""
@@ -153,10 +160,7 @@ def retrieve_customisation_set(cfg: RecoConfig, classnames: Sequence[str],
     if bad or not searches:
         raise ConfigError(f"react searches {list(searches)}: choose from {', '.join(SEARCHES)}")
     clip = clip or load_frozen_clip(cfg)
-    if memory is None:
-        from reco.index.memory import Memory
-
-        memory = Memory.load(cfg.paths.index)
+    memory = memory if memory is not None else load_memory(cfg)
     if getattr(memory, "model_id", None) and memory.model_id != clip.model_id:
         raise MismatchError(f"{cfg.paths.index}: memory embedded with {memory.model_id!r}, but the "
                             f"model is {clip.model_id!r}")

@@ -16,7 +16,7 @@ class WorldConfig:
     n_train: int = 6000              # RECO training set (the CC12M stand-in)
     n_test_per_species: int = 20     # held-out test images per species
     unseen_fraction: float = 0.3     # species absent from the RECO training set
-    pretrain_name_rate: float = 0.02
+    pretrain_name_rate: float = 0.005
     memory_name_rate: float = 0.8
     train_name_rate: float = 0.8
     noise: float = 0.1               # wrong names / generic captions in the memory (noise knob)
@@ -30,17 +30,18 @@ class BaseClipConfig:
     """Training of the small base CLIP from scratch on the pretraining split (then frozen)."""
 
     model: str = "reco-tiny"
-    steps: int = 400
+    steps: int = 800
     batch_size: int = 256
     lr: float = 2e-3
-    warmup: int = 40
+    warmup: int = 60
     weight_decay: float = 0.1
     threads: int = 2
 
 
 _TINY = WorldConfig(n_species=40, n_pretrain=8000, n_memory=3000, n_train=2000, n_test_per_species=10)
 PRESETS = {"tiny": _TINY, "demo": WorldConfig()}
-BASE_CLIP_PRESETS = {"tiny": BaseClipConfig(steps=200), "demo": BaseClipConfig()}
+BASE_CLIP_PRESETS = {"tiny": BaseClipConfig(steps=300, warmup=30),
+                     "demo": BaseClipConfig(steps=800, warmup=60)}
 
 
 def with_port(cfg: WorldConfig, port: int) -> WorldConfig:

@@ -1,0 +1,201 @@
+"""``build_memory_index``: the memory's embedded shards -> one faiss index per modality.
+
+Steps: read the success rows of the memory shards (validated), remove memory items whose image
+is a near-duplicate of an evaluation image (``reco.index.dedup``), then for each modality build
+the index chosen by ``reco.index.keys`` with autofaiss, tune nprobe (and the re-ranking
+shortlist) until recall@``recall_k`` against exact search on a held-out sample reaches
+``target_recall``, and write everything atomically (layout: ``reco.index.memory``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from reco.config import RecoConfig
+from reco.errors import MismatchError
+from reco.formats import atomic_save_npy, atomic_write_text
+from reco.index.config import IndexConfig
+from reco.index.dedup import eval_duplicate_mask
+from reco.index.embedded import open_split, read_split
+from reco.index.keys import IndexPlan, choose_index_key
+from reco.index.memory import EMB_FILES, IDS_FILE, INDEX_FILES, INFO_FILE, set_search_params
+
+log = logging.getLogger(__name__)
+MODALITY_COLUMNS = {"img": "image", "txt": "text"}
+
+
+def normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def train_index(vectors: np.ndarray, plan: IndexPlan, cfg: IndexConfig) -> faiss.Index:
+    """autofaiss.build_index with the explicit key of ``plan`` (nothing written to disk)."""
+    from autofaiss import build_index
+
+    index, _ = build_index(
+        embeddings=vectors, index_path=None, index_infos_path=None, save_on_disk=False,
+        index_key=plan.key, index_param="" if plan.exact else "nprobe=1",
+        metric_type=plan.metric, max_index_memory_usage=cfg.max_index_memory_usage,
+        current_memory_available=cfg.current_memory_available,
+        nb_cores=cfg.nb_cores or None, use_gpu=False, verbose=logging.WARNING)
+    if index is None:
+        raise RuntimeError(f"autofaiss could not build {plan.key} (see its log above)")
+    return index
+
+
+def _leave_one_out(labels: np.ndarray, sample: np.ndarray, k: int) -> np.ndarray:
+    """Drop each query's own position from its hit list and keep the first k."""
+    out = np.full((len(labels), k), -1, dtype=np.int64)
+    for i, row in enumerate(labels):
+        row = row[row != sample[i]][:k]
+        out[i, :len(row)] = row
+    return out
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    hits = [len(set(f[f >= 0]) & set(t[t >= 0])) / max((t >= 0).sum(), 1) for f, t in zip(found, truth)]
+    return float(np.mean(hits))
+
+
+def tune_search(index: faiss.Index, vectors: np.ndarray, plan: IndexPlan, cfg: IndexConfig) -> dict:
+    """Smallest nprobe (then larger re-ranking shortlists) reaching ``cfg.target_recall``.
+
+    nprobe doubles until recall reaches the target or stops improving (then the codes, not the
+    probed lists, are the limit, and the re-ranking shortlist ``k_factor`` doubles).
+
+    Recall is measured leave-one-out: ``recall_sample`` memory vectors query the index and their
+    ``recall_k`` nearest OTHER items are compared with exact inner-product search.
+    """
+    if plan.exact:
+        return {"nprobe": None, "k_factor": None, "recall": 1.0, "recall_curve": []}
+    rng = np.random.default_rng(cfg.seed)
+    sample = rng.choice(len(vectors), min(cfg.recall_sample, len(vectors)), replace=False)
+    queries, k = vectors[sample], cfg.recall_k
+    exact = faiss.IndexFlatIP(vectors.shape[1])
+    exact.add(vectors)
+    truth = _leave_one_out(exact.search(queries, k + 1)[1], sample, k)
+    nlist = faiss.extract_index_ivf(index).nlist
+    nprobes = [p for p in (2 ** i for i in range(20)) if p <= min(nlist, cfg.max_nprobe)]
+    k_factors = [cfg.refine_k_factor * 2 ** i for i in range(3)] if isinstance(index, faiss.IndexRefine) else [None]
+    curve, best = [], None
+    for k_factor in k_factors:
+        previous = -1.0
+        for nprobe in nprobes:
+            set_search_params(index, nprobe, k_factor)
+            t0 = time.perf_counter()
+            found = _leave_one_out(index.search(queries, k + 1)[1], sample, k)
+            qps = len(queries) / max(time.perf_counter() - t0, 1e-9)
+            point = {"nprobe": nprobe, "k_factor": k_factor, "recall": round(recall_at_k(found, truth), 4),
+                     "qps": round(qps, 1)}
+            curve.append(point)
+            if best is None or point["recall"] > best["recall"]:
+                best = point
+            if point["recall"] >= cfg.target_recall:
+                set_search_params(index, nprobe, k_factor)
+                return {**point, "recall_curve": curve}
+            if point["recall"] - previous < 0.002:   # plateau: the shortlist is the limit
+                break
+            previous = point["recall"]
+    log.warning("index %s: recall@%d %.3f below target %.3f at the largest nprobe/k_factor tried",
+                plan.key, k, best["recall"], cfg.target_recall)
+    set_search_params(index, best["nprobe"], best["k_factor"])
+    return {**best, "recall_curve": curve}
+
+
+def write_index(index: faiss.Index, path: Path) -> int:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        faiss.write_index(index, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path.stat().st_size
+
+
+def build_one(vectors: np.ndarray, path: Path, cfg: IndexConfig) -> dict:
+    """Build, tune and write one modality's index; returns its info."""
+    plan = choose_index_key(len(vectors), vectors.shape[1], cfg)
+    t0 = time.perf_counter()
+    index = train_index(vectors, plan, cfg)
+    build_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tuned = tune_search(index, vectors, plan, cfg)
+    size = write_index(index, path)
+    log.info("%s: %s nprobe=%s recall@%d=%.3f (%.1fs)", path.name, plan.key, tuned["nprobe"],
+             cfg.recall_k, tuned["recall"], build_s)
+    return {"key": plan.key, "metric": plan.metric, "reason": plan.reason, **tuned,
+            "recall_k": cfg.recall_k, "build_seconds": round(build_s, 2),
+            "tune_seconds": round(time.perf_counter() - t0, 2), "size_bytes": size,
+            "estimated_bytes": plan.estimated_bytes}
+
+
+def source_fingerprint(cfg: RecoConfig) -> str:
+    """What the index depends on: the memory/test manifests and the options used."""
+    parts = [json.dumps(cfg.index.__dict__, sort_keys=True, default=str),
+             str(cfg.neighbours.eval_dedup_threshold)]
+    for split in ("memory", "test"):
+        manifest = cfg.paths.embedded(split) / "manifest.json"
+        parts.append(manifest.read_text() if manifest.exists() else "")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def _eval_images(cfg: RecoConfig, model_id: str, dim: int) -> np.ndarray | None:
+    folder = cfg.paths.embedded("test")
+    if not (folder / "manifest.json").exists():
+        log.info("no evaluation embeddings in %s: memory not cleaned of eval duplicates", folder)
+        return None
+    split = open_split(folder)
+    if split.model_id and model_id and split.model_id != model_id:
+        raise MismatchError(f"{folder}: test embeddings from model {split.model_id!r}, memory "
+                            f"embeddings from model {model_id!r}")
+    if split.dim != dim:
+        raise MismatchError(f"{folder}: test embeddings of dimension {split.dim}, memory {dim}")
+    return normalise(read_split(split, modalities=("image",))["image"])
+
+
+def build_memory_index(cfg: RecoConfig, force: bool = False) -> dict:
+    """Build ``cfg.paths.index`` from ``cfg.paths.embedded("memory")``; returns info.json's dict.
+
+    Args:
+        cfg: run configuration (``cfg.index``, ``cfg.neighbours.eval_dedup_threshold``).
+        force: rebuild even when the folder already holds an index of the same inputs.
+    """
+    out = cfg.paths.index
+    fingerprint = source_fingerprint(cfg)
+    if not force and (out / INFO_FILE).exists():
+        old = json.loads((out / INFO_FILE).read_text())
+        if old.get("fingerprint") == fingerprint and all((out / f).exists() for f in INDEX_FILES.values()):
+            log.info("index in %s is up to date; skipping (force=True rebuilds)", out)
+            return {**old, "skipped": True}
+    t_start = time.perf_counter()
+    split = open_split(cfg.paths.embedded("memory"))
+    data = read_split(split)
+    vectors = {m: normalise(data[col]) for m, col in MODALITY_COLUMNS.items()}
+    remove, dedup_info = eval_duplicate_mask(vectors["img"], _eval_images(cfg, split.model_id, split.dim),
+                                             cfg.neighbours.eval_dedup_threshold)
+    keep = ~remove
+    ids = data["id"][keep]
+    vectors = {m: np.ascontiguousarray(v[keep]) for m, v in vectors.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    indices = {m: build_one(vectors[m], out / INDEX_FILES[m], cfg.index) for m in INDEX_FILES}
+    for m, name in EMB_FILES.items():
+        atomic_save_npy(vectors[m].astype(np.float16), out / name)
+    atomic_save_npy(ids.astype(np.int64), out / IDS_FILE)
+    info = {"model_id": split.model_id, "dim": split.dim, "n": int(len(ids)),
+            "n_memory_success": int(len(data["id"])), **dedup_info,
+            "keys": {m: i["key"] for m, i in indices.items()},
+            "nprobe": {m: i["nprobe"] for m, i in indices.items()},
+            "recall": {m: i["recall"] for m, i in indices.items()},
+            "indices": indices, "metric_note": "scores are inner products of L2-normalised vectors",
+            "fingerprint": fingerprint, "seconds": round(time.perf_counter() - t_start, 2)}
+    atomic_write_text(out / INFO_FILE, json.dumps(info, indent=2))
+    return info

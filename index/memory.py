@@ -1,0 +1,172 @@
+"""The memory index folder as one object: ids, fp16 embeddings and one faiss index per modality.
+
+Folder layout (written by :func:`reco.index.build.build_memory_index`)::
+
+    image.index  text.index          faiss indices over the memory image / text embeddings
+    memory_image.npy memory_text.npy (n, d) float16, row i = faiss label i of both indices
+    memory_ids.npy                   (n,) int64 ids of the embedded memory rows
+    info.json                        model_id, dim, n, per-index key/metric/nprobe/recall, ...
+
+Scores are always inner products of L2-normalised vectors, whatever metric the index uses
+internally (IVF-PQ indices are built with L2, see ``reco.index.keys``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from reco.errors import FormatError, MismatchError
+from reco.formats import parse_field
+
+log = logging.getLogger(__name__)
+
+INDEX_FILES = {"img": "image.index", "txt": "text.index"}
+EMB_FILES = {"img": "memory_image.npy", "txt": "memory_text.npy"}
+IDS_FILE = "memory_ids.npy"
+INFO_FILE = "info.json"
+
+
+def read_index(path: str, mmap: bool = False) -> faiss.Index:
+    """faiss.read_index, memory-mapped when asked and supported by the index type."""
+    if not os.path.exists(path):
+        raise FormatError(f"{path}: index file not found; run `reco build-index` first")
+    if mmap:
+        try:
+            return faiss.read_index(path, faiss.IO_FLAG_MMAP)
+        except RuntimeError as exc:   # not every index type can be mapped
+            log.info("%s cannot be memory-mapped (%s); reading it into memory", path, str(exc)[:80])
+    return faiss.read_index(path)
+
+
+def set_search_params(index: faiss.Index, nprobe: int | None = None, k_factor: float | None = None) -> None:
+    """Set nprobe (IVF indices) and the refine shortlist factor (IndexRefine) when relevant."""
+    if k_factor is not None and isinstance(index, faiss.IndexRefine):
+        index.k_factor = float(k_factor)
+    if nprobe is not None:
+        try:
+            faiss.extract_index_ivf(index).nprobe = int(nprobe)
+        except RuntimeError:
+            pass                          # not an IVF index (Flat): nothing to set
+
+
+def to_gpu(index: faiss.Index, use_gpu: bool) -> faiss.Index:
+    """Move an index to all GPUs when asked and available; CPU otherwise (or if unsupported)."""
+    if not use_gpu or not hasattr(faiss, "get_num_gpus") or faiss.get_num_gpus() == 0:
+        return index
+    try:
+        return faiss.index_cpu_to_all_gpus(index)
+    except RuntimeError as exc:
+        log.warning("index type not supported on GPU (%s); searching on CPU", str(exc)[:80])
+        return index
+
+
+def _load_npy(path: Path, mmap: bool) -> np.ndarray:
+    if not path.exists():
+        raise FormatError(f"{path}: not found; run `reco build-index` first")
+    return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+
+
+class Memory:
+    """Search the memory and fetch the embeddings of the hits (see the module docstring)."""
+
+    def __init__(self, ids: np.ndarray, image_emb: np.ndarray, text_emb: np.ndarray, info: dict,
+                 indices: dict[str, faiss.Index] | None = None):
+        self.ids, self.image_emb, self.text_emb, self.info = ids, image_emb, text_emb, info
+        self.indices = indices or {}
+        self.dim = int(info["dim"])
+        self.model_id = str(info.get("model_id", ""))
+        if not (len(ids) == len(image_emb) == len(text_emb)):
+            raise FormatError(f"memory arrays are not aligned: {len(ids)} ids, {len(image_emb)} "
+                              f"image rows, {len(text_emb)} text rows")
+
+    @property
+    def n(self) -> int:
+        return len(self.ids)
+
+    @classmethod
+    def load(cls, folder: str | Path, mmap: bool = False, nprobe: int | None = None,
+             load_indices: bool = True, use_gpu: bool = False) -> "Memory":
+        """Load an index folder.
+
+        Args:
+            folder: the folder written by build-index.
+            mmap: memory-map the npy arrays (and the indices where faiss supports it).
+            nprobe: override the tuned nprobe recorded in info.json.
+            load_indices: False loads only ids/embeddings (for fetching, not searching).
+            use_gpu: move the indices to the GPUs if faiss has any.
+        """
+        folder = Path(folder)
+        try:
+            info = json.loads((folder / INFO_FILE).read_text())
+        except FileNotFoundError as exc:
+            raise FormatError(f"{folder / INFO_FILE}: not found; run `reco build-index` first") from exc
+        arrays = {m: _load_npy(folder / f, mmap) for m, f in EMB_FILES.items()}
+        ids = _load_npy(folder / IDS_FILE, mmap)
+        indices = {}
+        if load_indices:
+            for m, name in INDEX_FILES.items():
+                index = read_index(str(folder / name), mmap)
+                meta = info.get("indices", {}).get(m, {})
+                set_search_params(index, nprobe or meta.get("nprobe"), meta.get("k_factor"))
+                if index.ntotal != len(ids):
+                    raise FormatError(f"{folder / name}: {index.ntotal} vectors but {len(ids)} ids")
+                indices[m] = to_gpu(index, use_gpu)
+        return cls(ids, arrays["img"], arrays["txt"], info, indices)
+
+    def check_compatible(self, model_id: str | None, dim: int) -> None:
+        """Raise MismatchError unless queries of ``model_id``/``dim`` can search this memory."""
+        if dim != self.dim:
+            raise MismatchError(f"index dimension {self.dim} != query dimension {dim}: the index "
+                                f"was built with model {self.model_id!r}")
+        if model_id and self.model_id and model_id != self.model_id:
+            raise MismatchError(f"index built with model {self.model_id!r}, queries from model "
+                                f"{model_id!r}; rebuild the index (reco build-index) with the same model")
+
+    def _emb(self, modality: str) -> np.ndarray:
+        if modality not in EMB_FILES:
+            raise ValueError(f"modality must be 'img' or 'txt', got {modality!r}")
+        return self.image_emb if modality == "img" else self.text_emb
+
+    def search(self, queries: np.ndarray, index: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """k nearest memory items of each query in the ``index`` ("img"|"txt") index.
+
+        Returns (scores (q, k) float32 inner products, positions (q, k) int64); missing hits
+        (k > n) have position -1 and score -inf.
+        """
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise MismatchError(f"index dimension {self.dim} != query dimension "
+                                f"{queries.shape[-1] if queries.ndim else 0}")
+        if index not in self.indices:
+            raise ValueError(f"index must be one of {sorted(self.indices) or 'none (loaded without indices)'}, got {index!r}")
+        faiss_index = self.indices[index]
+        scores, positions = faiss_index.search(queries, int(k))
+        if faiss_index.metric_type == faiss.METRIC_L2:   # |q-x|^2 = |q|^2 + 1 - 2<q,x>, |x| = 1
+            sq = np.einsum("ij,ij->i", queries, queries)[:, None]
+            scores = (sq + 1.0 - scores) / 2.0
+        scores = np.where(positions >= 0, scores, -np.inf).astype(np.float32)
+        return scores, positions.astype(np.int64)
+
+    def embeddings(self, modality: str, positions: np.ndarray) -> np.ndarray:
+        """(q, k) positions -> (q, k, d) float32 memory embeddings, zero rows where -1."""
+        positions = np.asarray(positions, dtype=np.int64)
+        emb = self._emb(modality)
+        valid = positions >= 0
+        flat = np.where(valid, positions, 0).reshape(-1)
+        order = np.argsort(flat, kind="stable")     # sorted reads are kinder to mmap
+        out = np.empty((flat.size, self.dim), dtype=np.float32)
+        out[order] = emb[flat[order]]
+        out = out.reshape(*positions.shape, self.dim)
+        out[~valid] = 0.0
+        return out
+
+    def context(self, queries: np.ndarray, field: str, k: int) -> np.ndarray:
+        """Search then fetch for a context field like "v_img_txt" -> (q, k, d) float32."""
+        _, search, fuse = parse_field(field)
+        _, positions = self.search(queries, search, k)
+        return self.embeddings(fuse, positions)
