@@ -153,7 +153,9 @@ def _eval_images(cfg: RecoConfig, model_id: str, dim: int) -> np.ndarray | None:
     if not (folder / "manifest.json").exists():
         log.info("no evaluation embeddings in %s: memory not cleaned of eval duplicates", folder)
         return None
-    split = open_split(folder)
+    split = open_split(folder, allow_empty=True)
+    if split is None:
+        return None
     if split.model_id and model_id and split.model_id != model_id:
         raise MismatchError(f"{folder}: test embeddings from model {split.model_id!r}, memory "
                             f"embeddings from model {model_id!r}")

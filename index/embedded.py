@@ -30,8 +30,9 @@ class EmbeddedSplit:
     manifest: formats.Manifest
 
 
-def open_split(folder: str | Path) -> EmbeddedSplit:
-    """Read the manifest of an embedded folder; check that every listed shard is on disk."""
+def open_split(folder: str | Path, allow_empty: bool = False) -> EmbeddedSplit | None:
+    """Read the manifest of an embedded folder; check that every listed shard is on disk.
+    An empty folder is an error, or None with ``allow_empty``."""
     folder = str(folder)
     manifest = formats.Manifest.read(folder, kind="embedded")
     paths = manifest.shard_paths(folder)
@@ -40,6 +41,8 @@ def open_split(folder: str | Path) -> EmbeddedSplit:
             raise FormatError(f"{folder}/manifest.json lists shard {os.path.basename(path)!r}, "
                               f"which is not on disk ({path}); re-run the embed stage")
     if not paths:
+        if allow_empty:
+            return None
         raise FormatError(f"{folder}/manifest.json lists no shards")
     meta = pq.read_schema(paths[0]).metadata or {}
     model_id = manifest.info.get("model_id") or _model_id_from_metadata(meta)

@@ -40,7 +40,8 @@ def write_embedded(folder: str | Path, image: np.ndarray, text: np.ndarray, *,
                    status: list[str] | None = None, model: str = "synthetic", pretrained: str = "",
                    shard_size: int = 1000) -> formats.Manifest:
     """Write embedded shards + manifest (kind "embedded"); rows whose status is not success get
-    null embeddings, as the embed stage writes them."""
+    zero embeddings, as the embed stage writes them (pyarrow cannot read back null
+    FixedSizeList entries, apache/arrow#35692)."""
     folder = Path(folder)
     n, dim = image.shape
     ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
@@ -58,8 +59,7 @@ def write_embedded(folder: str | Path, image: np.ndarray, text: np.ndarray, *,
             "status": pa.array(status[sl]), "error_message": pa.nulls(len(ok), pa.string()),
         }
         for name, vec in (("image_emb", image[sl]), ("text_emb", text[sl])):
-            arr = formats.to_fp16_list(vec, dim)
-            columns[name] = pa.FixedSizeListArray.from_arrays(arr.values, dim, mask=pa.array(~ok))
+            columns[name] = formats.to_fp16_list(np.where(ok[:, None], vec, 0.0), dim)
         table = pa.Table.from_pydict(columns, schema=schema)
         name = f"part-{shard:05d}.parquet"
         formats.atomic_write_table(table, folder / name)

@@ -37,7 +37,8 @@ from reco.pipelines.download import DownloadShards
 from reco.pipelines.embed import EmbedShards
 from reco.pipelines.urls import (FilterUnsafeUrls, ReadUrlShards, UrlFile, inspect_url_files,
                                  list_url_files, num_shards)
-from reco.pipelines.write import WriteShards, check_model, complete_shards, write_manifest
+from reco.pipelines.write import (WriteShards, check_job, check_model, complete_shards,
+                                  write_manifest)
 
 log = logging.getLogger(__name__)
 WORLD_SPLITS = ("memory", "train", "test")
@@ -109,6 +110,8 @@ def plan_job(inputs, output_dir: str, *, model: str, pretrained: str | None,
     check_writable(output_dir)
     clip = load_clip(model, pretrained)             # unknown model: ConfigError, before any work
     check_model(output_dir, clip.name, clip.pretrained)
+    check_job(output_dir, {"model_id": clip.model_id, "shard_size": embed_cfg.shard_size,
+                           "files": [[f.path.rsplit("/", 1)[-1], f.rows] for f in files]})
     shards = num_shards(files, embed_cfg.shard_size)
     skip = tuple(s for s in complete_shards(output_dir) if s < shards)
     return EmbedJob(tuple(files), str(output_dir), clip.name, clip.pretrained or None, clip.model_id,

@@ -42,12 +42,12 @@ from pathlib import Path
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from reco import formats
 from reco.config import RecoConfig
 from reco.errors import ConfigError
 from reco.index import neighbour_shards as shards
+from reco.index.build import normalise
 from reco.index.embedded import open_split, read_shard
 from reco.index.neighbour_shards import ShardSpec
 
@@ -83,9 +83,9 @@ class _ReadFn(beam.DoFn):
 
     def process(self, spec: ShardSpec):
         parts = [read_shard(path, self.dim, start, stop) for path, start, stop in spec.slices]
-        yield {"spec": spec, "id": np.concatenate([p["id"] for p in parts]),
-               "img": np.concatenate([p["image"] for p in parts]),
-               "txt": np.concatenate([p["text"] for p in parts])}
+        yield {"spec": spec, "id": np.concatenate([p["id"] for p in parts]),   # fp16 -> unit norm
+               "img": normalise(np.concatenate([p["image"] for p in parts])),
+               "txt": normalise(np.concatenate([p["text"] for p in parts]))}
 
 
 class _MemoryFn(beam.DoFn):

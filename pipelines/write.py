@@ -6,6 +6,7 @@ the end from what is on disk, so it lists exactly the complete shards.
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections import Counter
@@ -17,7 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from reco.errors import MismatchError
-from reco.formats import STATUSES, Manifest, atomic_write_table, embedded_schema, to_fp16_list
+from reco.formats import (STATUSES, Manifest, atomic_write_table, atomic_write_text, embedded_schema,
+                          to_fp16_list)
 
 log = logging.getLogger(__name__)
 PART = re.compile(r"part-(\d{5,})\.parquet$")
@@ -104,6 +106,27 @@ def check_model(output_dir: str, model: str, pretrained: str | None) -> None:
         if got != (model, pretrained or ""):
             raise MismatchError(f"{path}: embedded with model {got[0]}|{got[1]}, not "
                                 f"{model}|{pretrained or ''}; use another output folder")
+
+
+JOB_FILE = "job.json"
+
+
+def check_job(output_dir: str, job: dict) -> None:
+    """Record what the shards of ``output_dir`` are (``job.json``: model, shard size, input
+    rows); a rerun with a different layout would mix shards, so it is a MismatchError."""
+    path = f"{str(output_dir).rstrip('/')}/{JOB_FILE}"
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    if fs.exists(fs_path):
+        with fs.open(fs_path, "r") as f:
+            old = json.load(f)
+        diff = sorted(k for k in job if old.get(k) != job[k])
+        if diff and complete_shards(output_dir):
+            raise MismatchError(f"{path}: existing shards were made with other "
+                                f"{', '.join(diff)} ({ {k: old.get(k) for k in diff} }); "
+                                f"use another output folder or delete it")
+        if not diff:
+            return
+    atomic_write_text(path, json.dumps(job, indent=2))
 
 
 def write_manifest(output_dir: str, model_id: str, dim: int, info: dict | None = None) -> Manifest:

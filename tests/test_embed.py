@@ -144,6 +144,9 @@ def test_clear_errors_before_any_work(embed_corpus, embedded, embed_model, tmp_p
         pipeline_options(CFG, ["--direct_running_mode=multi_threading"])
     with pytest.raises(MismatchError, match="embedded with model"):
         embed_urls(str(embed_corpus.urls), str(embedded[2]), model="reco-tiny", embed_cfg=CFG)
+    with pytest.raises(MismatchError, match="other shard_size"):       # resume would mix shards
+        embed_urls(str(embed_corpus.urls), str(embedded[2]), model=embed_model,
+                   embed_cfg=dataclasses.replace(CFG, shard_size=5))
 
 
 def _image_bytes(seed):

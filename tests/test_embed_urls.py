@@ -123,3 +123,16 @@ def test_filter_unsafe_urls_transform():
                     label="CheckStrict")
         assert_that(loose, equal_to([(0, [(0, None), (1, None), (2, "refused"), (3, None)])]),
                     label="CheckLoose")
+
+
+def test_fsspec_urls(url_files):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/reco-test/lists/x.csv", (url_files / "b.csv").read_bytes())
+    fs.pipe("/reco-test/lists/y.parquet", (url_files / "a.parquet").read_bytes())
+    files = list_url_files("memory://reco-test/lists")
+    assert files == ["memory:///reco-test/lists/x.csv", "memory:///reco-test/lists/y.parquet"]
+    inspected = inspect_url_files(files, CFG)
+    assert [f.rows for f in inspected] == [3, 5]
+    assert [r["id"] for f in inspected for r in read_rows(f)] == list(range(8))

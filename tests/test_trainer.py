@@ -190,6 +190,7 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.slow
 def test_ddp_train_runs_end_to_end_under_gloo(tmp_path, workdir):
     shutil.copytree(workdir / "neighbours", tmp_path / "neighbours")
     torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), "train"), nprocs=2)

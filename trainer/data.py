@@ -1,8 +1,8 @@
 """Streaming reader of the trainer tensors (``neighbours/tensors``, :func:`reco.formats.tensors_schema`).
 
 The data set is never loaded whole. Each epoch the row groups of all shards are permuted with a
-seed derived from ``(seed, epoch)``, cut into blocks of at most ``block_rows`` rows and dealt
-round-robin to the consumers (``rank * num_workers + worker``), so consumers never overlap and
+seed derived from ``(seed, epoch)``, cut into blocks of at most ``block_rows`` rows and split into
+contiguous runs, one per consumer (``rank * num_workers + worker``), so consumers never overlap and
 together cover every row once per epoch. A consumer reads its blocks in order (one row group in
 memory at a time), passes them through a shuffling buffer (drained at the end of every epoch) and
 cuts batches from the endless concatenation of its epochs.
@@ -125,7 +125,8 @@ def epoch_blocks(info: TensorsInfo, *, seed: int, epoch: int, consumer: int, con
     order = np.random.default_rng([seed, epoch, 7]).permutation(len(groups))
     blocks = [(s, g, lo, min(lo + block_rows, n))
               for s, g, n in (groups[i] for i in order) for lo in range(0, n, block_rows)]
-    return blocks[consumer::consumers]
+    # contiguous runs: a row group is decoded by at most two consumers (not by all of them)
+    return blocks[consumer * len(blocks) // consumers:(consumer + 1) * len(blocks) // consumers]
 
 
 def effective_block_rows(info: TensorsInfo, consumers: int, block_rows: int) -> int:

@@ -97,17 +97,17 @@ def throughput(folder: Path, *, batch: int, steps: int, workers: int) -> dict:
             "in_memory_samples_per_s": steps * batch / memory_s, "ratio": memory_s / stream_s}
 
 
-def read_rate(folder: Path, *, batch: int, batches: int) -> float:
-    """Samples/s of the data path alone (main process, after the shuffle buffer is full)."""
+def read_rate(folder: Path, *, batch: int, epochs: int = 2) -> float:
+    """Samples/s of the data path alone (main process, shuffle buffer fill included), over
+    ``epochs`` passes so that the rate is not just the buffer draining."""
     from reco.trainer.data import make_loader
 
-    _, _, _, stream = _setup(folder, batch, 0)
-    it = iter(make_loader(stream))
-    next(it)
+    info, _, _, stream = _setup(folder, batch, 0)
+    it, count = iter(make_loader(stream)), epochs * info.rows // batch
     t0 = time.perf_counter()
-    for _ in range(batches):
+    for _ in range(count):
         next(it)
-    return batches * batch / (time.perf_counter() - t0)
+    return count * batch / (time.perf_counter() - t0)
 
 
 def _hwm_mib() -> float:
@@ -170,7 +170,7 @@ def bench_train(out_dir: str | Path, quick: bool = True) -> dict:
     torch.set_num_threads(1)
     try:
         result = {"dim": dim, "k": k, "rows_1x": rows, "batch": batch, "steps": steps, "torch_threads": 1,
-                  "read_samples_per_s": {enc: read_rate(out / f"{enc}-x1", batch=batch, batches=steps)
+                  "read_samples_per_s": {enc: read_rate(out / f"{enc}-x1", batch=batch)
                                          for enc in ("plain", "default")},
                   "throughput": [throughput(out / "plain-x1", batch=batch, steps=steps, workers=w) for w in (0, 1)]}
     finally:

@@ -18,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--image-folder", default=None,
                    help="also evaluate zero-shot on FOLDER/<class>/*.png")
     g.add_argument("--classnames", default=None,
-                   help="class-name file, one per line (default: WORKDIR/world/classnames.txt)")
+                   help="class names of --image-folder, one per line (default: the folder names, "
+                        "or WORKDIR/world/classnames.txt when the folders are class ids)")
     g.add_argument("--no-gallery", action="store_true", help="do not write gallery.html")
 
 

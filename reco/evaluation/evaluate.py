@@ -39,7 +39,7 @@ class EvalInputs:
 def load_inputs(cfg, clip, *, image_folder: str | Path | None = None,
                 classnames: str | Path | None = None) -> EvalInputs:
     """Read the test split and class names once, embed the prompts (and the image folder)."""
-    names_file = Path(classnames) if classnames else cfg.paths.world / "classnames.txt"
+    names_file = cfg.paths.world / "classnames.txt"
     names = read_classnames(names_file)
     test = load_embedded(cfg.paths.embedded("test"), model_id=clip.model_id)
     if test.labels.max() >= len(names):
@@ -48,11 +48,19 @@ def load_inputs(cfg, clip, *, image_folder: str | Path | None = None,
     inputs = EvalInputs(test, names, prompts, read_groups(cfg.paths.world))
     if image_folder is not None:
         folder_names = read_classnames(classnames) if classnames else None
+        if folder_names is None and all(c.isdigit() for c in _subfolders(image_folder)):
+            folder_names = names
         imgs, labels, fnames = image_folder_inputs(clip, image_folder, folder_names, cfg.eval.batch_size)
         fprompts = prompts if fnames == names else encode_prompts(clip, fnames, cfg.eval.templates,
                                                                   cfg.eval.batch_size)
         inputs.folder = (imgs, labels, fprompts)
     return inputs
+
+
+def _subfolders(folder: str | Path) -> list[str]:
+    from reco.evaluation.data import image_folder_classes
+
+    return [name for name, _ in image_folder_classes(folder)]
 
 
 def evaluate_model(model, inputs: EvalInputs, modes: Sequence[str],
@@ -93,7 +101,9 @@ def evaluate(cfg, *, heads_dir: str | Path | None = None, memory_dir: str | Path
         memory_dir: memory index used at inference (default ``cfg.paths.index``).
         modes: inference modes (default ``cfg.eval.modes``); k: neighbours at inference
             (default ``cfg.eval.k``, None = as trained).
-        image_folder / classnames: also evaluate zero-shot on an ImageFolder-layout folder.
+        image_folder / classnames: also evaluate zero-shot on an ImageFolder-layout folder
+            (``folder/<class>/*.png``) whose class names are in the file ``classnames``
+            (default: the folder names; the world's names when the folders are numbers).
         gallery: write ``gallery.html``.
     """
     from reco.model import RecoModel
