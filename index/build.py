@@ -84,7 +84,8 @@ def tune_search(index: faiss.Index, vectors: np.ndarray, plan: IndexPlan, cfg: I
     exact.add(vectors)
     truth = _leave_one_out(exact.search(queries, k + 1)[1], sample, k)
     nlist = faiss.extract_index_ivf(index).nlist
-    nprobes = [p for p in (2 ** i for i in range(20)) if p <= min(nlist, cfg.max_nprobe)]
+    top = min(nlist, cfg.max_nprobe)
+    nprobes = [p for p in (2 ** i for i in range(20)) if min(cfg.min_nprobe, top) <= p <= top]
     k_factors = [cfg.refine_k_factor * 2 ** i for i in range(3)] if isinstance(index, faiss.IndexRefine) else [None]
     curve, best = [], None
     for k_factor in k_factors:

@@ -17,6 +17,8 @@ class IndexConfig:
     mmap: bool = False
     refine_k_factor: int = 8           # shortlist = k_factor * k codes re-ranked exactly (doubled
                                        # during tuning when nprobe alone cannot reach the target)
+    min_nprobe: int = 8                # tuning starts here: the neighbour pass asks for k + margin
+                                       # (32) hits, more than the ~sqrt(n)/4 items of one list
     max_nprobe: int = 512              # tuning stops here (or at nlist)
     nb_cores: int = 0                  # faiss/autofaiss threads; 0 = all cores
     seed: int = 0

@@ -11,8 +11,8 @@ the memory image (for every search, also the text searches, whose hits would oth
 the pair's own image), "txt" the pair's caption with the memory caption. The query itself, if it
 is in the memory, is caught the same way (cosine 1).
 
-``k + margin`` hits are searched and filtered; rows left with fewer than k are searched again
-with a larger margin, and whatever is still missing is filled with position -1.
+``k + margin`` hits are searched and filtered; rows left with fewer than k because of exclusions
+are searched again with a larger margin, and whatever is still missing is filled with -1.
 """
 from __future__ import annotations
 
@@ -86,7 +86,8 @@ def search_excluding(memory: Memory, pair: dict[str, np.ndarray], search: str, k
         dup = duplicate_mask(memory, positions, scores, search, sub, threshold, dedup_on)
         keep = (positions >= 0) & ~dup
         out_s[rows], out_p[rows] = _compact(scores, positions, keep, k)
-        short = keep.sum(1) < k
+        # more hits help only where exclusions made the row short and the index had more to give
+        short = (keep.sum(1) < k) & (positions >= 0).all(1)
         if n_hits >= memory.n or not short.any():
             excluded += int(dup.sum())
             break

@@ -77,6 +77,7 @@ class _EmbedShardFn(beam.DoFn):
         from reco.clip import load_clip
 
         torch.set_num_threads(self.torch_threads)
+        torch.manual_seed(0)          # a model without weights gets the same init in every worker
         self._holder = self._shared.acquire(
             lambda: _Model(load_clip(self.model, self.pretrained)), tag=f"{self.model}|{self.pretrained}")
 

@@ -167,8 +167,8 @@ def embed_urls(inputs, output_dir: str, *, model: str, pretrained: str | None = 
         (manifest, info) with counts by status, shards run/skipped and Beam counters.
     """
     start = time.time()
-    job = plan_job(inputs, output_dir, model=model, pretrained=pretrained, embed_cfg=embed_cfg)
     options = pipeline_options(embed_cfg, beam_options)
+    job = plan_job(inputs, output_dir, model=model, pretrained=pretrained, embed_cfg=embed_cfg)
     todo = job.shards - len(job.skip)
     log.info("embed %s -> %s: %d rows, %d shards (%d already complete), model %s",
              [f.path for f in job.files], output_dir, sum(f.rows for f in job.files), job.shards,

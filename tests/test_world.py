@@ -282,3 +282,27 @@ def test_preset_sizes():
     tiny, demo = config_lib.preset("tiny"), config_lib.preset("demo")
     assert tiny.world.n_species < demo.world.n_species
     assert tiny.base_clip.steps <= demo.base_clip.steps
+
+
+def test_serve_world_command_serves_until_stopped(tmp_path):
+    import threading
+
+    from reco.world.serve_cli import serve
+
+    build_world(MICRO, tmp_path)
+    port, stop = free_port(), threading.Event()
+    thread = threading.Thread(target=serve, args=(tmp_path, "127.0.0.1", port, stop), daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}/images/test/000000.png"
+    for _ in range(100):
+        try:
+            status, body = _get(url, timeout=1)
+            break
+        except urllib.error.URLError:
+            time.sleep(0.05)
+    assert status == 200 and body == (tmp_path / "images/test/000000.png").read_bytes()
+    stop.set()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+    with pytest.raises(ConfigError, match="run `reco world` first"):
+        serve(tmp_path / "nowhere", "127.0.0.1", port)

@@ -144,6 +144,9 @@ def run_variant(cfg, name: str, variant: Variant, out: Path, *, clip, memories, 
     heads_dir = out / "heads"
     t0 = time.perf_counter()
     trained = _already_trained(heads_dir, tc)
+    if not trained and not variant.train and variant.memory == "full":
+        trained = _already_trained(Path(cfg.paths.heads), tc)     # the run's own heads
+        heads_dir = Path(cfg.paths.heads) if trained else heads_dir
     if not trained:
         from reco.trainer.train import train
 
@@ -156,7 +159,7 @@ def run_variant(cfg, name: str, variant: Variant, out: Path, *, clip, memories, 
     heads, meta = load_heads(heads_dir)
     memory = memories[variant.memory]
     model = RecoModel(clip, memory, heads, meta, mode="off")
-    row: dict[str, Any] = {"label": variant.label, "train": dict(variant.train), "memory": variant.memory,
+    row: dict[str, Any] = {"label": variant.label, "heads": str(heads_dir), "train": dict(variant.train), "memory": variant.memory,
                            "fusion": model.fusion, "contexts": dict(model.contexts), "k": model.train_k,
                            "sides": sorted(heads), "train_info": train_info,
                            "eval": evaluate_model(model, inputs, cfg.eval.modes, cfg.eval.retrieval_ks)}

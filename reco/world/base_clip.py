@@ -124,7 +124,7 @@ def train_base_clip(cfg: BaseClipConfig, world_dir: str | Path, out_dir: str | P
     loss_fn = open_clip.ClipLoss()
     gen = torch.Generator().manual_seed(seed)
     order, pos, losses = torch.randperm(len(pixels), generator=gen), 0, []
-    train_start = time.perf_counter()
+    train_start, cpu_start = time.perf_counter(), time.process_time()
     for step in range(cfg.steps):
         if pos + cfg.batch_size > len(order):
             order, pos = torch.randperm(len(pixels), generator=gen), 0
@@ -142,7 +142,7 @@ def train_base_clip(cfg: BaseClipConfig, world_dir: str | Path, out_dir: str | P
         if step % 25 == 0 or step == cfg.steps - 1:
             log.info("base clip step %d/%d loss %.3f (%.1f s)", step + 1, cfg.steps, losses[-1],
                      time.perf_counter() - train_start)
-    train_seconds = time.perf_counter() - train_start
+    train_seconds, cpu_seconds = time.perf_counter() - train_start, time.process_time() - cpu_start
     model.eval()
     extra = dict(extra or {})
     spec = save_local_dir(model, cfg.model, out_dir, extra={**extra, "config": dataclasses.asdict(cfg)})
@@ -151,7 +151,8 @@ def train_base_clip(cfg: BaseClipConfig, world_dir: str | Path, out_dir: str | P
         **extra,
         "spec": spec, "model_id": clip.model_id, "config": dataclasses.asdict(cfg), "seed": seed,
         "pretrain_pairs": len(pixels), "load_seconds": round(load_seconds, 2),
-        "train_seconds": round(train_seconds, 2),
+        "train_seconds": round(train_seconds, 2), "train_cpu_seconds": round(cpu_seconds, 2),
+        "threads": torch.get_num_threads(),
         "final_loss": round(float(np.mean(losses[-10:])), 4), "first_loss": round(losses[0], 4),
         "zero_shot": zero_shot(clip, world_dir),
     }

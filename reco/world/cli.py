@@ -24,14 +24,15 @@ def main(cfg, args) -> int:
 def summary(info: dict) -> str:
     """Human-readable lines: sizes, times, zero-shot accuracies of the base CLIP."""
     w, b = info["world"], info["base_clip"]
-    counts = ", ".join(f"{s} {n}" for s, n in w["counts"].items())
+    counts = ", ".join(f"{s} {w['counts'][s]}" for s in ("pretrain", "memory", "train", "test"))
     zs = b.get("zero_shot", {})
     lines = [
-        f"world    {w['action']} in {w['seconds']} s: {w['n_species']} species "
+        f"world    {w['action']} in {w['seconds']} s ({w.get('cpu_seconds')} s CPU): {w['n_species']} species "
         f"({w['n_unseen']} unseen in train); rows: {counts}; dead memory links {w['dead_links']}; "
         f"test images copied into memory {len(w['eval_duplicates_in_memory'])}",
         f"         served as {w['base_url']}images/...  (reco serve-world)",
-        f"base CLIP {b['action']}: {b['spec']}  train {b.get('train_seconds')} s, "
+        f"base CLIP {b['action']}: {b['spec']}  train {b.get('train_seconds')} s "
+        f"({b.get('train_cpu_seconds')} s CPU, {b.get('threads')} threads), "
         f"final loss {b.get('final_loss')}",
         f"zero-shot top-1 on test: attribute prompts {zs.get('attribute_top1')}, "
         f"species-name prompts {zs.get('name_top1')} (unseen {zs.get('name_top1_unseen')})",

@@ -85,15 +85,17 @@ def _pick_spread(combos: list[tuple], n: int, rng: np.random.Generator) -> list[
     order = rng.permutation(len(combos))
     used: dict[tuple, int] = {}
     picked: list[int] = []
+    taken: set[int] = set()
     for rnd in range(1, len(combos) + 1):
         for j in order:
             if len(picked) == n:
                 return picked
             shape, body, pattern, _ = combos[j]
             keys = (("s", shape), ("b", body), ("p", pattern))
-            if j in picked or any(used.get(k, 0) >= rnd * max(1, n // _size(k)) for k in keys):
+            if j in taken or any(used.get(k, 0) >= rnd * max(1, n // _size(k)) for k in keys):
                 continue
             picked.append(int(j))
+            taken.add(int(j))
             for k in keys:
                 used[k] = used.get(k, 0) + 1
     return picked
