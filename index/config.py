@@ -18,7 +18,7 @@ class IndexConfig:
     refine_k_factor: int = 8           # shortlist = k_factor * k codes re-ranked exactly (doubled
                                        # during tuning when nprobe alone cannot reach the target)
     min_nprobe: int = 8                # tuning starts here: the neighbour pass asks for k + margin
-                                       # (32) hits, more than the ~sqrt(n)/4 items of one list
+                                       # (20) hits, more than the ~sqrt(n)/4 items of one list
     max_nprobe: int = 512              # tuning stops here (or at nlist)
     nb_cores: int = 0                  # faiss/autofaiss threads; 0 = all cores
     seed: int = 0
@@ -38,7 +38,8 @@ class NeighboursConfig:
     # the memory image (a copy of the picture would hand the trainer its own caption), "txt" = the
     # pair's caption vs the memory caption (opt-in: templated captions are shared by design).
     dedup_on: tuple[str, ...] = ("img",)
-    search_margin: int = 16            # extra hits searched so that k remain after exclusion
+    search_margin: int = 4             # extra hits searched so that k remain after exclusion
+                                       # (rows still short are searched again, wider)
     runner: str = "DirectRunner"
     direct_running_mode: str = "in_memory"   # or multi_processing (never multi_threading)
     direct_num_workers: int = 1

@@ -17,7 +17,6 @@ the fusion type come from the heads' training config. ``fuse_image_embeddings`` 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -282,9 +281,3 @@ def _model_and_memory(heads_dir: Path, meta: Mapping[str, Any]) -> tuple[str, st
         memory = workdir / memory
     return model, (pretrained or None), memory
 
-
-def read_json(path: str | Path) -> dict[str, Any]:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{path}: cannot read JSON ({exc})") from exc

@@ -11,7 +11,6 @@ Mean fusion is reported (``eval/ablations/report.md``), not asserted.
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -98,4 +97,3 @@ def test_clip_benchmark_style_loop_matches_evaluate(tiny_trained):
         acc = 100.0 * float((pred[mask] == labels[mask]).float().mean())
         fast = results["modes"][mode]["zeroshot"]["unseen"]["top1"]
         assert abs(acc - fast) <= 3.0, (mode, acc, fast)      # fp16 stored vs fresh embeddings
-    assert np.isfinite(fast)

@@ -40,6 +40,7 @@ class ReactTrainConfig:
     steps: int = 200
     batch_size: int = 128
     lr: float = 1e-3
+    gate_lr_scale: float = 10.0       # the tanh gates (alpha) learn this much faster
     weight_decay: float = 0.05
     warmup_steps: int = 20
     init_temperature: float | None = None   # None: the frozen CLIP's own temperature
@@ -54,9 +55,10 @@ def check_options(o: ReactTrainConfig) -> None:
     for name in ("steps", "batch_size", "k_blocks", "checkpoint_every", "log_every"):
         if getattr(o, name) < 1:
             raise ConfigError(f"react {name}={getattr(o, name)}: must be >= 1")
-    if not o.lr > 0 or o.weight_decay < 0 or o.warmup_steps < 0 or o.shift < 0:
-        raise ConfigError(f"react options out of range: lr={o.lr} weight_decay={o.weight_decay} "
-                          f"warmup_steps={o.warmup_steps} shift={o.shift}")
+    if not (o.lr > 0 and o.gate_lr_scale > 0) or o.weight_decay < 0 or o.warmup_steps < 0 or o.shift < 0:
+        raise ConfigError(f"react options out of range: lr={o.lr} gate_lr_scale={o.gate_lr_scale} "
+                          f"weight_decay={o.weight_decay} warmup_steps={o.warmup_steps} "
+                          f"shift={o.shift}")
 
 
 def default_out_dir(cfg: RecoConfig) -> Path:
@@ -89,10 +91,20 @@ def _loss(init_temperature: float):
     return RecoLoss(fuse_image=True, fuse_text=False, init_temperature=init_temperature)
 
 
-def _trainables(model: nn.Module, loss: nn.Module) -> nn.ModuleDict:
-    from reco.react.gated import gated_blocks
+def build_optimizer(model: nn.Module, loss: nn.Module, o: ReactTrainConfig) -> torch.optim.AdamW:
+    """AdamW over the gated blocks and the temperature: weight decay on matrices only (as
+    open_clip); the gates get ``gate_lr_scale`` x the learning rate (``lr_scale`` per group)."""
+    from reco.react.gated import trainable_parameters
 
-    return nn.ModuleDict({"gated": nn.ModuleList(gated_blocks(model)), "loss": loss})
+    groups = {"decay": [], "no_decay": [], "gates": []}
+    for name, p in trainable_parameters(model).items():
+        key = "gates" if name.rsplit(".", 1)[-1].startswith("alpha_") else (
+            "decay" if p.ndim >= 2 else "no_decay")
+        groups[key].append(p)
+    groups["no_decay"].append(loss.logit_scale)
+    spec = {"decay": (o.weight_decay, 1.0), "no_decay": (0.0, 1.0), "gates": (0.0, o.gate_lr_scale)}
+    return torch.optim.AdamW([{"params": ps, "weight_decay": spec[k][0], "lr_scale": spec[k][1]}
+                              for k, ps in groups.items() if ps], lr=o.lr)
 
 
 def _meta(clip, options: ReactTrainConfig, extra: dict[str, Any]) -> dict[str, Any]:
@@ -120,7 +132,7 @@ def react_train(cfg: RecoConfig, *, k_blocks: int | None = None, steps: int | No
     from reco.react import images, retrieve
     from reco.react.gated import customise, gates, save_gated, trainable_parameters
     from reco.trainer.checkpoint import save_checkpoint
-    from reco.trainer.train import build_optimizer, lr_at
+    from reco.trainer.train import lr_at
 
     options = options or ReactTrainConfig()
     options = dataclasses.replace(options, **{k: v for k, v in
@@ -139,8 +151,7 @@ def react_train(cfg: RecoConfig, *, k_blocks: int | None = None, steps: int | No
     model = customise(clip.model, options.k_blocks, init=options.init)
     temperature = options.init_temperature or float(1.0 / clip.model.logit_scale.exp())
     loss_fn = _loss(temperature)
-    trainable = _trainables(model, loss_fn)
-    optimizer = build_optimizer(trainable, options)
+    optimizer = build_optimizer(model, loss_fn, options)
     generator = torch.Generator().manual_seed(options.seed)
     n, batch = pixels.shape[0], min(options.batch_size, pixels.shape[0])
     order, cursor, history = torch.randperm(n, generator=generator), 0, []
@@ -152,7 +163,7 @@ def react_train(cfg: RecoConfig, *, k_blocks: int | None = None, steps: int | No
         cursor += batch
         lr = lr_at(step, options)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         model.train()
         v_bar = F.normalize(model.encode_image(random_shift(pixels[idx], options.shift, generator)), dim=-1)
         terms = loss_fn(None, targets[idx], v_bar=v_bar)
@@ -202,6 +213,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=d.steps)
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--gate-lr-scale", type=float, default=d.gate_lr_scale,
+                        help="learning-rate multiplier of the tanh gates")
     parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
     parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     parser.add_argument("--init", choices=("copy", "random"), default=d.init,
@@ -219,7 +232,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(cfg: RecoConfig, args: argparse.Namespace) -> int:
     options = ReactTrainConfig(
         k_blocks=args.k_blocks, init=args.init, steps=args.steps, batch_size=args.batch_size,
-        lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+        lr=args.lr, gate_lr_scale=args.gate_lr_scale, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
         shift=args.shift, image_source=args.image_source, seed=args.seed)
     info = react_train(cfg, options=options, out_dir=args.out, customisation=args.customisation,
                        evaluate=not args.no_eval)

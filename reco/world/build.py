@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ FORMAT_VERSION = 1
 SPLITS = ("pretrain", "memory", "train", "test")
 _SPLIT_CODE = {s: i for i, s in enumerate(SPLITS)}
 N_EVAL_DUPLICATES = 5
-_ADDRESS_FIELDS = ("host", "port", "workers")
+_ADDRESS_FIELDS = ("host", "port")
 
 
 def world_key(cfg: WorldConfig) -> str:
@@ -194,6 +195,9 @@ def build_world(cfg: WorldConfig, out_dir: str | Path) -> dict[str, Any]:
     _check(cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "world.json").unlink(missing_ok=True)        # written last: marks a complete world
+    for sub in ("images", "urls", "meta"):
+        shutil.rmtree(out / sub, ignore_errors=True)
     species = make_species(cfg.n_species, cfg.seed)
     seen, unseen = split_seen_unseen(cfg.n_species, cfg.unseen_fraction, cfg.seed)
     plans = {s: plan_split(s, cfg, species, seen) for s in SPLITS}

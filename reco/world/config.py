@@ -38,6 +38,8 @@ class BaseClipConfig:
     threads: int = 2
 
 
+# tiny (tests/CI): 40 species, 13.4k images; base CLIP ~75% attribute vs ~28% name zero-shot
+# (seed 0). demo: 100 species, 38k images, 800 steps. Times: see the world stage's report.
 _TINY = WorldConfig(n_species=40, n_pretrain=8000, n_memory=3000, n_train=2000, n_test_per_species=10)
 PRESETS = {"tiny": _TINY, "demo": WorldConfig()}
 BASE_CLIP_PRESETS = {"tiny": BaseClipConfig(steps=300, warmup=30),
