@@ -35,6 +35,9 @@ def test_zeroshot_metrics_hand_computed():
     assert m["all"]["mean_per_class_recall"] == pytest.approx(100 * (1 + 0.5 + 0.5) / 3)
     assert m["seen"]["top1"] == pytest.approx(100 * 2 / 3) and m["seen"]["n"] == 3
     assert m["unseen"]["top1"] == pytest.approx(50.0) and m["unseen"]["n"] == 2
+    # each group as a data set of its own: its images among its classes only
+    assert m["seen_among_seen"]["top1"] == pytest.approx(100 * 2 / 3)
+    assert m["unseen_among_unseen"]["top1"] == 100.0 and m["unseen_among_unseen"]["top5"] == 100.0
     # unlabelled rows (-1) are skipped
     m2 = zeroshot_metrics(np.vstack([images, images[:1]]), np.append(labels, -1), classes)
     assert m2["all"]["n"] == 5 and m2["all"]["top1"] == pytest.approx(60.0)

@@ -13,8 +13,8 @@ from reco.react.model import ReactModel
 from reco.react.retrieve import retrieve_customisation_set
 from reco.react.train import ReactTrainConfig, react_train
 
-FAST = ReactTrainConfig(k_blocks=2, steps=60, batch_size=64, lr=2e-3, warmup_steps=6)
-SLOW = ReactTrainConfig(k_blocks=2, steps=300, batch_size=128, lr=1e-3, warmup_steps=20)
+FAST = ReactTrainConfig(steps=100, warmup_steps=10)     # ~10 s on one idle core
+SLOW = ReactTrainConfig()                                # the defaults: 300 steps
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def indexed(request):
 @pytest.fixture(scope="module")
 def customisation(indexed):
     names = read_classnames(indexed.paths.world / "classnames.txt")
-    table, info = retrieve_customisation_set(indexed, names, per_class=25)
+    table, info = retrieve_customisation_set(indexed, names)
     return table, info
 
 
@@ -46,16 +46,18 @@ def test_customisation_set_from_the_real_index(indexed, customisation):
     names = read_classnames(indexed.paths.world / "classnames.txt")
     ids = table.column("memory_id").to_pylist()
     assert len(ids) == len(set(ids)) and set(info["per_class_counts"]) == set(names)
-    assert info["min_count"] >= 10                      # every species gets a real set
+    assert info["min_count"] >= 1 and table.num_rows >= 10 * len(names)
+    print(f"\ncustomisation set: {table.num_rows} pairs, species precision "
+          f"{info['label_precision']:.3f}, per class {info['min_count']}..{info['max_count']}")
     # retrieval finds the right species far above chance (1/40)
-    assert info["label_precision"] > 0.5, info["label_precision"]
+    assert info["label_precision"] > 0.4, info["label_precision"]
 
 
 def test_react_improves_zero_shot_over_frozen_clip(indexed, customisation, tmp_path):
     info = react_train(indexed, out_dir=tmp_path / "react", options=FAST)
     zs = info["zeroshot"]
     _report("fast", zs)
-    assert zs["react"]["all"]["top1"] >= zs["frozen"]["all"]["top1"] + 5
+    assert zs["react"]["all"]["top1"] >= zs["frozen"]["all"]["top1"] + 8
     model = ReactModel.load(tmp_path / "react")
     assert model.meta["model_id"] == info["model_id"]
 
@@ -69,6 +71,5 @@ def test_react_improvement_is_seed_robust(indexed, customisation, tmp_path, seed
                        options=dataclasses.replace(SLOW, seed=seed))
     zs = info["zeroshot"]
     _report(f"slow seed {seed}", zs)
-    assert zs["react"]["all"]["top1"] >= zs["frozen"]["all"]["top1"] + 10
-    if "unseen" in zs["react"]:
-        assert zs["react"]["unseen"]["top1"] >= zs["frozen"]["unseen"]["top1"] + 5
+    assert zs["react"]["all"]["top1"] >= zs["frozen"]["all"]["top1"] + 15
+    assert zs["react"]["unseen"]["top1"] >= zs["frozen"]["unseen"]["top1"] + 10

@@ -159,6 +159,7 @@ def markdown_table(modes: dict[str, dict[str, Any]], label: str = "mode") -> str
     cols = [("top-1", ("zeroshot", "all", "top1")), ("top-5", ("zeroshot", "all", "top5")),
             ("mean/class", ("zeroshot", "all", "mean_per_class_recall")),
             ("seen top-1", ("zeroshot", "seen", "top1")), ("unseen top-1", ("zeroshot", "unseen", "top1")),
+            ("unseen among unseen", ("zeroshot", "unseen_among_unseen", "top1")),
             ("I→T R@1", ("retrieval", "image_to_text", "R@1")),
             ("T→I R@1", ("retrieval", "text_to_image", "R@1"))]
     cols = [(n, p) for n, p in cols if any(_get(r, p) is not None for r in modes.values())]

@@ -69,16 +69,23 @@ def zeroshot_metrics(image_emb: np.ndarray, labels: np.ndarray, class_emb: np.nd
         image_emb: (n, d) image embeddings; labels: (n,) class ids (rows with -1 are skipped).
         class_emb: (C, d) class weights.
         groups: optional ``{"seen": label ids, "unseen": ...}``: metrics also over the images
-            whose label is in each group (prediction still over all C classes).
-    Returns ``{"all": {...}, "<group>": {...}}`` each with top1, top5, mean_per_class_recall, n.
+            whose label is in each group, predicted among all C classes (``<group>``, the
+            generalised zero-shot protocol) and among the group's classes only
+            (``<group>_among_<group>``, the group as a data set of its own).
+    Returns ``{"all": {...}, "<group>": {...}, ...}`` each with top1, top5,
+    mean_per_class_recall, n.
     """
     keep = labels >= 0
     scores = np.asarray(image_emb, np.float32)[keep] @ np.asarray(class_emb, np.float32).T
     labels = labels[keep]
     result = {"all": _metrics(scores, labels)}
     for name, ids in (groups or {}).items():
+        ids = np.unique(np.asarray(ids, dtype=np.int64))
+        ids = ids[ids < scores.shape[1]]
         mask = np.isin(labels, ids)
         result[name] = _metrics(scores[mask], labels[mask])
+        # the group as a data set of its own: its images among its classes only
+        result[f"{name}_among_{name}"] = _metrics(scores[mask][:, ids], np.searchsorted(ids, labels[mask]))
     return result
 
 

@@ -37,10 +37,10 @@ class ReactTrainConfig:
 
     k_blocks: int = 2                 # gated blocks before each of the last k vision blocks
     init: str = "copy"                # copy | random (weights of the gated blocks; gates start at 0)
-    steps: int = 200
-    batch_size: int = 128
-    lr: float = 1e-3
-    gate_lr_scale: float = 10.0       # the tanh gates (alpha) learn this much faster
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 2e-3
+    gate_lr_scale: float = 20.0       # the tanh gates (alpha) learn this much faster
     weight_decay: float = 0.05
     warmup_steps: int = 20
     init_temperature: float | None = None   # None: the frozen CLIP's own temperature
@@ -194,7 +194,9 @@ def react_train(cfg: RecoConfig, *, k_blocks: int | None = None, steps: int | No
     from reco.formats import atomic_write_text
 
     atomic_write_text(out / "train.json", json.dumps({**info, "history": history}, indent=2))
-    if evaluate:
+    if evaluate and not cfg.paths.urls("test").is_file():
+        log.warning("no labelled test split %s; skipping the zero-shot evaluation", cfg.paths.urls("test"))
+    elif evaluate:
         from reco.react.evaluate import evaluate_react
 
         info["zeroshot"] = evaluate_react(cfg, out, clip=clip, react_model=model,
