@@ -38,7 +38,8 @@ def embedding_type(dim: int) -> pa.DataType:
 
 
 def embedded_schema(dim: int, model: str = "", pretrained: str = "") -> pa.Schema:
-    """Schema of an embedded shard. ``image_emb``/``text_emb`` are null unless status == success."""
+    """Schema of an embedded shard. ``image_emb``/``text_emb`` are all-zero unless status == success (pyarrow cannot read back
+    null fixed-size-list entries, apache/arrow#35692); readers filter on ``status``."""
     return pa.schema(
         [
             pa.field("id", pa.int64(), nullable=False),       # row number in the URL list(s)
