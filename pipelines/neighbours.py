@@ -161,7 +161,8 @@ class _WriteFn(beam.DoFn):
     def process(self, shard: dict):
         name = shard["spec"].name
         formats.atomic_write_table(shard["ids"], os.path.join(self.out, "ids", name))
-        formats.atomic_write_table(shard["tensors"], os.path.join(self.out, "tensors", name))
+        formats.atomic_write_table(shard["tensors"], os.path.join(self.out, "tensors", name),
+                                   use_dictionary=False, compression="none")  # fp16 decodes 5x faster
         yield {"name": name, "rows": shard["tensors"].num_rows, **shard["stats"]}
 
 

@@ -2,12 +2,18 @@
 trained heads): some species never appear in the RECO training set ("unseen"), all are in the
 memory. RECO must help on them through retrieval, not through capacity.
 
-Margins (zero-shot top-1 on unseen species, percentage points):
+Metric: zero-shot top-1 on the unseen species taken as a data set of their own (their test
+images classified among the unseen species' names: ``unseen_among_unseen``), as the paper
+evaluates each fine-grained data set among its own classes. The generalised protocol (among all
+40 species, ``unseen``) is reported too: there every trained head, with or without retrieval,
+pulls unseen images towards the 28 seen species it was trained on.
+
+Margins (percentage points), each variant trained ``eval.ablation_steps`` steps:
 * reco (both sides fused) beats frozen CLIP by >= 20;
 * an MLP head of equal capacity without retrieval stays within +-5 of frozen CLIP;
 * uni-modal search beats cross-modal search (both with cross-modal fusion) by >= 10;
 * heads trained with a small memory gain when given the full memory at inference.
-Mean fusion is reported (``eval/ablations/report.md``), not asserted.
+Mean fusion is reported (``report.md``), not asserted.
 """
 from __future__ import annotations
 
@@ -32,8 +38,11 @@ def ablations(tiny_trained, tmp_path_factory):
     return results
 
 
+METRIC = "unseen_among_unseen"
+
+
 def unseen(results, variant, mode="both"):
-    return results["variants"][variant]["eval"][mode]["zeroshot"]["unseen"]["top1"]
+    return results["variants"][variant]["eval"][mode]["zeroshot"][METRIC]["top1"]
 
 
 def test_reco_beats_frozen_clip_on_unseen_species(ablations):
@@ -53,8 +62,8 @@ def test_uni_modal_search_beats_cross_modal_search(ablations):
 
 def test_larger_memory_at_inference_helps(ablations):
     sweep = ablations["variants"]["small_memory"]["memory_sweep"]
-    small = sweep["small"]["both"]["zeroshot"]["unseen"]["top1"]
-    full = sweep["full"]["both"]["zeroshot"]["unseen"]["top1"]
+    small = sweep["small"]["both"]["zeroshot"][METRIC]["top1"]
+    full = sweep["full"]["both"]["zeroshot"][METRIC]["top1"]
     sizes = ablations["memory_sizes"]
     assert sizes["small"] < sizes["full"]
     assert full > small, f"small-memory heads: {small:.1f} with the small memory, {full:.1f} with the full one"
@@ -94,6 +103,6 @@ def test_clip_benchmark_style_loop_matches_evaluate(tiny_trained):
             preds.append((100.0 * feats @ classifier).argmax(dim=1))
         pred = torch.cat(preds)
         mask = torch.isin(labels, unseen_ids)
-        acc = 100.0 * float((pred[mask] == labels[mask]).float().mean())
+        acc = 100.0 * float((pred[mask] == labels[mask]).float().mean())    # among all classes
         fast = results["modes"][mode]["zeroshot"]["unseen"]["top1"]
         assert abs(acc - fast) <= 3.0, (mode, acc, fast)      # fp16 stored vs fresh embeddings
