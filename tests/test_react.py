@@ -17,7 +17,7 @@ from reco.react.gated import (GatedResidualBlock, customise, gated_blocks, load_
 from reco.react.model import ReactModel
 from reco.react.retrieve import read_customisation_set, retrieve_customisation_set
 from reco.react.train import ReactTrainConfig, react_train
-from tests.test_react_helpers import CLASSNAMES, make_world
+from tests.react_stand_in import CLASSNAMES, make_world
 
 
 @pytest.fixture(scope="module", autouse=True)
