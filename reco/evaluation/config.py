@@ -27,4 +27,6 @@ class EvalConfig:
     ablation_eval_k: tuple[int, ...] = (1, 5, 10, 16)
 
 
-PRESETS = {"tiny": EvalConfig(), "demo": EvalConfig()}
+# tiny: 2000 training pairs of only 28 seen species; past ~100 steps the heads memorise them
+# (seen top-1 ~90%) and unseen species lose most of what retrieval gave them.
+PRESETS = {"tiny": EvalConfig(ablation_steps=100), "demo": EvalConfig()}
