@@ -14,7 +14,7 @@ RECO = $(VENV)/bin/reco
 STAGE = $(RECO) $@ --preset $(PRESET) --workdir $(WORKDIR) $(ARGS)
 
 .PHONY: install world embed-memory build-index precompute-neighbours train evaluate ablations \
-        query demo react-retrieve react-train bench test test-slow clean
+        query demo react-retrieve react-train compare bench test test-slow clean
 
 install: $(VENV)/.installed
 
@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 world embed-memory build-index precompute-neighbours train evaluate ablations query demo \
-react-retrieve react-train bench: install
+react-retrieve react-train compare bench: install
 	$(STAGE)
 
 test: install

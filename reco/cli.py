@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("reco.demo", "run the whole chain on the embedded default and print the table"),
     "react-retrieve": ("reco.react.retrieve", "REACT: retrieve a customisation set for class names"),
     "react-train": ("reco.react.train", "REACT: train gated blocks on the customisation set"),
+    "compare": ("reco.evaluation.compare", "frozen CLIP vs RECO vs REACT in one table"),
     "bench": ("reco.bench.cli", "benchmarks; results written to a file"),
 }
 
