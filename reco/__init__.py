@@ -9,3 +9,12 @@ Sub-packages:
 """
 
 __version__ = "0.1.0"
+
+
+
+def load_model(*args, **kwargs):
+    """``reco.load_model(workdir_or_heads_dir, mode="both", k=None)``: a drop-in model in one
+    call (:func:`reco.model.load_model`; imported lazily so ``import reco`` stays light)."""
+    from reco.model import load_model as _load
+
+    return _load(*args, **kwargs)

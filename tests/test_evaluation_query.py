@@ -162,3 +162,7 @@ def test_reco_model_load_from_workdir(workdir):
         assert model.encode_text(tokens).shape == (1, clip.embed_dim)
     again = load_model(cfg.paths.heads, memory_dir=cfg.paths.index)
     assert again.mode == "both"
+    import reco
+
+    top_level = reco.load_model(cfg.workdir, mode="image")     # the one-call entry point
+    assert top_level.mode == "image" and top_level.model_id == clip.model_id
