@@ -1,23 +1,25 @@
 """Download + resize one shard with img2dataset on the worker.
 
-:func:`fetch_shard` writes the shard's fetchable rows to a temporary URL list, runs img2dataset
-into a temporary folder with ``output_format="parquet"`` (one file: status, error_message and the
-resized image bytes per row) and joins the result back by id. With ``processes <= 1`` it drives
-img2dataset's own Reader/Resizer/Downloader in this process (threads only): no ``spawn``ed
-processes, no SIGINT handler, so it runs in any Beam worker thread. ``img2dataset.download`` always
-spawns a pool and a logger process (even with ``processes_count=1``) and installs a signal
-handler, which only works in the main thread; it is used when ``processes > 1``.
+:func:`fetch_shard` writes the shard's fetchable rows to a temporary URL list, runs img2dataset's
+Reader + Downloader into a temporary folder with ``output_format="parquet"`` (one file: status,
+error_message and the resized image bytes per row) and joins the result back by id. The
+Downloader is :class:`~reco.pipelines.download_guard.GuardedDownloader`: img2dataset's own code
+with every request going through :mod:`reco.pipelines.safe_http` (http/https only, every
+redirect hop and every resolved address checked, no proxies, bounded size). With
+``processes <= 1`` it runs in this process (threads only), so it works in any Beam worker
+thread; with ``processes > 1`` the Reader's sub-shards go to a ``spawn`` pool of the same
+downloader (img2dataset's multiprocessing distributor, without its signal handler and logger).
 
-Statuses (reco.formats.STATUSES): success, failed_to_download (HTTP error, timeout, refused
-connection: img2dataset's message), failed_to_resize (decode error); rows already marked (refused)
-pass through untouched.
+Statuses (reco.formats.STATUSES): success, failed_to_download (HTTP error, timeout, redirect
+loop, refused connection: img2dataset's message), failed_to_resize (decode error, decompression
+bomb), refused (the policy refused the URL, a redirect or an address: message ``refused: ...``);
+rows already marked (refused by :class:`~reco.pipelines.urls.FilterUnsafeUrls`) pass through.
 """
 from __future__ import annotations
 
 import logging
 import os
 import tempfile
-import threading
 
 import apache_beam as beam
 import pyarrow as pa
@@ -25,6 +27,7 @@ import pyarrow.parquet as pq
 
 from reco.formats import STATUS_OK
 from reco.pipelines.config import EmbedConfig
+from reco.pipelines.safe_http import MAX_BYTES, REFUSED_PREFIX, NetPolicy
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")   # else albumentations phones home at import
@@ -50,35 +53,49 @@ def resizer(image_size: int, cfg: EmbedConfig):
                    max_image_area=float("inf"), max_aspect_ratio=float("inf"), blurrer=None)
 
 
-def _run_in_process(url_list: str, out: str, n: int, image_size: int, cfg: EmbedConfig) -> None:
-    from img2dataset.downloader import Downloader
-    from img2dataset.reader import Reader
-    from img2dataset.writer import ParquetSampleWriter
+def policy(cfg: EmbedConfig) -> NetPolicy:
+    """The network policy of the download step (see :mod:`reco.pipelines.safe_http`)."""
+    return NetPolicy(allow_private=bool(cfg.allow_private), max_bytes=MAX_BYTES)
 
-    os.makedirs(out + "/_tmp", exist_ok=True)
-    reader = Reader(url_list, "parquet", "url", "caption", None, None, [ID_COL], n, set(), out + "/_tmp")
-    downloader = Downloader(
-        sample_writer_class=ParquetSampleWriter, resizer=resizer(image_size, cfg),
+
+def _downloader(reader, out: str, n: int, image_size: int, cfg: EmbedConfig):
+    from reco.pipelines.download_guard import GuardedDownloader
+
+    return GuardedDownloader(
+        policy(cfg), sample_writer_class=_parquet_writer(), resizer=resizer(image_size, cfg),
         thread_count=cfg.threads, save_caption=True, extract_exif=False, output_folder=out,
         column_list=reader.column_list, timeout=cfg.timeout, number_sample_per_shard=n,
         oom_shard_count=5, compute_hash=None, verify_hash_type=None,
         encode_format=cfg.encode_format, retries=cfg.retries, user_agent_token=None,
         disallowed_header_directives=None)
-    for shard in reader:
-        downloader.download_shard(shard)
 
 
-def _run_img2dataset(url_list: str, out: str, n: int, image_size: int, cfg: EmbedConfig) -> None:
-    import img2dataset
+def _parquet_writer():
+    from img2dataset.writer import ParquetSampleWriter
 
-    img2dataset.download(
-        url_list=url_list, output_folder=out, input_format="parquet", output_format="parquet",
-        url_col="url", caption_col="caption", save_additional_columns=[ID_COL],
-        image_size=image_size, resize_mode=cfg.resize_mode, encode_format=cfg.encode_format,
-        encode_quality=_quality(cfg.encode_format), processes_count=cfg.processes,
-        thread_count=cfg.threads, timeout=cfg.timeout, retries=cfg.retries,
-        number_sample_per_shard=-(-n // cfg.processes), extract_exif=False, compute_hash=None,
-        disallowed_header_directives=[])
+    return ParquetSampleWriter
+
+
+def _run(url_list: str, out: str, n: int, image_size: int, cfg: EmbedConfig) -> None:
+    """img2dataset Reader -> GuardedDownloader, in this process or in a spawn pool."""
+    from img2dataset.reader import Reader
+
+    processes = max(1, int(cfg.processes))
+    per_shard = n if processes == 1 else -(-n // processes)
+    os.makedirs(out + "/_tmp", exist_ok=True)
+    reader = Reader(url_list, "parquet", "url", "caption", None, None, [ID_COL], per_shard, set(),
+                    out + "/_tmp")
+    downloader = _downloader(reader, out, per_shard, image_size, cfg)
+    if processes == 1:
+        for shard in reader:
+            downloader.download_shard(shard)
+        return
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        for ok, shard in pool.imap_unordered(downloader, reader):
+            if not ok:
+                log.warning("img2dataset sub-shard %s failed; its rows get no result", shard[0])
 
 
 def fetch_shard(rows: list[dict], image_size: int, cfg: EmbedConfig) -> list[dict]:
@@ -88,13 +105,12 @@ def fetch_shard(rows: list[dict], image_size: int, cfg: EmbedConfig) -> list[dic
     if not todo:
         return list(rows)
     n = max(len(todo), 10)
-    use_pool = cfg.processes > 1 and threading.current_thread() is threading.main_thread()
     with tempfile.TemporaryDirectory(prefix="reco-dl-") as tmp:
         url_list, out = os.path.join(tmp, "urls.parquet"), os.path.join(tmp, "out")
         pq.write_table(pa.table({"url": [r["url"] for r in todo],
                                  "caption": [r["caption"] or "" for r in todo],
                                  ID_COL: pa.array([r["id"] for r in todo], pa.int64())}), url_list)
-        (_run_img2dataset if use_pool else _run_in_process)(url_list, out, n, image_size, cfg)
+        _run(url_list, out, n, image_size, cfg)
         results = _read_results(out, cfg.encode_format)
     return [_merge_result(r, results) for r in rows]
 
@@ -118,8 +134,9 @@ def _merge_result(row: dict, results: dict[int, dict]) -> dict:
         return {**row, "status": "failed_to_download", "error_message": "no result from img2dataset"}
     if res["status"] == STATUS_OK and res[IMAGE_KEY]:
         return {**row, "status": STATUS_OK, "error_message": None, IMAGE_KEY: res[IMAGE_KEY]}
-    return {**row, "status": res["status"] or "failed_to_download",
-            "error_message": res["error_message"] or "unknown error"}
+    message = res["error_message"] or "unknown error"
+    status = "refused" if message.startswith(REFUSED_PREFIX) else res["status"] or "failed_to_download"
+    return {**row, "status": status, "error_message": message}
 
 
 class _DownloadShardFn(beam.DoFn):

@@ -11,11 +11,8 @@ A row is a dict ``{id, url, caption, label, status, error_message}``; a shard el
 """
 from __future__ import annotations
 
-import ipaddress
-import socket
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
-from urllib.parse import urlsplit
 
 import apache_beam as beam
 import fsspec
@@ -24,10 +21,12 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from reco.errors import FormatError
+from reco.pipelines import safe_http
 from reco.pipelines.config import EmbedConfig
+from reco.pipelines.safe_http import NetPolicy, Refused, check_url, is_internal
 
 REFUSED = "refused"
-SCHEMES = ("http", "https")
+SCHEMES = safe_http.SCHEMES
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,8 +43,9 @@ def _csv_reader(delimiter: str):
             return pa_csv.open_csv(f, parse_options=pa_csv.ParseOptions(delimiter=delimiter)).schema.names
 
     def read(path: str, columns: list[str]) -> pa.Table:
+        # url/caption as bytes: a list with invalid UTF-8 is decoded row by row (U+FFFD)
         convert = pa_csv.ConvertOptions(include_columns=columns,
-                                        column_types={c: pa.string() for c in columns[:2]})
+                                        column_types={c: pa.binary() for c in columns[:2]})
         with _open(path) as f:
             return pa_csv.read_csv(f, parse_options=pa_csv.ParseOptions(delimiter=delimiter),
                                    convert_options=convert)
@@ -117,15 +117,23 @@ class UrlFile:
     rows: int
 
 
+TEXT_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary,
+              pa.types.is_large_binary, pa.types.is_null)
+LABEL_TYPES = (pa.types.is_integer, pa.types.is_floating, pa.types.is_null)
+READ_ERRORS = (OSError, EOFError, ValueError, pa.ArrowException)
+
+
 def inspect_url_files(files: list[str], cfg: EmbedConfig) -> list[UrlFile]:
-    """Check every file has the configured columns and count its rows (global ids follow)."""
+    """Check every file has the configured columns of usable types (CSV/TSV: every row parsed,
+    labels integers) and count its rows (global ids follow). One FormatError naming the file,
+    column and row otherwise, before any work."""
     out, offset = [], 0
     for path in files:
         fmt = url_format(path)
         names_fn, read_fn = FORMATS[fmt]
         try:
             names = names_fn(path)
-        except (OSError, pa.ArrowInvalid) as exc:
+        except READ_ERRORS as exc:
             raise FormatError(f"{path}: cannot read URL list ({exc})") from exc
         missing = [c for c in (cfg.url_col, cfg.caption_col) if c not in names]
         if missing:
@@ -134,17 +142,44 @@ def inspect_url_files(files: list[str], cfg: EmbedConfig) -> list[UrlFile]:
         columns = [cfg.url_col, cfg.caption_col]
         if cfg.label_col and cfg.label_col in names:
             columns.append(cfg.label_col)
-        rows = _count_rows(path, fmt, columns)
+        rows = _check_rows(path, fmt, columns)
         out.append(UrlFile(path, fmt, tuple(columns), offset, rows))
         offset += rows
     return out
 
 
-def _count_rows(path: str, fmt: str, columns: list[str]) -> int:
+def _check_rows(path: str, fmt: str, columns: list[str]) -> int:
+    """Row count; column types (Parquet: from the schema; CSV/TSV: the whole file is parsed)."""
     if fmt == "parquet":
-        with _open(path) as f:
-            return pq.ParquetFile(f).metadata.num_rows
-    return FORMATS[fmt][1](path, columns[:1]).num_rows
+        try:
+            with _open(path) as f:
+                meta = pq.ParquetFile(f)
+                schema, rows = meta.schema_arrow, meta.metadata.num_rows
+        except READ_ERRORS as exc:
+            raise FormatError(f"{path}: not a readable Parquet file ({exc})") from exc
+        _check_types(path, schema, columns)
+        return rows
+    table = _read(path, fmt, columns)
+    _check_types(path, table.schema, columns)
+    if len(columns) > 2:
+        _labels(table.column(columns[2]), path)
+    return table.num_rows
+
+
+def _check_types(path: str, schema: pa.Schema, columns: list[str]) -> None:
+    for i, name in enumerate(columns):
+        kinds = TEXT_TYPES if i < 2 else LABEL_TYPES
+        typ = schema.field(name).type
+        if not any(k(typ) for k in kinds):
+            want = "text" if i < 2 else "integer"
+            raise FormatError(f"{path}: column {name!r} has type {typ}, expected {want}")
+
+
+def _read(path: str, fmt: str, columns: list[str]) -> pa.Table:
+    try:
+        return FORMATS[fmt][1](path, columns)
+    except READ_ERRORS as exc:
+        raise FormatError(f"{path}: cannot read URL list ({exc})") from exc
 
 
 def num_shards(files: list[UrlFile], shard_size: int) -> int:
@@ -157,22 +192,36 @@ def num_shards(files: list[UrlFile], shard_size: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 def read_rows(url_file: UrlFile) -> Iterator[dict]:
-    """Rows of one file as dicts with global ids."""
-    table = FORMATS[url_file.format][1](url_file.path, list(url_file.columns))
+    """Rows of one file as dicts with global ids. Text that is not valid UTF-8 is decoded with
+    U+FFFD replacement characters (the row is kept); a null caption stays None (embedded as "")."""
+    table = _read(url_file.path, url_file.format, list(url_file.columns))
     if table.num_rows != url_file.rows:
         raise FormatError(f"{url_file.path}: has {table.num_rows} rows, {url_file.rows} when inspected")
-    cols = [table.column(c).to_pylist() for c in url_file.columns]
-    labels = cols[2] if len(cols) > 2 else [None] * table.num_rows
-    for i, (url, caption, label) in enumerate(zip(cols[0], cols[1], labels)):
-        yield {"id": url_file.offset + i, "url": url, "caption": caption,
-               "label": None if label is None else _label(label, url_file.path, i),
+    urls, captions = (_texts(table.column(c)) for c in url_file.columns[:2])
+    labels = (_labels(table.column(url_file.columns[2]), url_file.path) if len(url_file.columns) > 2
+              else [None] * table.num_rows)
+    for i, (url, caption, label) in enumerate(zip(urls, captions, labels)):
+        yield {"id": url_file.offset + i, "url": url, "caption": caption, "label": label,
                "status": None, "error_message": None}
+
+
+def _texts(column: pa.ChunkedArray) -> list[str | None]:
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        column = column.cast(pa.large_binary())       # no UTF-8 validation; decoded below
+    return [None if v is None else v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+            for v in column.to_pylist()]
+
+
+def _labels(column: pa.ChunkedArray, path: str) -> list[int | None]:
+    return [None if v is None else _label(v, path, i) for i, v in enumerate(column.to_pylist())]
 
 
 def _label(value, path: str, row: int) -> int:
     try:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
         return int(value)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise FormatError(f"{path}: row {row}: label {value!r} is not an integer") from exc
 
 
@@ -220,43 +269,22 @@ class ReadUrlShards(beam.PTransform):
 # ---------------------------------------------------------------------------------------------
 
 def _private(ip: str) -> bool:
-    addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    if getattr(addr, "ipv4_mapped", None):
-        addr = addr.ipv4_mapped
-    return (addr.is_private or addr.is_loopback or addr.is_link_local or addr.is_reserved
-            or addr.is_multicast or addr.is_unspecified)
+    return is_internal(ip)
 
 
 def _resolve(host: str) -> list[str]:
-    try:
-        return [ipaddress.ip_address(host).compressed]
-    except ValueError:
-        return sorted({info[4][0] for info in socket.getaddrinfo(host, None)})
+    return safe_http.resolve(host)
 
 
 def refusal(url, allow_private: bool, resolve: Callable[[str], list[str]] = _resolve) -> str | None:
     """Why ``url`` must not be fetched, or None. Hosts resolving to any private, loopback or
-    link-local address (cloud metadata 169.254.169.254 included) are refused unless allowed."""
-    if not isinstance(url, str) or not url.strip():
-        return "empty url"
+    link-local address (cloud metadata 169.254.169.254 included) are refused unless allowed.
+    This is the early, per-row check; the download step checks again when it connects (every
+    redirect hop, the address actually connected to: :mod:`reco.pipelines.safe_http`)."""
     try:
-        parts = urlsplit(url.strip())
-        host = parts.hostname
-    except ValueError as exc:
-        return f"malformed url ({exc})"
-    if parts.scheme.lower() not in SCHEMES:
-        return f"scheme {parts.scheme or '(none)'!r} not allowed (only http, https)"
-    if not host:
-        return "url has no host"
-    if allow_private:
-        return None
-    try:
-        addresses = resolve(host)
-    except (OSError, UnicodeError) as exc:
-        return f"cannot resolve host {host!r} ({exc})"
-    bad = [a for a in addresses if _private(a)]
-    if bad or not addresses:
-        return f"host {host!r} resolves to a private/loopback/link-local address {bad[:1]}"
+        check_url(url, NetPolicy(allow_private=allow_private, resolver=resolve))
+    except Refused as exc:
+        return exc.args[0]
     return None
 
 

@@ -144,7 +144,7 @@ def read_parquet(path: str | Path, required: pa.Schema | list[str] | None = None
             table = pq.read_table(f, columns=columns)
     except FileNotFoundError as exc:
         raise FormatError(f"{path}: file not found") from exc
-    except (pa.ArrowInvalid, OSError) as exc:
+    except (pa.ArrowException, OSError, EOFError, ValueError, IndexError) as exc:
         raise FormatError(f"{path}: not a readable Parquet file ({exc})") from exc
     if required is not None:
         check_columns(table.schema, required, path)
@@ -199,14 +199,15 @@ class Manifest:
             manifest = cls(**data)
         except FileNotFoundError as exc:
             raise FormatError(f"{path}: no manifest; has the previous stage run?") from exc
-        except (json.JSONDecodeError, TypeError) as exc:
+        except (ValueError, TypeError) as exc:         # bad JSON/UTF-8, not an object, bad keys
             raise FormatError(f"{path}: corrupt manifest ({exc})") from exc
+        _validate_manifest(manifest, path)
         if kind is not None and manifest.kind != kind:
             raise FormatError(f"{path}: manifest of kind {manifest.kind!r}, expected {kind!r}")
         return manifest
 
     def shard_paths(self, folder: str | Path) -> list[str]:
-        return [os.path.join(str(folder), s) for s in self.shards]
+        return [safe_join(folder, s, f"{folder}/{self.FILE}: shard") for s in self.shards]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,3 +257,50 @@ def tensors_schema(dim: int, k: int, fields: tuple[str, ...]) -> pa.Schema:
     meta = {b"reco.format": b"tensors/1", b"reco.dim": str(dim).encode(), b"reco.k": str(k).encode(),
             b"reco.fields": ",".join(fields).encode()}
     return pa.schema(cols, metadata=meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# file names read from artefacts or derived from data (validated readers: reco/validate.py)
+# ---------------------------------------------------------------------------------------------
+
+def safe_name(name: Any, where: str) -> str:
+    """A plain file name (no folder part, no ``..``, no NUL): what may be joined to an output or
+    shard folder. Names read from manifests or derived from URLs/captions go through this."""
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+            or "\x00" in name or os.path.isabs(name)):
+        raise FormatError(f"{where}: {name!r} is not a plain file name (it could escape its folder)")
+    return name
+
+
+def safe_join(folder: str | Path, name: Any, where: str | None = None) -> str:
+    """``folder/name`` for a :func:`safe_name` ``name`` (FormatError otherwise)."""
+    return os.path.join(str(folder), safe_name(name, where or str(folder)))
+
+
+def _validate_manifest(manifest: "Manifest", path: str) -> "Manifest":
+    if not isinstance(manifest.kind, str):
+        raise FormatError(f"{path}: manifest 'kind' must be a string, got {manifest.kind!r}")
+    if not isinstance(manifest.shards, list):
+        raise FormatError(f"{path}: manifest 'shards' must be a list of file names")
+    for name in manifest.shards:
+        safe_name(name, f"{path}: shard")
+    if not isinstance(manifest.counts, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+            for k, v in manifest.counts.items()):
+        raise FormatError(f"{path}: manifest 'counts' must map names to integers")
+    if not isinstance(manifest.info, dict):
+        raise FormatError(f"{path}: manifest 'info' must be an object")
+    return manifest
+
+
+def remove_temporaries(folder: str | Path) -> list[str]:
+    """Delete the temporaries (``.<name>.tmp-<hex>`` files or folders) that writers killed
+    before their rename left in ``folder`` (local, not recursive); returns their names. Call it
+    only when no writer of that folder can be running (a stage's driver, before it starts)."""
+    import shutil
+
+    removed = []
+    for path in sorted(Path(folder).glob(".*.tmp-*")) if Path(folder).is_dir() else []:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        removed.append(path.name)
+    return removed

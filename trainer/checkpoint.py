@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save, save_file
 
-from reco.errors import FormatError
-from reco.formats import atomic_write_bytes, atomic_write_text
+from reco.errors import FormatError, RecoError
+from reco.formats import atomic_write_bytes, atomic_write_text, remove_temporaries
 
 CHECKPOINTS = "checkpoints"
 HEADS_WEIGHTS, HEADS_META = "heads.safetensors", "heads.json"
@@ -84,6 +85,7 @@ def save_checkpoint(out_dir: str | Path, step: int, *, model: dict[str, torch.Te
                     optimizer: dict, state: dict[str, Any]) -> Path:
     """Write checkpoint ``step`` atomically (see module doc); returns its folder."""
     final = checkpoint_dir(out_dir, step)
+    remove_temporaries(final.parent)              # a killed run's half-assembled checkpoint
     tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     try:
@@ -110,13 +112,16 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 
 def load_checkpoint(folder: str | Path) -> tuple[dict, dict, dict, dict]:
     """-> (model tensors, optimiser state_dict, state JSON, rng tensors)."""
+    from reco.validate import CHECKPOINT_STATE_KEYS, read_json
+
     folder = Path(folder)
+    state = read_json(folder / "state.json", CHECKPOINT_STATE_KEYS)   # FormatError naming the file
     try:
-        state = json.loads((folder / "state.json").read_text())
         model = load_file(folder / "model.safetensors")
         optim = unflatten_optimizer(load_file(folder / "optimizer.safetensors"), state.pop("optimizer"))
         rng = load_file(folder / "rng.safetensors")
-    except (OSError, json.JSONDecodeError, KeyError) as exc:
+    except (OSError, json.JSONDecodeError, KeyError, ValueError, TypeError, AttributeError,
+            SafetensorError) as exc:
         raise FormatError(f"{folder}: unreadable checkpoint ({exc})") from exc
     return model, optim, state, rng
 
@@ -129,6 +134,10 @@ def save_heads(out_dir: str | Path, heads: dict[str, torch.nn.Module], meta: dic
     """``heads.safetensors`` (``<side>.<param>``) then ``heads.json`` (written last)."""
     tensors = {f"{side}.{name}": p.detach().cpu().contiguous()
                for side, head in heads.items() for name, p in head.state_dict().items()}
+    # heads.json marks complete heads: withdraw an older one before replacing the weights, so a
+    # kill in between never pairs old meta with new weights
+    (Path(out_dir) / HEADS_META).unlink(missing_ok=True)
+    remove_temporaries(out_dir)
     atomic_write_bytes(save(tensors), Path(out_dir) / HEADS_WEIGHTS)
     atomic_write_text(Path(out_dir) / HEADS_META,
                       json.dumps({**meta, "sides": sorted(heads)}, indent=2, sort_keys=True))
@@ -148,17 +157,29 @@ def load_heads(folder: str | Path, device: str | torch.device = "cpu"
 
     folder = Path(folder)
     meta_path, weights_path = folder / HEADS_META, folder / HEADS_WEIGHTS
+    from reco.validate import HEADS_META_KEYS, read_json
+
+    if not meta_path.is_file() or not weights_path.is_file():
+        raise FormatError(f"{folder}: no trained heads ({HEADS_META} or {HEADS_WEIGHTS} missing); "
+                          f"run `reco train`")
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = read_json(meta_path, HEADS_META_KEYS)      # typed keys; FormatError naming the file
         tensors = load_file(weights_path)
     except FileNotFoundError as exc:
         raise FormatError(f"{folder}: no trained heads ({exc.filename} missing); run `reco train`") from exc
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, json.JSONDecodeError, SafetensorError) as exc:
         raise FormatError(f"{folder}: unreadable heads ({exc})") from exc
+    if not isinstance(meta["train"].get("head"), dict):
+        raise FormatError(f"{meta_path}: missing train.head (the head config)")
+    if not all(isinstance(s, str) and s in SIDES for s in meta["sides"]):
+        raise FormatError(f"{meta_path}: sides {meta['sides']!r}, expected some of {SIDES}")
     head_cfg = from_dict(HeadConfig, meta["train"]["head"], where=f"{meta_path}:train.head")
     heads = {}
     for side in meta["sides"]:
-        head = build_head(meta["fusion"], int(meta["dim"]), head_cfg)
+        try:
+            head = build_head(meta["fusion"], int(meta["dim"]), head_cfg)
+        except (RecoError, RuntimeError, ValueError, TypeError, KeyError) as exc:
+            raise FormatError(f"{meta_path}: cannot build the {side!r} head ({exc})") from exc
         prefix = f"{side}."
         state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         try:

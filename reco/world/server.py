@@ -11,11 +11,16 @@
 ``/_hostile/truncated/x.png``       200, the first half of a valid PNG
 ``/_hostile/slow/x.png?s=SECONDS``  sleeps SECONDS (default 5, at most 60) then a valid PNG
 ``/_hostile/redirect-loop/x``       302 to itself (with a counter), forever
+``/_hostile/redirect/x?to=URL``     302 to URL (e.g. a private address: the SSRF guard's test)
 ``/_hostile/bomb/x.png``            a ~100 kB PNG declaring 30000 x 30000 pixels
+``/_hostile/huge/x.png?mb=N``       200, declares and streams N MB (default 40): over the size cap
 ==================================  ============================================================
+
+The last 100k request paths are kept in :attr:`WorldServer.requests` (tests check what was fetched).
 """
 from __future__ import annotations
 
+import collections
 import functools
 import ipaddress
 import io
@@ -36,6 +41,7 @@ from reco.errors import ConfigError
 log = logging.getLogger(__name__)
 MAX_SLOW_SECONDS = 60.0
 BOMB_SIDE = 30000
+MAX_HUGE_MB = 256
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -82,14 +88,26 @@ def bomb_png(side: int = BOMB_SIDE) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", b"".join(parts)) + _chunk(b"IEND", b"")
 
 
+_BOMB_LOCK = threading.Lock()
+
+
+def _bomb() -> bytes:
+    """:func:`bomb_png`, computed once (about a second of zlib) even under concurrent requests;
+    :meth:`WorldServer.start` warms it in the background so a request never waits for it."""
+    with _BOMB_LOCK:
+        return bomb_png()
+
+
 class _Handler(SimpleHTTPRequestHandler):
     server_version = "reco-world/1"
     stopping: threading.Event          # set per server class
+    requests: collections.deque        # last paths served, per server (append is thread-safe)
 
     def log_message(self, format, *args):  # noqa: A002 (http.server's signature)
         log.debug("%s %s", self.address_string(), format % args)
 
     def do_GET(self):  # noqa: N802
+        self.requests.append(self.path)
         parts = urlsplit(self.path)
         if parts.path.startswith("/_hostile/"):
             try:
@@ -106,7 +124,9 @@ class _Handler(SimpleHTTPRequestHandler):
             "truncated": lambda: self._send(_valid_png()[: len(_valid_png()) // 2]),
             "slow": lambda: self._slow(query),
             "redirect-loop": lambda: self._redirect(query),
-            "bomb": lambda: self._send(bomb_png()),
+            "redirect": lambda: self._redirect_to(query),
+            "bomb": lambda: self._send(_bomb()),
+            "huge": lambda: self._huge(query),
         }.get(kind)
         if handler is None:
             self.send_error(404, f"unknown hostile endpoint {kind!r}")
@@ -137,6 +157,28 @@ class _Handler(SimpleHTTPRequestHandler):
         self.end_headers()
 
 
+    def _redirect_to(self, query: dict) -> None:
+        self.send_response(302)
+        self.send_header("Location", query.get("to", ["/"])[0])
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def _huge(self, query: dict) -> None:
+        try:
+            mb = min(max(int(query.get("mb", ["40"])[0]), 1), MAX_HUGE_MB)
+        except ValueError:
+            mb = 40
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(mb << 20))
+        self.end_headers()
+        block = _valid_png()[:8] + b"\x00" * ((1 << 20) - 8)
+        for _ in range(mb):
+            if self.stopping.is_set():
+                return
+            self.wfile.write(block)
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -162,6 +204,7 @@ class WorldServer:
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self.requests: collections.deque[str] = collections.deque(maxlen=100_000)
 
     @property
     def port(self) -> int:
@@ -177,7 +220,7 @@ class WorldServer:
         if self._server is not None:
             return self
         self._stopping.clear()
-        handler = type("Handler", (_Handler,), {"stopping": self._stopping})
+        handler = type("Handler", (_Handler,), {"stopping": self._stopping, "requests": self.requests})
         factory = functools.partial(handler, directory=str(self.root))
         try:
             self._server = _Server((self.address, self._requested_port), factory)
@@ -186,6 +229,7 @@ class WorldServer:
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
                                         name=f"world-server-{self.port}", daemon=True)
         self._thread.start()
+        threading.Thread(target=_bomb, name="world-server-bomb", daemon=True).start()
         log.info("serving %s on %s", self.root, self.base_url)
         return self
 
