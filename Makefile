@@ -9,9 +9,25 @@ VENV ?= .venv
 PRESET ?= demo
 WORKDIR ?= runs/$(PRESET)
 ARGS ?=
+# The Beam jobs (embed-memory, precompute-neighbours) run on any engine (docs/SCALE_OUT.md):
+#   make embed-memory RUNNER=dataflow PROJECT=my-proj REGION=europe-west4 TEMP=gs://bucket/tmp
+#   make precompute-neighbours RUNNER=spark JOB_ENDPOINT=127.0.0.1:8099
+#   make embed-memory RUNNER=portable JOB_ENDPOINT=127.0.0.1:8099   (any Beam job service)
+# BEAM_ARGS adds other Beam flags, e.g. BEAM_ARGS="--direct_running_mode=multi_processing
+# --direct_num_workers=4" or "--sdk_container_image=IMAGE --machine_type=g2-standard-8".
+RUNNER ?=
+PROJECT ?=
+REGION ?=
+TEMP ?=
+JOB_ENDPOINT ?=
+BEAM_ARGS ?=
+BEAM_FLAGS = $(if $(RUNNER),--runner=$(RUNNER) $(if $(PROJECT),--project=$(PROJECT)) \
+             $(if $(REGION),--region=$(REGION)) $(if $(TEMP),--temp_location=$(TEMP))) \
+             $(if $(JOB_ENDPOINT),--job_endpoint=$(JOB_ENDPOINT)) $(BEAM_ARGS)
+STAGE_BEAM =
 export NO_ALBUMENTATIONS_UPDATE := 1
 RECO = $(VENV)/bin/reco
-STAGE = $(RECO) $@ --preset $(PRESET) --workdir $(WORKDIR) $(ARGS)
+STAGE = $(RECO) $@ --preset $(PRESET) --workdir $(WORKDIR) $(STAGE_BEAM) $(ARGS)
 
 .PHONY: install world embed-memory build-index precompute-neighbours train evaluate ablations \
         query demo react-retrieve react-train compare bench test test-slow clean
@@ -27,6 +43,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 world embed-memory build-index precompute-neighbours train evaluate ablations query demo \
 react-retrieve react-train compare bench: install
 	$(STAGE)
+
+embed-memory precompute-neighbours: STAGE_BEAM = $(foreach f,$(BEAM_FLAGS),--beam-option=$(f))
 
 test: install
 	@$(VENV)/bin/python -m pytest -q $(ARGS); rc=$$?; \

@@ -28,10 +28,11 @@ from dataclasses import dataclass
 import apache_beam as beam
 import fsspec
 from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import PipelineOptions
 
 from reco.errors import ConfigError, FormatError, RecoError
 from reco.formats import Manifest
+from reco.pipelines import runners
 from reco.pipelines.config import EmbedConfig
 from reco.pipelines.download import DownloadShards
 from reco.pipelines.embed import EmbedShards
@@ -42,10 +43,7 @@ from reco.pipelines.write import (WriteShards, check_job, check_model, complete_
 
 log = logging.getLogger(__name__)
 WORLD_SPLITS = ("memory", "train", "test")
-RUNNING_MODES = ("in_memory", "multi_processing")
-# "DirectRunner" means Beam's Python FnApiRunner (honours direct_running_mode/num_workers). Beam's
-# own DirectRunner first tries to download and run the Go Prism runner, which ignores both.
-RUNNER_ALIASES = {"directrunner": "apache_beam.runners.portability.fn_api_runner.FnApiRunner"}
+RUNNING_MODES = runners.RUNNING_MODES
 
 
 @dataclass(frozen=True)
@@ -119,21 +117,11 @@ def plan_job(inputs, output_dir: str, *, model: str, pretrained: str | None,
 
 
 def pipeline_options(cfg: EmbedConfig, beam_options=None) -> PipelineOptions:
-    """Defaults from the config, then the caller's Beam flags (list of args or PipelineOptions)."""
-    if isinstance(beam_options, PipelineOptions):
-        user = beam_options.get_all_options(drop_default=True, retain_unknown_options=True)
-        args = [f"--{k}={v}" for k, v in user.items() if v is not None and not isinstance(v, (list, dict))]
-    else:
-        args = list(beam_options or [])
-    defaults = [f"--runner={cfg.runner}", f"--direct_running_mode={cfg.direct_running_mode}",
-                f"--direct_num_workers={cfg.direct_num_workers}"]
-    options = PipelineOptions(defaults + args)
-    standard = options.view_as(StandardOptions)
-    standard.runner = RUNNER_ALIASES.get(str(standard.runner).lower(), standard.runner)
-    mode = options.view_as(DirectOptions).direct_running_mode
-    if mode not in RUNNING_MODES:
-        raise ConfigError(f"direct_running_mode={mode!r} is not supported; use one of {RUNNING_MODES}")
-    return options
+    """Defaults from the config, then the caller's Beam flags (list of args or PipelineOptions);
+    runner aliases and each engine's required options: :mod:`reco.pipelines.runners`."""
+    return runners.pipeline_options(beam_options, runner=cfg.runner,
+                                    direct_running_mode=cfg.direct_running_mode,
+                                    direct_num_workers=cfg.direct_num_workers)
 
 
 def run_job(job: EmbedJob, options: PipelineOptions) -> dict[str, int]:
@@ -147,7 +135,11 @@ def run_job(job: EmbedJob, options: PipelineOptions) -> dict[str, int]:
 
 def counters(result) -> dict[str, int]:
     out: dict[str, int] = {}
-    for c in result.metrics().query(MetricsFilter().with_namespace("reco.embed"))["counters"]:
+    try:
+        found = result.metrics().query(MetricsFilter().with_namespace("reco.embed"))["counters"]
+    except NotImplementedError:                   # e.g. a Dataflow --dry_run result
+        return out
+    for c in found:
         value = c.committed if c.committed is not None else c.attempted
         out[c.key.metric.name] = out.get(c.key.metric.name, 0) + int(value or 0)
     return out
@@ -240,6 +232,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default=None, help="output folder (with --input)")
     parser.add_argument("--split", action="append", default=[], choices=WORLD_SPLITS,
                         help="world split to embed (repeatable; default: all three)")
+    parser.add_argument("--beam-option", dest="beam_option", action="append", default=[],
+                        metavar="FLAG", help="Beam flag, repeatable, e.g. --beam-option=--runner=dataflow "
+                        "(engines and their required flags: reco.pipelines.runners)")
     parser.add_argument("beam_args", nargs=argparse.REMAINDER,
                         help="Beam flags after --, e.g. -- --direct_num_workers=2")
 
@@ -251,7 +246,8 @@ def _print_info(info: dict, name: str) -> None:
 
 
 def main(cfg, args) -> int:
-    beam_args = [a for a in (args.beam_args or []) if a != "--"]
+    beam_args = list(getattr(args, "beam_option", None) or []) + \
+        [a for a in (args.beam_args or []) if a != "--"]
     if args.input:
         if not args.output:
             raise ConfigError("--input needs --output")
