@@ -22,6 +22,9 @@ class EmbedConfig:
     direct_running_mode: str = "in_memory"   # or multi_processing (never multi_threading)
     direct_num_workers: int = 1
     torch_threads: int = 2
+    device: str | None = None         # torch device of the workers' encoder: cpu, cuda, auto
+                                      # (None: the run's clip.device); GPU workers use cuda/auto
+    precision: str | None = None      # open_clip precision (fp32, fp16, amp...; None: clip.precision)
 
 
 PRESETS = {"tiny": EmbedConfig(shard_size=500), "demo": EmbedConfig()}

@@ -62,11 +62,14 @@ class _Model:
 
 
 class _EmbedShardFn(beam.DoFn):
-    def __init__(self, model: str, pretrained: str | None, batch_size: int, torch_threads: int):
+    def __init__(self, model: str, pretrained: str | None, batch_size: int, torch_threads: int,
+                 device: str = "cpu", precision: str = "fp32"):
         self.model = model
         self.pretrained = pretrained
         self.batch_size = batch_size
         self.torch_threads = torch_threads
+        self.device = device
+        self.precision = precision
         self._shared = shared.Shared()
         self.embedded = beam.metrics.Metrics.counter("reco.embed", "embedded")
         self.failed = beam.metrics.Metrics.counter("reco.embed", "failed_to_embed")
@@ -74,12 +77,14 @@ class _EmbedShardFn(beam.DoFn):
     def setup(self):
         import torch
 
-        from reco.clip import load_clip
+        from reco.clip import load_clip, resolve_device
 
         torch.set_num_threads(self.torch_threads)
         torch.manual_seed(0)          # a model without weights gets the same init in every worker
+        device = resolve_device(self.device)      # resolved on the worker: GPU workers say auto
         self._holder = self._shared.acquire(
-            lambda: _Model(load_clip(self.model, self.pretrained)), tag=f"{self.model}|{self.pretrained}")
+            lambda: _Model(load_clip(self.model, self.pretrained, device=device, precision=self.precision)),
+            tag=f"{self.model}|{self.pretrained}|{device}|{self.precision}")
 
     def process(self, element):
         shard, rows = element
@@ -95,9 +100,9 @@ class EmbedShards(beam.PTransform):
     """(shard, rows with image bytes) -> (shard, rows with image_emb/text_emb on success)."""
 
     def __init__(self, model: str, pretrained: str | None, *, batch_size: int = 256,
-                 torch_threads: int = 2):
+                 torch_threads: int = 2, device: str = "cpu", precision: str = "fp32"):
         super().__init__()
-        self.fn = _EmbedShardFn(model, pretrained, batch_size, torch_threads)
+        self.fn = _EmbedShardFn(model, pretrained, batch_size, torch_threads, device, precision)
 
     def expand(self, shards):
         return shards | "OpenClip" >> beam.ParDo(self.fn)

@@ -76,7 +76,8 @@ class EmbedMemory(beam.PTransform):
                 | "SafetyFilter" >> FilterUnsafeUrls(cfg.allow_private)
                 | "Download" >> DownloadShards(job.image_size, cfg)
                 | "Embed" >> EmbedShards(job.model, job.pretrained, batch_size=cfg.batch_size,
-                                         torch_threads=cfg.torch_threads)
+                                         torch_threads=cfg.torch_threads,
+                                         device=cfg.device or "cpu", precision=cfg.precision or "fp32")
                 | "Write" >> WriteShards(job.output_dir, job.dim, job.model, job.pretrained or ""))
 
 
@@ -203,6 +204,14 @@ def world_server(cfg):
         yield server
 
 
+def run_embed_config(cfg) -> EmbedConfig:
+    """The run's embed options, with the encoder's device/precision defaulting to ``cfg.clip``'s
+    (``reco embed-memory --device cuda`` embeds on a GPU; ``auto`` picks one per worker)."""
+    e = cfg.embed
+    return dataclasses.replace(e, device=e.device or cfg.clip.device,
+                               precision=e.precision or cfg.clip.precision)
+
+
 def embed_splits(cfg, splits=WORLD_SPLITS, *, beam_options=None) -> dict:
     """Embed the world's URL lists (``cfg.paths.urls(split)``) into ``cfg.paths.embedded(split)``
     with the pipeline's model (:func:`reco.clip.resolve_model_spec`). Returns info per split."""
@@ -212,7 +221,7 @@ def embed_splits(cfg, splits=WORLD_SPLITS, *, beam_options=None) -> dict:
     if missing:
         raise FormatError(f"no URL list {missing}; run `reco world` first")
     model, pretrained = resolve_model_spec(cfg.clip.model, cfg.clip.pretrained, cfg.paths.base_clip)
-    embed_cfg = dataclasses.replace(cfg.embed, allow_private=True)   # the world is on 127.0.0.1
+    embed_cfg = dataclasses.replace(run_embed_config(cfg), allow_private=True)   # world on 127.0.0.1
     info = {}
     with world_server(cfg):
         for split in splits:
@@ -255,7 +264,7 @@ def main(cfg, args) -> int:
 
         model, pretrained = resolve_model_spec(cfg.clip.model, cfg.clip.pretrained, cfg.paths.base_clip)
         _, info = embed_urls(args.input, args.output, model=model, pretrained=pretrained,
-                             embed_cfg=cfg.embed, beam_options=beam_args)
+                             embed_cfg=run_embed_config(cfg), beam_options=beam_args)
         _print_info(info, "embedded")
         return 0
     for split, info in embed_splits(cfg, tuple(args.split) or WORLD_SPLITS,

@@ -136,12 +136,28 @@ def resolve_model_spec(model: str, pretrained: str | None, base_clip_dir: str | 
     return model, pretrained
 
 
+def resolve_device(device: str | None) -> str:
+    """``auto`` (or None) -> ``cuda`` when a GPU is visible, else ``cpu``; anything else as given."""
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA device is visible on this machine")
+    return str(device)
+
+
+def _model_device(clip: LoadedClip) -> torch.device:
+    return next(clip.model.parameters()).device
+
+
 @torch.no_grad()
 def encode_images(clip: LoadedClip, pixels: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.normalize(clip.model.encode_image(pixels).float(), dim=-1)
+    """Unit-norm float32 image embeddings on the CPU (pixels moved to the model's device)."""
+    pixels = pixels.to(_model_device(clip), non_blocking=True)
+    return torch.nn.functional.normalize(clip.model.encode_image(pixels).float(), dim=-1).cpu()
 
 
 @torch.no_grad()
 def encode_texts(clip: LoadedClip, texts: list[str]) -> torch.Tensor:
-    tokens = clip.tokenizer(list(texts))
-    return torch.nn.functional.normalize(clip.model.encode_text(tokens).float(), dim=-1)
+    """Unit-norm float32 text embeddings on the CPU (tokens moved to the model's device)."""
+    tokens = clip.tokenizer(list(texts)).to(_model_device(clip))
+    return torch.nn.functional.normalize(clip.model.encode_text(tokens).float(), dim=-1).cpu()
