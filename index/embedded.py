@@ -1,8 +1,9 @@
 """Validated reading of embedded shards (``reco.formats.embedded_schema``) for the index stage.
 
 Only rows with ``status == "success"`` are used. Every problem is one :class:`FormatError` naming
-the file (and row): a shard listed in the manifest but missing on disk, a wrong dimension, a
-null or NaN/inf embedding.
+the file (and row): a shard listed in the manifest but missing on disk, a corrupt footer or a
+wrong column type (both caught by :func:`open_split`, which reads every shard's footer, never its
+data, before any work starts), a null id or embedding, a NaN/inf embedding, a duplicate id.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pyarrow.parquet as pq
 
 from reco import formats
 from reco.errors import FormatError
+from reco.validate import READ_ERRORS
 
 COLUMNS = ["id", "status", "image_emb", "text_emb"]
 
@@ -31,8 +33,9 @@ class EmbeddedSplit:
 
 
 def open_split(folder: str | Path, allow_empty: bool = False) -> EmbeddedSplit | None:
-    """Read the manifest of an embedded folder; check that every listed shard is on disk.
-    An empty folder is an error, or None with ``allow_empty``."""
+    """Read the manifest of an embedded folder and the footer of every listed shard (no data):
+    each shard must be on disk, readable Parquet, with the embedded columns at the split's
+    dimension. An empty folder is an error, or None with ``allow_empty``."""
     folder = str(folder)
     manifest = formats.Manifest.read(folder, kind="embedded")
     paths = manifest.shard_paths(folder)
@@ -44,17 +47,67 @@ def open_split(folder: str | Path, allow_empty: bool = False) -> EmbeddedSplit |
         if allow_empty:
             return None
         raise FormatError(f"{folder}/manifest.json lists no shards")
-    meta = pq.read_schema(paths[0]).metadata or {}
-    model_id = manifest.info.get("model_id") or _model_id_from_metadata(meta)
-    dim = manifest.info.get("dim") or int(meta.get(b"reco.dim", b"0") or 0)
-    if not dim:
-        dim = pq.read_schema(paths[0]).field("image_emb").type.list_size
-    return EmbeddedSplit(folder, paths, str(model_id), int(dim), manifest)
+    schemas = [shard_schema(path) for path in paths]
+    meta = schemas[0].metadata or {}
+    model_id = manifest.info.get("model_id") or _model_id_from_metadata(meta, paths[0])
+    dim = _split_dim(manifest.info.get("dim"), schemas[0], folder, paths[0])
+    for path, schema in zip(paths, schemas):
+        check_shard_schema(schema, dim, path)
+    return EmbeddedSplit(folder, paths, str(model_id), dim, manifest)
 
 
-def _model_id_from_metadata(meta: dict) -> str:
-    model = meta.get(b"reco.model", b"").decode()
-    pretrained = meta.get(b"reco.pretrained", b"").decode()
+def shard_schema(path: str) -> pa.Schema:
+    """The schema (with its ``reco.*`` metadata) from one shard's footer; a missing or corrupt
+    file is a FormatError naming it."""
+    try:
+        return pq.read_schema(path)
+    except FileNotFoundError as exc:
+        raise FormatError(f"{path}: file not found") from exc
+    except READ_ERRORS as exc:
+        raise FormatError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc})") from exc
+
+
+def check_shard_schema(schema: pa.Schema, dim: int, path: str,
+                       modalities: tuple[str, ...] = ("image", "text")) -> None:
+    """FormatError naming ``path`` unless it has ``id``/``status`` and the embeddings at ``dim``."""
+    expected = formats.embedding_type(dim)
+    for m in modalities:
+        name = f"{m}_emb"
+        got = schema.field(name).type if name in schema.names else None
+        if got is not None and not got.equals(expected):
+            raise FormatError(f"{path}: column {name!r} has type {got}, expected {expected} "
+                              f"(dimension {dim} from the manifest)")
+    formats.check_columns(schema, pa.schema([pa.field("id", pa.int64()), pa.field("status", pa.string())]
+                                             + [pa.field(f"{m}_emb", expected) for m in modalities]), path)
+
+
+def _split_dim(recorded, schema: pa.Schema, folder: str, first: str) -> int:
+    """The split's dimension: manifest info, else the first shard's metadata, else its column."""
+    if recorded not in (None, 0, ""):                  # absent: as before, fall back to the shard
+        if isinstance(recorded, bool) or not isinstance(recorded, int) or recorded < 1:
+            raise FormatError(f"{folder}/manifest.json: info.dim is {recorded!r}, "
+                              f"expected a positive integer")
+        return recorded
+    raw = (schema.metadata or {}).get(b"reco.dim")
+    if raw:
+        try:
+            dim = int(raw.decode())
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise FormatError(f"{first}: bad reco.dim metadata {raw!r}") from exc
+    else:
+        typ = schema.field("image_emb").type if "image_emb" in schema.names else None
+        dim = typ.list_size if typ is not None and pa.types.is_fixed_size_list(typ) else 0
+    if dim < 1:
+        raise FormatError(f"{first}: no embedding dimension (not an embedded shard?)")
+    return dim
+
+
+def _model_id_from_metadata(meta: dict, path: str = "") -> str:
+    try:
+        model = meta.get(b"reco.model", b"").decode()
+        pretrained = meta.get(b"reco.pretrained", b"").decode()
+    except UnicodeDecodeError as exc:
+        raise FormatError(f"{path}: bad reco.model/reco.pretrained metadata") from exc
     return f"{model}|{pretrained}" if model else ""
 
 
@@ -67,18 +120,17 @@ def success_count(path: str) -> int:
 def read_shard(path: str, dim: int, start: int = 0, stop: int | None = None,
                modalities: tuple[str, ...] = ("image", "text")) -> dict[str, np.ndarray]:
     """Success rows ``[start:stop]`` of one shard: {"id": (n,), "image": (n, dim), "text": ...}
-    float32, validated (dimension, nulls, NaN/inf)."""
+    float32, validated (readable, column types, dimension, nulls, NaN/inf); every problem is a
+    FormatError naming ``path``."""
     cols = ["id", "status"] + [f"{m}_emb" for m in modalities]
+    check_shard_schema(shard_schema(path), dim, path, modalities)       # footer only
     table = formats.read_parquet(path, columns=cols)
-    expected = formats.embedding_type(dim)
-    for m in modalities:
-        got = table.schema.field(f"{m}_emb").type
-        if not got.equals(expected):
-            raise FormatError(f"{path}: column '{m}_emb' has type {got}, expected {expected} "
-                              f"(dimension {dim} from the manifest)")
+    for name in ("id", "status"):
+        if table.column(name).null_count:
+            raise FormatError(f"{path}: column {name!r} has {table.column(name).null_count} null(s)")
     rows = np.flatnonzero(table.column("status").to_numpy(zero_copy_only=False) == formats.STATUS_OK)
     rows = rows[start:stop]
-    table = table.take(pa.array(rows))
+    table = table.take(pa.array(rows, pa.int64()))
     out = {"id": table.column("id").to_numpy().astype(np.int64)}
     for m in modalities:
         col = table.column(f"{m}_emb")
@@ -98,7 +150,18 @@ def read_split(split: EmbeddedSplit, modalities: tuple[str, ...] = ("image", "te
     """All success rows of a split, concatenated in manifest order."""
     parts = [read_shard(p, split.dim, modalities=modalities) for p in split.shards]
     out = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-    ids = out["id"]
-    if len(np.unique(ids)) != len(ids):
-        raise FormatError(f"{split.folder}: duplicate ids among the success rows")
+    _check_unique(out["id"], [len(p["id"]) for p in parts], split)
     return out
+
+
+def _check_unique(ids: np.ndarray, sizes: list[int], split: EmbeddedSplit) -> None:
+    """FormatError naming the shard(s) holding the first duplicated id."""
+    values, counts = np.unique(ids, return_counts=True)
+    if len(values) == len(ids):
+        return
+    dup = int(values[np.argmax(counts > 1)])
+    where = ids == dup
+    shards = np.repeat(np.arange(len(sizes)), sizes)[where]
+    names = ", ".join(split.shards[i] for i in sorted(set(shards.tolist())))
+    raise FormatError(f"{names}: id {dup} appears {int(where.sum())} times among the success rows "
+                      f"of {split.folder} (duplicate ids)")

@@ -12,6 +12,11 @@ training steps is known without state: DataLoader takes batches from its workers
 worker ``w`` produced ``len(range(w, S, W))`` batches. :class:`TensorStream` with
 ``start_step=S`` skips whole epochs from metadata and replays only the current one (DataLoader
 worker ``j`` then plays logical worker ``(j + S) % W``, because the round-robin restarts at 0).
+
+Bad input is one :class:`~reco.errors.FormatError` naming the shard: :func:`read_tensors_info`
+reads every shard's footer once (readable Parquet, columns, ``reco.*`` metadata, row groups)
+before training starts; each row group read is checked for decoding errors, nulls, NaN/inf
+values and the footer's row count (a bit-level NaN/inf test, a few % of the decoding time).
 """
 from __future__ import annotations
 
@@ -19,12 +24,14 @@ import os
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from reco.errors import ConfigError, FormatError
 from reco.formats import Manifest, check_columns, from_fp16_list, parse_field, tensors_schema
+from reco.validate import READ_ERRORS
 
 
 @dataclass
@@ -45,9 +52,45 @@ class TensorsInfo:
         return int(sum(sum(r) for r in self.row_groups))
 
 
-def _meta(schema, key: str) -> str | None:
+def _meta(schema, key: str, path: str = "") -> str | None:
     value = (schema.metadata or {}).get(f"reco.{key}".encode())
-    return value.decode() if value is not None else None
+    try:
+        return value.decode() if value is not None else None
+    except UnicodeDecodeError as exc:
+        raise FormatError(f"{path}: bad reco.{key} metadata {value!r}") from exc
+
+
+def _meta_int(schema, key: str, path: str) -> int | None:
+    value = _meta(schema, key, path)
+    try:
+        return int(value) if value else None
+    except ValueError as exc:
+        raise FormatError(f"{path}: bad reco.{key} metadata {value!r}") from exc
+
+
+def _positive(value, name: str, where: str) -> int | None:
+    """A manifest info value: absent (None/0/"") or a positive integer."""
+    if value in (None, 0, ""):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise FormatError(f"{where}: info.{name} is {value!r}, expected a positive integer")
+    return value
+
+
+def _manifest_fields(value, first, where: str, first_path: str) -> tuple[str, ...]:
+    """Context fields from the manifest info (a list of names), else the first shard's metadata."""
+    if value in (None, "", []):
+        value = (_meta(first, "fields", first_path) or "").split(",")
+        where = first_path
+    if not isinstance(value, list) or not all(isinstance(f, str) for f in value):
+        raise FormatError(f"{where}: info.fields is {value!r}, expected a list of field names")
+    fields = tuple(f for f in value if f)
+    for name in fields:
+        try:
+            parse_field(name)
+        except FormatError as exc:
+            raise FormatError(f"{where}: {exc}") from exc
+    return fields
 
 
 def read_tensors_info(folder: str | os.PathLike, need: tuple[str, ...] = ()) -> TensorsInfo:
@@ -65,11 +108,10 @@ def read_tensors_info(folder: str | os.PathLike, need: tuple[str, ...] = ()) -> 
     if not manifest.shards:
         raise FormatError(f"{where}: lists no shards")
     paths = manifest.shard_paths(folder)
-    first = _read_schema(paths[0])
-    dim = int(manifest.info.get("dim") or _meta(first, "dim") or 0)
-    k = int(manifest.info.get("k") or _meta(first, "k") or 0)
-    fields = manifest.info.get("fields") or (_meta(first, "fields") or "").split(",")
-    fields = tuple(f for f in fields if f)
+    first_meta, first = _read_footer(paths[0])
+    dim = _positive(manifest.info.get("dim"), "dim", where) or _meta_int(first, "dim", paths[0]) or 0
+    k = _positive(manifest.info.get("k"), "k", where) or _meta_int(first, "k", paths[0]) or 0
+    fields = _manifest_fields(manifest.info.get("fields"), first, where, paths[0])
     if dim <= 0 or k <= 0:
         raise FormatError(f"{where}: no embedding dim/k in the manifest info or shard metadata")
     for name in need:
@@ -78,27 +120,32 @@ def read_tensors_info(folder: str | os.PathLike, need: tuple[str, ...] = ()) -> 
                               f"add it to neighbours.fields and rerun precompute-neighbours")
     required = tensors_schema(dim, k, tuple(need))
     row_groups = []
-    for path in paths:
-        schema = first if path == paths[0] else _read_schema(path)
+    for path in paths:                     # footers only: a bad shard fails here, before training
+        meta, schema = (first_meta, first) if path == paths[0] else _read_footer(path)
         check_columns(schema, required, path)
         for key, want in (("dim", dim), ("k", k)):
-            got = _meta(schema, key)
-            if got is not None and int(got) != want:
+            got = _meta_int(schema, key, path)
+            if got is not None and got != want:
                 raise FormatError(f"{path}: reco.{key}={got} but the manifest says {want}")
-        meta = pq.ParquetFile(path).metadata
         row_groups.append([meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
     model_id = str(manifest.info.get("model_id") or manifest.info.get("model") or "")
     return TensorsInfo(folder, paths, row_groups, dim, k, fields, model_id,
                        {"kind": manifest.kind, "counts": manifest.counts, "info": manifest.info})
 
 
-def _read_schema(path: str):
+def _read_footer(path: str) -> tuple[pq.FileMetaData, pa.Schema]:
+    """One shard's Parquet footer (row groups) and Arrow schema (with its ``reco.*`` metadata),
+    read once at open; a missing or corrupt file is a FormatError naming it."""
     try:
-        return pq.read_schema(path)
+        meta = pq.read_metadata(path)
     except FileNotFoundError as exc:
         raise FormatError(f"{path}: shard listed in the manifest is missing") from exc
-    except (OSError, ValueError) as exc:
-        raise FormatError(f"{path}: not a readable Parquet file ({exc})") from exc
+    except READ_ERRORS as exc:
+        raise FormatError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc})") from exc
+    try:
+        return meta, meta.schema.to_arrow_schema()
+    except READ_ERRORS as exc:
+        raise FormatError(f"{path}: unreadable Parquet schema ({type(exc).__name__}: {exc})") from exc
 
 
 def context_fields(train_cfg) -> tuple[str, ...]:
@@ -232,19 +279,32 @@ class TensorStream(IterableDataset):
 
     # -- reading --------------------------------------------------------------------------
     def _read_group(self, files: dict, shard: int, group: int) -> dict[str, np.ndarray]:
+        """One row group as float16 arrays; any read/decoding problem, a null, a NaN/inf value
+        or a row count other than the footer's is a FormatError naming the shard."""
         path, d, k = self.info.shards[shard], self.info.dim, self.info.k
         try:
             if shard not in files:
                 files[shard] = pq.ParquetFile(path)
             table = files[shard].read_row_group(group, columns=["id", "v", "t", *self.fields])
-        except (OSError, ValueError) as exc:
-            raise FormatError(f"{path}: cannot read row group {group} ({exc})") from exc
+        except READ_ERRORS as exc:
+            raise FormatError(f"{path}: cannot read row group {group} "
+                              f"({type(exc).__name__}: {exc})") from exc
+        where = f"{path}: row group {group}"
+        expected = self.info.row_groups[shard][group]
+        if table.num_rows != expected:
+            raise FormatError(f"{where} has {table.num_rows} rows, its footer said {expected} "
+                              f"(file changed since it was opened?)")
+        for name in table.column_names:
+            if table.column(name).null_count:
+                raise FormatError(f"{where}: column {name!r} has {table.column(name).null_count} null(s)")
         out = {"id": table.column("id").to_numpy(),
                "v": from_fp16_list(table.column("v"), d, np.float16),
                "t": from_fp16_list(table.column("t"), d, np.float16)}
         for name in self.fields:
             block = from_fp16_list(table.column(name), k * d, np.float16).reshape(-1, k, d)
             out[name] = np.ascontiguousarray(block[:, :self.k])
+        for name in ("v", "t", *self.fields):
+            _check_finite_fp16(out[name], out["id"], name, where)
         return out
 
     def _epoch_chunks(self, epoch: int, consumer: int):
@@ -288,6 +348,22 @@ class TensorStream(IterableDataset):
                 yield batch
         if count:
             yield _cut(pending, count)[0]
+
+
+def _check_finite_fp16(values: np.ndarray, ids: np.ndarray, name: str, where: str) -> None:
+    """FormatError at the first row holding a NaN/inf. float16 NaN/inf have all exponent bits
+    set: as uint16 they are >= 0xFC00 (negative) and as int16 >= 0x7C00 (positive), so two SIMD
+    max reductions over the bits check a block without temporaries (np.isfinite on float16 is
+    several times slower)."""
+    if not values.size:
+        return
+    bits = values.reshape(len(values), -1).view(np.uint16)
+    if bits.max() < 0xFC00 and bits.view(np.int16).max() < 0x7C00:
+        return
+    bad = ((bits & 0x7C00) == 0x7C00).any(axis=1)
+    row = int(np.argmax(bad))
+    raise FormatError(f"{where}: column {name!r} has {int(bad.sum())} row(s) with NaN/inf, "
+                      f"first at row {row} of the group (id {int(ids[row])})")
 
 
 def _cut(pending: list[dict], n: int) -> tuple[dict, list[dict], int]:
