@@ -65,6 +65,27 @@ def to_gpu(index: faiss.Index, use_gpu: bool) -> faiss.Index:
         return index
 
 
+# float16 -> float32 through a 256 KiB table: exact, and ~2x faster than numpy's astype
+_F16_TO_F32 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+
+
+def _to_float32(x: np.ndarray) -> np.ndarray:
+    return _F16_TO_F32[x.view(np.uint16)] if x.dtype == np.float16 else x.astype(np.float32)
+
+
+def _flat_vectors(index: faiss.Index | None, n: int, dim: int) -> np.ndarray | None:
+    """Zero-copy (n, dim) float32 view of an IndexFlat's vectors (also the refine stage of an
+    IndexRefine); None for any other index."""
+    try:
+        if isinstance(index, faiss.IndexRefine):
+            index = faiss.downcast_index(index.refine_index)
+        if not isinstance(index, faiss.IndexFlat) or index.ntotal != n or index.d != dim:
+            return None
+        return faiss.rev_swig_ptr(index.get_xb(), n * dim).reshape(n, dim)
+    except (AttributeError, RuntimeError, TypeError):
+        return None
+
+
 def _load_npy(path: Path, mmap: bool) -> np.ndarray:
     if not path.exists():
         raise FormatError(f"{path}: not found; run `reco build-index` first")
@@ -78,6 +99,7 @@ class Memory:
                  indices: dict[str, faiss.Index] | None = None):
         self.ids, self.image_emb, self.text_emb, self.info = ids, image_emb, text_emb, info
         self.indices = indices or {}
+        self._vectors: dict[str, np.ndarray | None] = {}        # see _index_vectors
         self.dim = int(info["dim"])
         self.model_id = str(info.get("model_id", ""))
         if not (len(ids) == len(image_emb) == len(text_emb)):
@@ -152,18 +174,50 @@ class Memory:
         scores = np.where(positions >= 0, scores, -np.inf).astype(np.float32)
         return scores, positions.astype(np.int64)
 
-    def embeddings(self, modality: str, positions: np.ndarray) -> np.ndarray:
-        """(q, k) positions -> (q, k, d) float32 memory embeddings, zero rows where -1."""
+    def embeddings(self, modality: str, positions: np.ndarray, dtype=np.float32,
+                   sorted_reads: bool = False) -> np.ndarray:
+        """(q, k) positions -> (q, k, d) memory embeddings, zero rows where -1.
+
+        Args:
+            dtype: float32 (default) or float16 (the stored values, no conversion).
+            sorted_reads: read the rows in position order (then put them back in place); helps
+                only a memory-mapped array that is not in the page cache: otherwise one
+                ``np.take`` is ~4x faster than sort + gather + scatter.
+        """
         positions = np.asarray(positions, dtype=np.int64)
-        emb = self._emb(modality)
-        valid = positions >= 0
-        flat = np.where(valid, positions, 0).reshape(-1)
-        order = np.argsort(flat, kind="stable")     # sorted reads are kinder to mmap
-        out = np.empty((flat.size, self.dim), dtype=np.float32)
-        out[order] = emb[flat[order]]
-        out = out.reshape(*positions.shape, self.dim)
-        out[~valid] = 0.0
-        return out
+        emb = np.asarray(self._emb(modality))          # a memmap's ndarray view: plain np.take
+        flat = positions.reshape(-1)
+        valid = flat >= 0
+        idx = np.where(valid, flat, 0)
+        if sorted_reads:
+            order = np.argsort(idx)
+            rows = np.empty((flat.size, self.dim), dtype=emb.dtype)
+            rows[order] = np.take(emb, idx[order], axis=0)
+        else:
+            rows = np.take(emb, idx, axis=0)
+        out = _to_float32(rows) if np.dtype(dtype) == np.float32 else rows.astype(dtype, copy=False)
+        if not valid.all():
+            out[~valid] = 0
+        return out.reshape(*positions.shape, self.dim)
+
+    def unit_vectors(self, modality: str, positions: np.ndarray) -> np.ndarray:
+        """(q, k) positions -> (q, k, d) float32 unit vectors of the memory items (zero where -1),
+        for exact cosines: read from the float32 vectors an exact index keeps (Flat, or the
+        refine stage of IVF-PQ+RFlat), else the stored float16 embeddings."""
+        vectors = self._index_vectors(modality)
+        if vectors is None:
+            return self.embeddings(modality, positions)
+        positions = np.asarray(positions, dtype=np.int64)
+        out = np.take(vectors, np.maximum(positions, 0).reshape(-1), axis=0)
+        out[positions.reshape(-1) < 0] = 0
+        return out.reshape(*positions.shape, self.dim)
+
+    def _index_vectors(self, modality: str) -> np.ndarray | None:
+        """(n, d) float32 view of the vectors stored in the ``modality`` index, if it keeps
+        them uncompressed (IndexFlat, IndexRefineFlat); None otherwise (or without indices)."""
+        if modality not in self._vectors:
+            self._vectors[modality] = _flat_vectors(self.indices.get(modality), self.n, self.dim)
+        return self._vectors[modality]
 
     def context(self, queries: np.ndarray, field: str, k: int) -> np.ndarray:
         """Search then fetch for a context field like "v_img_txt" -> (q, k, d) float32."""

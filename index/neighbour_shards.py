@@ -1,6 +1,10 @@
-"""Output shards of the neighbour pass: planning, resume and manifests (no Beam, no faiss).
+"""Output shards of the neighbour pass: planning, Arrow tables, writing, resume and manifests
+(no Beam, no faiss).
 
-The format itself is documented in ``reco.pipelines.neighbours``.
+The format itself is documented in ``reco.pipelines.neighbours``. Tables are built from whole
+numpy buffers (one FixedSizeList per column over one flat array, no per-row lists) and written
+without statistics or dictionaries: min/max of float16 vectors are useless to the trainer and
+cost more than the encoding itself.
 """
 from __future__ import annotations
 
@@ -8,9 +12,12 @@ import hashlib
 import json
 import logging
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from reco import formats
@@ -20,6 +27,11 @@ from reco.index.embedded import EmbeddedSplit, success_count
 log = logging.getLogger(__name__)
 PLAN_FILE = "plan.json"
 SUBDIRS = ("ids", "tensors")
+# tensors: fp16 blocks do not compress and decode ~5x faster uncompressed; ids: small, snappy.
+# Larger write batches: ~15% less CPU for the float16 columns (pages of ~0.5 MB).
+WRITE_OPTIONS = {"ids": {"use_dictionary": False, "write_statistics": False},
+                 "tensors": {"use_dictionary": False, "write_statistics": False, "compression": "none",
+                             "write_batch_size": 1 << 18}}
 
 
 @dataclass(frozen=True)
@@ -75,14 +87,63 @@ def reset_if_stale(out: Path, plan: dict) -> bool:
 
 
 def is_complete(out: Path, spec: ShardSpec) -> bool:
-    """Both files of the shard exist (they are written atomically, tensors last) with its rows."""
-    tensors = out / "tensors" / spec.name
-    if not (out / "ids" / spec.name).exists() or not tensors.exists():
-        return False
+    """Both files of the shard exist (written atomically, tensors last) with the shard's rows."""
     try:
-        return pq.read_metadata(tensors).num_rows == spec.n_rows
-    except Exception:                     # unreadable: recompute it
+        return all(pq.read_metadata(out / sub / spec.name).num_rows == spec.n_rows for sub in SUBDIRS)
+    except Exception:                     # missing or unreadable: recompute it
         return False
+
+
+def _fixed_lists(values: np.ndarray, width: int, type_: pa.DataType) -> pa.Array:
+    """(n, ...) array -> FixedSizeList<type_>[width] over its flat buffer (no per-row lists)."""
+    flat = np.ascontiguousarray(values).reshape(-1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat, type=type_), width)
+
+
+def ids_table(ids: np.ndarray, hits: dict[str, tuple[np.ndarray, np.ndarray]], k: int,
+              stats: dict) -> pa.Table:
+    """``neighbours_schema``: {search: (scores (n, k), memory ids (n, k))}; stats in metadata."""
+    schema = formats.neighbours_schema(k, sorted(hits))
+    schema = schema.with_metadata({**schema.metadata, b"reco.stats": json.dumps(stats).encode()})
+    cols = [pa.array(ids, type=pa.int64())]
+    for search in sorted(hits):
+        scores, mem_ids = hits[search]
+        cols += [_fixed_lists(mem_ids.astype(np.int64, copy=False), k, pa.int64()),
+                 _fixed_lists(scores.astype(np.float32, copy=False), k, pa.float32())]
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def tensors_table(ids: np.ndarray, v: np.ndarray, t: np.ndarray, blocks: dict[str, np.ndarray],
+                  dim: int, k: int, fields: tuple[str, ...]) -> pa.Table:
+    """``tensors_schema``: the pair (v, t) and each field's (n, k, dim) block, as float16."""
+    cols = [pa.array(ids, type=pa.int64()), *(_fixed_lists(x.astype(np.float16, copy=False), dim,
+                                                            pa.float16()) for x in (v, t))]
+    cols += [_fixed_lists(blocks[f].astype(np.float16, copy=False), k * dim, pa.float16()) for f in fields]
+    return pa.Table.from_arrays(cols, schema=formats.tensors_schema(dim, k, fields))
+
+
+def _atomic_write(table: pa.Table, path: str, options: dict) -> None:
+    """Local paths: pyarrow's native file (no Python file object: the encoding never takes the
+    GIL, so it overlaps the next shard's search) through a temporary name, then os.replace.
+    Other filesystems (gs://, s3://): reco.formats.atomic_write_table."""
+    if "://" in path:
+        formats.atomic_write_table(table, path, **options)
+        return
+    folder, name = os.path.split(path)
+    os.makedirs(folder or ".", exist_ok=True)
+    tmp = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        pq.write_table(table, tmp, **options)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_shard(out: str | Path, name: str, tables: dict[str, pa.Table]) -> None:
+    """Write {"ids": table, "tensors": table} atomically, tensors last (see is_complete)."""
+    for sub in SUBDIRS:
+        _atomic_write(tables[sub], os.path.join(str(out), sub, name), WRITE_OPTIONS[sub])
 
 
 def shard_stats(out: Path, name: str) -> dict:

@@ -1,16 +1,25 @@
 """``reco precompute-neighbours``: kNN of every training pair in the memory, cached for the trainer.
 
-Beam job (DirectRunner; ``neighbours.direct_running_mode=multi_processing`` with
-``direct_num_workers`` splits the output shards across worker processes)::
+Beam job (DirectRunner by default; ``neighbours.direct_running_mode=multi_processing`` with
+``direct_num_workers`` splits the output shards across worker processes; any other runner
+through ``beam_options``)::
 
-    Create(shard specs) -> Reshuffle -> ReadTrainShards -> SearchNeighbours -> Materialise -> WriteShards
+    Create(shard specs) -> Spread (Reshuffle) -> NeighbourShards: one DoFn call per output shard
+                                                 read -> search -> fetch -> write
 
 * A shard spec is one OUTPUT shard: ``shard_size`` consecutive success rows of the training split
   (slices of one or more embedded input shards). Each worker holds one shard at a time, so memory
   does not grow with the number of training pairs; finished shards are skipped on resume.
-* SearchNeighbours loads the memory once per worker (``DoFn.setup``, memory-mapped) and searches
-  in batches of ``batch_size`` queries, excluding near-duplicates of the pair
-  (``reco.index.neighbours``).
+* The steps of a shard run fused in one DoFn call (:func:`compute_shard`), so that no large
+  array is ever encoded between Beam stages: the DoFn loads the memory once per worker
+  (``DoFn.setup``, memory-mapped), searches each block of ``batch_size`` queries with one faiss
+  call per search (faiss's OpenMP threads over the queries), excludes near-duplicates of the pair
+  and fetches the hits' embeddings vectorised (``reco.index.neighbours``), and writes the two
+  Parquet files itself (``reco.index.neighbour_shards``), in a background thread that overlaps
+  the next shard's search (at most one shard waits). It outputs one small record per shard
+  ({"name", "rows", "n_excluded", "n_missing"}); the driver checks the row counts of the files
+  after the run, so the job's output never needs to come back from the runner. Beam counters
+  (namespace ``reco.neighbours``) hold the pairs done and the milliseconds spent in each step.
 
 Output, under ``cfg.paths.neighbours``:
 
@@ -41,17 +50,18 @@ from pathlib import Path
 
 import apache_beam as beam
 import numpy as np
-import pyarrow as pa
 
 from reco import formats
 from reco.config import RecoConfig
-from reco.errors import ConfigError
+from reco.errors import ConfigError, FormatError
 from reco.index import neighbour_shards as shards
 from reco.index.build import normalise
 from reco.index.embedded import open_split, read_shard
 from reco.index.neighbour_shards import ShardSpec
 
 log = logging.getLogger(__name__)
+METRICS = "reco.neighbours"
+STEPS = ("read", "search", "fetch", "write")
 
 
 @dataclass(frozen=True)
@@ -70,207 +80,232 @@ class Settings:
     batch_size: int
     mmap: bool = True
     use_gpu: bool = False
-    threads: int = 0
+    threads: int = 0                   # faiss OpenMP threads per worker; 0 = faiss's default
 
 
 # --------------------------------------------------------------------------------------------
-# DoFns and composite transforms
+# one output shard (no Beam): read -> search -> fetch -> write
 # --------------------------------------------------------------------------------------------
 
-class _ReadFn(beam.DoFn):
-    def __init__(self, dim: int):
-        self.dim = dim
-
-    def process(self, spec: ShardSpec):
-        parts = [read_shard(path, self.dim, start, stop) for path, start, stop in spec.slices]
-        yield {"spec": spec, "id": np.concatenate([p["id"] for p in parts]),   # fp16 -> unit norm
-               "img": normalise(np.concatenate([p["image"] for p in parts])),
-               "txt": normalise(np.concatenate([p["text"] for p in parts]))}
+def read_pairs(spec: ShardSpec, dim: int) -> dict[str, np.ndarray]:
+    """{"id", "img", "txt"}: the validated success rows of the spec, embeddings unit-norm float32."""
+    parts = [read_shard(path, dim, start, stop) for path, start, stop in spec.slices]
+    return {"id": np.concatenate([p["id"] for p in parts]),
+            "img": normalise(np.concatenate([p["image"] for p in parts])),
+            "txt": normalise(np.concatenate([p["text"] for p in parts]))}
 
 
-class _MemoryFn(beam.DoFn):
-    load_indices = True
+def search_shard(memory, pair: dict[str, np.ndarray], s: Settings):
+    """{search: (scores (n, k), positions (n, k))} and exclusion counts, ``batch_size`` queries
+    per faiss call (one call per search and block)."""
+    from reco.index.neighbours import neighbour_batch
+
+    n = len(pair["id"])
+    found = {q: (np.empty((n, s.k), np.float32), np.empty((n, s.k), np.int64)) for q in s.searches}
+    stats = {"n_excluded": 0, "n_missing": 0}
+    for start in range(0, n, s.batch_size):
+        sl = slice(start, start + s.batch_size)
+        block, info = neighbour_batch(memory, {"img": pair["img"][sl], "txt": pair["txt"][sl]},
+                                      list(s.searches), s.k, threshold=s.threshold,
+                                      dedup_on=s.dedup_on, margin=s.margin)
+        for q, (scores, positions) in block.items():
+            found[q][0][sl], found[q][1][sl] = scores, positions
+        stats = {key: stats[key] + info[key] for key in stats}
+    return found, stats
+
+
+def shard_tables(memory, pair: dict[str, np.ndarray], found: dict, stats: dict, s: Settings) -> dict:
+    """The ids and tensors tables of the shard (hits' embeddings fetched as float16)."""
+    from reco.index.neighbours import materialise
+
+    ids, hits = np.asarray(memory.ids), {}
+    for q, (scores, positions) in found.items():
+        hits[q] = (scores, np.where(positions >= 0, np.take(ids, np.maximum(positions, 0)), -1))
+    blocks = materialise(memory, found, s.fields)
+    return {"ids": shards.ids_table(pair["id"], hits, s.k, stats),
+            "tensors": shards.tensors_table(pair["id"], pair["img"], pair["txt"], blocks,
+                                            s.dim, s.k, s.fields)}
+
+
+def compute_shard(memory, spec: ShardSpec, s: Settings) -> tuple[dict, dict]:
+    """The tables of one output shard (nothing written) and its record {"name", "rows",
+    "n_excluded", "n_missing", "seconds": {step: seconds}}."""
+    t = [time.perf_counter()]
+    pair = read_pairs(spec, s.dim)
+    t.append(time.perf_counter())
+    found, stats = search_shard(memory, pair, s)
+    t.append(time.perf_counter())
+    tables = shard_tables(memory, pair, found, stats, s)
+    t.append(time.perf_counter())
+    if tables["tensors"].num_rows != spec.n_rows:
+        raise FormatError(f"{spec.name}: {tables['tensors'].num_rows} rows read, {spec.n_rows} planned; "
+                          f"the training split changed during the run")
+    return tables, {"name": spec.name, "rows": spec.n_rows, **stats,
+                    "seconds": {step: t[i + 1] - t[i] for i, step in enumerate(STEPS[:3])}}
+
+
+def write_computed(out_folder: str, tables: dict, record: dict) -> dict:
+    """Write the tables of :func:`compute_shard` (atomically); the record with the write time."""
+    t0 = time.perf_counter()
+    shards.write_shard(out_folder, record["name"], tables)
+    return {**record, "seconds": {**record["seconds"], "write": time.perf_counter() - t0}}
+
+
+# --------------------------------------------------------------------------------------------
+# Beam
+# --------------------------------------------------------------------------------------------
+
+class _ShardFn(beam.DoFn):
+    """ShardSpec -> {"name", "rows", "n_excluded", "n_missing"} once the shard's files are written.
+
+    The Parquet encoding of a shard (C++, without the GIL) runs in a background thread while
+    the next shard is searched: at most one shard waits to be written, so memory stays bounded.
+    Its record is output when the write is done (by the next call or by finish_bundle)."""
 
     def __init__(self, settings: Settings):
         self.s = settings
 
     def setup(self):
-        import faiss
+        from concurrent.futures import ThreadPoolExecutor
 
         from reco.index.memory import Memory
 
-        if self.s.threads:
+        self._threads()
+        self.memory = Memory.load(self.s.index_folder, mmap=self.s.mmap, use_gpu=self.s.use_gpu)
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="neighbours-write")
+        self.pending = None
+
+    def _threads(self):
+        if self.s.threads:                  # OpenMP settings are per calling thread
+            import faiss
+
             faiss.omp_set_num_threads(self.s.threads)
-        self.memory = Memory.load(self.s.index_folder, mmap=self.s.mmap,
-                                  load_indices=self.load_indices, use_gpu=self.s.use_gpu)
 
+    def start_bundle(self):
+        self.pending = None
 
-class _SearchFn(_MemoryFn):
-    def process(self, batch: dict):
-        from reco.index.neighbours import neighbour_batch
+    def _written(self):
+        """Wait for the pending write; its record (counters updated in the bundle's thread)."""
+        if self.pending is None:
+            return []
+        record, self.pending = self.pending.result(), None
+        beam.metrics.Metrics.counter(METRICS, "pairs").inc(record["rows"])
+        for step, seconds in record.pop("seconds").items():
+            beam.metrics.Metrics.counter(METRICS, f"{step}_ms").inc(int(seconds * 1000))
+        return [record]
 
-        n, s = len(batch["id"]), self.s
-        results = {q: (np.empty((n, s.k), np.float32), np.empty((n, s.k), np.int64)) for q in s.searches}
-        stats = {"n_excluded": 0, "n_missing": 0}
-        for start in range(0, n, s.batch_size):
-            sl = slice(start, start + s.batch_size)
-            found, info = neighbour_batch(self.memory, {"img": batch["img"][sl], "txt": batch["txt"][sl]},
-                                          list(s.searches), s.k, threshold=s.threshold,
-                                          dedup_on=s.dedup_on, margin=s.margin)
-            for q, (scores, positions) in found.items():
-                results[q][0][sl], results[q][1][sl] = scores, positions
-            stats = {key: stats[key] + info[key] for key in stats}
-        yield {**batch, "results": results, "stats": stats}
+    def process(self, spec: ShardSpec):
+        self._threads()
+        tables, record = compute_shard(self.memory, spec, self.s)
+        done = self._written()
+        self.pending = self.writer.submit(write_computed, self.s.out_folder, tables, record)
+        yield from done
 
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindows
 
-class _MaterialiseFn(_MemoryFn):
-    load_indices = False
+        for record in self._written():
+            yield GlobalWindows.windowed_value(record)
 
-    def process(self, batch: dict):
-        from reco.index.neighbours import materialise
-
-        s, m = self.s, self.memory
-        n = len(batch["id"])
-        ids = pa.array(batch["id"], type=pa.int64())
-        cols = {"id": ids}
-        for q, (scores, positions) in batch["results"].items():
-            mem_ids = np.where(positions >= 0, m.ids[np.maximum(positions, 0)], -1).astype(np.int64)
-            cols[f"{q}_ids"] = pa.FixedSizeListArray.from_arrays(pa.array(mem_ids.reshape(-1)), s.k)
-            cols[f"{q}_scores"] = pa.FixedSizeListArray.from_arrays(
-                pa.array(scores.reshape(-1), type=pa.float32()), s.k)
-        schema = formats.neighbours_schema(s.k, list(s.searches))
-        schema = schema.with_metadata({**schema.metadata, b"reco.stats": json.dumps(batch["stats"]).encode()})
-        ids_table = pa.Table.from_pydict(cols, schema=schema)
-        blocks = {f: np.empty((n, s.k * s.dim), np.float16) for f in s.fields}
-        for start in range(0, n, s.batch_size):
-            sl = slice(start, start + s.batch_size)
-            part = {q: (sc[sl], pos[sl]) for q, (sc, pos) in batch["results"].items()}
-            for f, arr in materialise(m, part, s.fields).items():
-                blocks[f][sl] = arr.reshape(len(arr), -1)
-        tcols = {"id": ids, "v": formats.to_fp16_list(batch["img"], s.dim),
-                 "t": formats.to_fp16_list(batch["txt"], s.dim)}
-        tcols.update({f: formats.to_fp16_list(blocks[f], s.k * s.dim) for f in s.fields})
-        tensors = pa.Table.from_pydict(tcols, schema=formats.tensors_schema(s.dim, s.k, s.fields))
-        yield {"spec": batch["spec"], "ids": ids_table, "tensors": tensors, "stats": batch["stats"]}
-
-
-class _WriteFn(beam.DoFn):
-    def __init__(self, out_folder: str):
-        self.out = out_folder
-
-    def process(self, shard: dict):
-        name = shard["spec"].name
-        formats.atomic_write_table(shard["ids"], os.path.join(self.out, "ids", name))
-        formats.atomic_write_table(shard["tensors"], os.path.join(self.out, "tensors", name),
-                                   use_dictionary=False, compression="none")  # fp16 decodes 5x faster
-        yield {"name": name, "rows": shard["tensors"].num_rows, **shard["stats"]}
-
-
-class ReadTrainShards(beam.PTransform):
-    """ShardSpec -> {"spec", "id", "img", "txt"} (validated success rows of the training split)."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.dim = dim
-
-    def expand(self, specs):
-        return specs | "ReadSlices" >> beam.ParDo(_ReadFn(self.dim))
-
-
-class SearchNeighbours(beam.PTransform):
-    """Adds "results": {search: (scores, positions)} with near-duplicates of the pair excluded."""
-
-    def __init__(self, settings: Settings):
-        super().__init__()
-        self.settings = settings
-
-    def expand(self, batches):
-        return batches | "Search" >> beam.ParDo(_SearchFn(self.settings))
-
-
-class Materialise(beam.PTransform):
-    """Search results -> the two Arrow tables of one output shard (ids and trainer tensors)."""
-
-    def __init__(self, settings: Settings):
-        super().__init__()
-        self.settings = settings
-
-    def expand(self, batches):
-        return batches | "Fetch" >> beam.ParDo(_MaterialiseFn(self.settings))
-
-
-class WriteShards(beam.PTransform):
-    """Writes ids/ then tensors/ atomically; yields {"name", "rows", "n_excluded", "n_missing"}."""
-
-    def __init__(self, out_folder: str):
-        super().__init__()
-        self.out = out_folder
-
-    def expand(self, shards):
-        return shards | "Write" >> beam.ParDo(_WriteFn(self.out))
+    def teardown(self):
+        if getattr(self, "writer", None) is not None:
+            self.writer.shutdown(wait=True)
 
 
 class PrecomputeNeighbours(beam.PTransform):
-    """ShardSpecs -> written shard records (the whole job but its Create)."""
+    """ShardSpecs -> records of the written shards (the whole job but its Create)."""
 
     def __init__(self, settings: Settings):
         super().__init__()
         self.settings = settings
 
     def expand(self, specs):
-        s = self.settings
         return (specs
                 | "Spread" >> beam.Reshuffle()
-                | "ReadTrainShards" >> ReadTrainShards(s.dim)
-                | "SearchNeighbours" >> SearchNeighbours(s)
-                | "Materialise" >> Materialise(s)
-                | "WriteShards" >> WriteShards(s.out_folder))
+                | "NeighbourShards" >> beam.ParDo(_ShardFn(self.settings)))
 
 
 # --------------------------------------------------------------------------------------------
 # driver
 # --------------------------------------------------------------------------------------------
 
-def make_settings(cfg: RecoConfig, dim: int) -> Settings:
-    """Validated worker settings from ``cfg.neighbours`` / ``cfg.index``."""
+def make_settings(cfg: RecoConfig, dim: int, options=None) -> Settings:
+    """Validated worker settings from ``cfg.neighbours`` / ``cfg.index``; with several DirectRunner
+    worker processes (``options``, default: from cfg), faiss threads = cores / workers."""
     n = cfg.neighbours
     searches = tuple(formats.search_keys(tuple(n.fields)))    # validates the field names
     if n.k < 1:
         raise ConfigError(f"neighbours.k must be >= 1, got {n.k}")
+    if n.batch_size < 1:
+        raise ConfigError(f"neighbours.batch_size must be >= 1, got {n.batch_size}")
     bad = [m for m in n.dedup_on if m not in formats.MODALITIES]
     if bad:
         raise ConfigError(f"neighbours.dedup_on: unknown modality {bad[0]!r}; use img and/or txt")
-    workers = max(n.direct_num_workers, 1) if n.direct_running_mode == "multi_processing" else 1
+    direct = (options or pipeline_options(cfg)).get_all_options()
+    cores = os.cpu_count() or 1
+    workers = ((direct.get("direct_num_workers") or cores)
+               if direct.get("direct_running_mode") == "multi_processing" else 1)
     return Settings(index_folder=str(cfg.paths.index), out_folder=str(cfg.paths.neighbours), dim=dim,
                     k=n.k, fields=tuple(n.fields), searches=searches, threshold=n.dedup_threshold,
                     dedup_on=tuple(n.dedup_on), margin=n.search_margin, batch_size=n.batch_size,
                     mmap=True, use_gpu=cfg.index.use_gpu,
-                    threads=max((os.cpu_count() or 1) // workers, 1) if workers > 1 else 0)
+                    threads=max(cores // workers, 1) if workers > 1 else 0)
 
 
-def pipeline_options(cfg: RecoConfig, argv: list[str] | None = None):
+def pipeline_options(cfg: RecoConfig, beam_options: list[str] | None = None):
+    """PipelineOptions from ``cfg.neighbours`` (runner, direct running mode and workers), then
+    ``beam_options`` (Beam flags such as ``--runner=PortableRunner``), which win."""
     from apache_beam.options.pipeline_options import PipelineOptions
 
     n = cfg.neighbours
-    if n.direct_running_mode == "multi_threading":
+    flags = [f"--runner={n.runner}", f"--direct_running_mode={n.direct_running_mode}",
+             f"--direct_num_workers={n.direct_num_workers}", *(beam_options or [])]
+    options = PipelineOptions(flags)
+    if options.get_all_options().get("direct_running_mode") == "multi_threading":
         raise ConfigError("neighbours.direct_running_mode: use in_memory or multi_processing")
-    return PipelineOptions(argv or [], runner=n.runner, direct_running_mode=n.direct_running_mode,
-                           direct_num_workers=n.direct_num_workers)
+    return options
 
 
-def run(specs: list[ShardSpec], settings: Settings, options) -> None:
-    """Wire Create -> PrecomputeNeighbours and run it (blocking)."""
-    with beam.Pipeline(options=options) as p:
-        _ = p | "ShardSpecs" >> beam.Create(specs) | "Neighbours" >> PrecomputeNeighbours(settings)
+def _step_seconds(result) -> dict:
+    """{step: seconds, "pairs": n} from the job's counters ({} where the runner has none)."""
+    from apache_beam.metrics.metric import MetricsFilter
+
+    try:
+        counters = result.metrics().query(MetricsFilter().with_namespace(METRICS))["counters"]
+    except Exception:                                   # runner without metrics
+        return {}
+    out = {}
+    for c in counters:
+        value = c.committed if c.committed is not None else c.attempted
+        name = c.key.metric.name
+        out[name] = out.get(name, 0) + (value or 0)
+    return {(k[:-3] if k.endswith("_ms") else k): (v / 1000 if k.endswith("_ms") else v)
+            for k, v in out.items()}
 
 
-def precompute_neighbours(cfg: RecoConfig, force: bool = False) -> dict:
+def run(specs: list[ShardSpec], settings: Settings, options) -> dict:
+    """Wire Create -> PrecomputeNeighbours, run it (blocking); the job's step counters."""
+    pipeline = beam.Pipeline(options=options)
+    _ = pipeline | "ShardSpecs" >> beam.Create(specs) | "Neighbours" >> PrecomputeNeighbours(settings)
+    result = pipeline.run()
+    result.wait_until_finish()
+    return _step_seconds(result)
+
+
+def precompute_neighbours(cfg: RecoConfig, force: bool = False,
+                          beam_options: list[str] | None = None) -> dict:
     """kNN of every success pair of ``cfg.paths.embedded("train")`` in the memory index, written
     to ``cfg.paths.neighbours`` (see the module docstring); returns the manifest info.
 
     Args:
         cfg: run configuration (``cfg.neighbours``: k, fields, dedup, shard/batch sizes, runner).
         force: recompute every shard instead of resuming.
+        beam_options: extra Beam pipeline flags (e.g. ``["--runner=PortableRunner",
+            "--job_endpoint=localhost:8099", "--environment_type=LOOPBACK"]``); they override
+            the runner options of ``cfg.neighbours``.
+
+    The info holds ``seconds`` (the whole call), ``job_seconds`` (the Beam job, startup
+    included) and, where the runner reports counters, ``step_seconds`` (time in each step).
     """
     from reco.index.memory import Memory
 
@@ -278,7 +313,8 @@ def precompute_neighbours(cfg: RecoConfig, force: bool = False) -> dict:
     train = open_split(cfg.paths.embedded("train"))
     memory = Memory.load(cfg.paths.index, mmap=True, load_indices=False)
     memory.check_compatible(train.model_id, train.dim)          # before any work
-    settings = make_settings(cfg, train.dim)
+    options = pipeline_options(cfg, beam_options)
+    settings = make_settings(cfg, train.dim, options)
     specs = shards.plan_shards(train, cfg.neighbours.shard_size)
     out = Path(settings.out_folder)
     plan = {k: v for k, v in asdict(settings).items() if k not in ("out_folder", "threads", "use_gpu", "mmap")}
@@ -292,26 +328,30 @@ def precompute_neighbours(cfg: RecoConfig, force: bool = False) -> dict:
     todo = [s for s in specs if not shards.is_complete(out, s)]
     log.info("neighbours: %d pairs in %d shard(s), %d to compute", sum(s.n_rows for s in specs),
              len(specs), len(todo))
-    if todo:
-        run(todo, settings, pipeline_options(cfg))
+    t_job = time.perf_counter()
+    steps = run(todo, settings, options) if todo else {}
+    job_seconds = time.perf_counter() - t_job
     info = {"dim": settings.dim, "k": settings.k, "fields": list(settings.fields),
             "searches": list(settings.searches), "model_id": memory.model_id,
             "dedup_threshold": settings.threshold, "dedup_on": list(settings.dedup_on),
             "index_fingerprint": memory.info.get("fingerprint"), "memory_n": memory.n,
             "fingerprint": plan["fingerprint"]}
-    info = shards.write_manifests(out, specs, info)
-    seconds = time.perf_counter() - t0
+    info = shards.write_manifests(out, specs, info)             # checks every shard's row counts
     return {**info, "n_pairs": sum(s.n_rows for s in specs), "shards": len(specs),
             "computed_shards": len(todo), "skipped_shards": len(specs) - len(todo),
-            "seconds": round(seconds, 2)}
+            "computed_pairs": sum(s.n_rows for s in todo), "seconds": round(time.perf_counter() - t0, 2),
+            "job_seconds": round(job_seconds, 2),
+            "step_seconds": {k: round(v, 2) for k, v in steps.items() if k in STEPS}}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="recompute every shard (no resume)")
+    parser.add_argument("--beam-option", action="append", default=None, metavar="FLAG",
+                        help="extra Beam pipeline flag, repeatable (e.g. --beam-option=--runner=PortableRunner)")
 
 
 def main(cfg: RecoConfig, args: argparse.Namespace) -> int:
-    info = precompute_neighbours(cfg, force=bool(args.force))
+    info = precompute_neighbours(cfg, force=bool(args.force), beam_options=args.beam_option)
     print(json.dumps({k: info[k] for k in ("n_pairs", "shards", "computed_shards", "skipped_shards",
                                            "k", "fields", "n_excluded", "n_missing", "seconds")}, indent=2))
     print(f"neighbours written to {cfg.paths.neighbours}")

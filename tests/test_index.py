@@ -97,6 +97,21 @@ def test_memory_alignment_mmap_and_info(ivf_world):
     np.testing.assert_allclose(ctx[:, 0], memory.text_emb[:3].astype(np.float32))
 
 
+def test_memory_embeddings_float16_and_sorted_reads(ivf_world):
+    cfg, _, _ = ivf_world
+    memory = Memory.load(cfg.paths.index, mmap=True)
+    positions = np.random.default_rng(0).integers(-1, memory.n, (40, 7))
+    positions[3] = -1
+    got = memory.embeddings("txt", positions)
+    assert got.dtype == np.float32 and got.shape == (40, 7, 64)
+    expected = np.where((positions >= 0)[..., None], memory.text_emb[np.maximum(positions, 0)], 0)
+    np.testing.assert_array_equal(got, expected.astype(np.float32))
+    np.testing.assert_array_equal(memory.embeddings("txt", positions, sorted_reads=True), got)
+    half = memory.embeddings("txt", positions, dtype=np.float16)
+    assert half.dtype == np.float16
+    np.testing.assert_array_equal(half, expected)
+
+
 def test_exact_index_equals_brute_force(tmp_path):
     cfg, data = make_synthetic(tmp_path, n_memory=2000, n_test=50, n_planted=0)
     info = build_memory_index(cfg)

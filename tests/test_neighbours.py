@@ -9,14 +9,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from reco import formats
-from reco.errors import FormatError, MismatchError
+from reco.errors import ConfigError, FormatError, MismatchError
 from reco.index.build import build_memory_index
 from reco.index.memory import Memory
 from reco.index.neighbour_shards import plan_shards
 from reco.index.neighbours import search_excluding
 from reco.index.embedded import open_split
 from reco.index.synthetic import write_embedded
-from reco.pipelines.neighbours import PrecomputeNeighbours, make_settings, precompute_neighbours
+from reco.pipelines.neighbours import (PrecomputeNeighbours, make_settings, pipeline_options,
+                                      precompute_neighbours)
 from tests.fixtures.index import ALL_FIELDS, make_synthetic
 
 N_TRAIN, N_FAILED, N_COPIES = 1200, 40, 6
@@ -75,6 +76,7 @@ def reference(memory, queries, pair_img, k, threshold, index):
 def test_every_train_id_once_and_manifests(computed):
     cfg, data, info = computed
     assert info["n_pairs"] == N_TRAIN - N_FAILED and info["shards"] == 3
+    assert set(info["step_seconds"]) == {"read", "search", "fetch", "write"}   # Beam counters
     ids_manifest, ids_tables = _all_rows(cfg.paths.neighbours / "ids")
     t_manifest, t_tables = _all_rows(cfg.paths.neighbours / "tensors")
     got = np.concatenate([t.column("id").to_numpy() for t in ids_tables])
@@ -187,6 +189,38 @@ def test_beam_transform_counts_rows_end_to_end(world, tmp_path):
     got = np.concatenate([pq.read_table(tmp_path / "tensors" / s.name).column("id").to_numpy()
                           for s in specs])
     assert len(got) == len(set(got.tolist())) == N_TRAIN - N_FAILED
+
+
+def test_beam_options_override_the_config(world):
+    from apache_beam.options.pipeline_options import DirectOptions, PortableOptions, StandardOptions
+
+    cfg, _ = world
+    default = pipeline_options(cfg)
+    assert default.view_as(StandardOptions).runner == "DirectRunner"
+    assert default.view_as(DirectOptions).direct_running_mode == "in_memory"
+    portable = pipeline_options(cfg, ["--runner=PortableRunner", "--job_endpoint=localhost:8099",
+                                      "--environment_type=LOOPBACK"])
+    assert portable.view_as(StandardOptions).runner == "PortableRunner"
+    assert portable.view_as(PortableOptions).job_endpoint == "localhost:8099"
+    with pytest.raises(ConfigError, match="direct_running_mode"):
+        pipeline_options(cfg, ["--direct_running_mode=multi_threading"])
+
+
+def test_worker_processes_give_the_same_shards(world, computed, tmp_path):
+    """Two DirectRunner worker processes (the DoFn and its settings are pickled to them, as for a
+    portable runner); the files equal those of the in-process run."""
+    cfg, _, _ = computed
+    other = dataclasses.replace(cfg, workdir=str(tmp_path))
+    (tmp_path / "index").symlink_to(cfg.paths.index, target_is_directory=True)
+    (tmp_path / "embeddings").mkdir()
+    (tmp_path / "embeddings" / "train").symlink_to(cfg.paths.embedded("train"), target_is_directory=True)
+    info = precompute_neighbours(other, beam_options=["--direct_running_mode=multi_processing",
+                                                      "--direct_num_workers=2"])
+    assert info["computed_pairs"] == N_TRAIN - N_FAILED and info["shards"] == 3
+    for sub in ("ids", "tensors"):
+        for name in formats.Manifest.read(cfg.paths.neighbours / sub).shards:
+            assert pq.read_table(tmp_path / "neighbours" / sub / name).equals(
+                pq.read_table(cfg.paths.neighbours / sub / name)), (sub, name)
 
 
 def test_errors_before_any_work(world, tmp_path):

@@ -1,22 +1,39 @@
 """Benchmark of the index stage: IVF-PQ(+refine) vs exact search, and the neighbour pass.
 
-``bench_index(out_dir, quick)`` on synthetic clustered unit vectors (>= 200k memory items):
+``bench_index(out_dir, quick)`` on synthetic clustered unit vectors (200k memory items):
 
 * build-index as the project runs it (autofaiss, key chosen by ``reco.index.keys``, nprobe tuned);
 * recall@10 and queries/s of the tuned IVF-PQ+refine index vs exact ``IndexFlatIP`` on fresh
   queries (never in the memory nor used for tuning);
-* the neighbour pass's throughput vs raw faiss search on the same index: the search core alone
-  (k + margin hits, duplicate exclusion, materialisation of one field), and the whole Beam job
-  (read shards, search, materialise, write Parquet) for two training-set sizes, with the
-  tracemalloc peak of each (it should not grow with the number of pairs) and the process's
-  peak RSS.
+* the neighbour pass vs RAW FAISS SEARCH ON THE SAME INDEX. Raw = ``index.search`` of the same
+  training queries (read and normalised as the pass reads them), with the k the pass searches
+  (``k + search_margin``), one call per modality (image queries -> image index, text queries ->
+  text index: the two searches of the default fields), the index loaded as the pass loads it
+  (memory-mapped, tuned nprobe / k_factor), faiss OpenMP threads = all cores in both;
+  ``raw_pairs_per_s = n / (t_img + t_txt)``.
+
+  - ``core``: the pass's faiss/numpy core in-process on the same queries: search + exclusion
+    (``neighbour_batch``) and search + exclusion + fetch of the fused embeddings;
+  - ``pass_<n>``: the whole ``precompute_neighbours`` (plan, Beam job on the DirectRunner: read
+    the shards, search, exclude, fetch, write the Parquet files; manifests) for n training
+    pairs, each run in a FRESH process, so that its peak RSS is its own (it must not grow with
+    n). ``ratio = pass pairs/s / raw pairs/s`` with the raw run just before and just after the
+    pass averaged (the 2 shared cores of the dev machine make single timings noisy);
+    ``ratio_excl_startup`` removes the fixed cost of a run (measured on a 1-shard input);
+    ``cpu_ratio`` compares process CPU seconds, the robust figure on a shared machine.
+
+Run: ``reco bench --only index`` (quick: pass sizes 20k and 100k; ``--full``: 20k and 200k, plus
+a 512-d memory).
 """
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import resource
+import subprocess
+import sys
 import time
-import tracemalloc
 from pathlib import Path
 
 import faiss
@@ -25,28 +42,109 @@ import numpy as np
 from reco import config as config_lib
 from reco.index.build import build_memory_index, normalise
 from reco.index.memory import Memory
-from reco.index.neighbours import materialise, neighbour_batch
 from reco.index.synthetic import clustered_pairs, write_embedded
+
+TRAIN_SHARD = 2500               # rows per embedded training shard (several per output shard)
+
+
+def _threads() -> int:
+    """faiss: all cores; torch (if some other bench loaded it): 1."""
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+    return faiss.omp_get_max_threads()
+
+
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM: reset by exec, unlike ru_maxrss, which a child started
+    with fork + exec inherits from its parent)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _timed(fn) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of fn()."""
+    c0, t0 = _cpu(), time.perf_counter()
+    fn()
+    return time.perf_counter() - t0, _cpu() - c0
 
 
 def _qps(fn, n: int) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return round(n / max(time.perf_counter() - t0, 1e-9), 1)
+    return round(n / max(_timed(fn)[0], 1e-9), 1)
 
 
 def _recall(found: np.ndarray, truth: np.ndarray) -> float:
     return round(float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)])), 4)
 
 
-def _setup(root: Path, n_memory: int, n_train: int, dim: int, n_clusters: int):
-    cfg = config_lib.preset("demo", workdir=str(root))
-    img, txt, _, centers = clustered_pairs(n_memory, dim, n_clusters, seed=0)
-    write_embedded(cfg.paths.embedded("memory"), img, txt, shard_size=50000)
-    ri, rt, _, _ = clustered_pairs(n_train, dim, n_clusters, seed=2, centers=centers)
-    write_embedded(cfg.paths.embedded("train"), ri, rt, shard_size=2500)
-    return cfg, centers
+def _cfg(root: Path):
+    return config_lib.preset("demo", workdir=str(root))
 
+
+def _train_queries(cfg) -> dict[str, np.ndarray]:
+    """The training pairs as the pass reads them (success rows, unit norm float32)."""
+    from reco.index.embedded import open_split, read_split
+
+    data = read_split(open_split(cfg.paths.embedded("train")))
+    return {"img": normalise(data["image"]), "txt": normalise(data["text"])}
+
+
+# --------------------------------------------------------------------------------------------
+# the two measured processes (run as ``python -m reco.bench.index raw|pass WORKDIR``)
+# --------------------------------------------------------------------------------------------
+
+def measure_raw(workdir: str) -> dict:
+    """Raw faiss search of the training queries, k = k + margin, both modalities."""
+    cfg = _cfg(Path(workdir))
+    threads = _threads()
+    queries = _train_queries(cfg)
+    memory = Memory.load(cfg.paths.index, mmap=True)            # as the pass loads it
+    k = cfg.neighbours.k + cfg.neighbours.search_margin
+    wall = cpu = 0.0
+    for modality in ("img", "txt"):
+        w, c = _timed(lambda m=modality: memory.indices[m].search(queries[m], k))
+        wall, cpu = wall + w, cpu + c
+    n = len(queries["img"])
+    return {"pairs": n, "k": k, "threads": threads, "seconds": round(wall, 3), "cpu_seconds": round(cpu, 3),
+            "pairs_per_s": round(n / wall, 1), "peak_rss_mb": _peak_rss_mb()}
+
+
+def measure_pass(workdir: str, shard_size: int | None = None) -> dict:
+    """precompute_neighbours (force) in this process: times, CPU and peak RSS."""
+    from reco.pipelines.neighbours import precompute_neighbours
+
+    cfg = _cfg(Path(workdir))
+    if shard_size:
+        cfg = dataclasses.replace(cfg, neighbours=dataclasses.replace(cfg.neighbours, shard_size=shard_size))
+    threads = _threads()
+    c0 = _cpu()
+    info = precompute_neighbours(cfg, force=True)
+    return {"pairs": info["n_pairs"], "shards": info["shards"], "threads": threads,
+            "seconds": info["seconds"], "job_seconds": info["job_seconds"],
+            "step_seconds": info["step_seconds"], "cpu_seconds": round(_cpu() - c0, 3),
+            "peak_rss_mb": _peak_rss_mb(),
+            "n_excluded": info["n_excluded"], "n_missing": info["n_missing"]}
+
+
+def _subprocess(*args: str) -> dict:
+    out = subprocess.run([sys.executable, "-m", "reco.bench.index", *args], check=True,
+                         capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------------------------
+# the benchmark
+# --------------------------------------------------------------------------------------------
 
 def _search_vs_exact(memory: Memory, queries: np.ndarray, k: int = 10) -> dict:
     corpus = normalise(memory.image_emb)
@@ -60,63 +158,110 @@ def _search_vs_exact(memory: Memory, queries: np.ndarray, k: int = 10) -> dict:
             "exact_qps": _qps(lambda: exact.search(queries, k), len(queries))}
 
 
-def _core_vs_raw(memory: Memory, pair: dict, k: int, margin: int) -> dict:
-    index = memory.indices["img"]
-    raw = _qps(lambda: index.search(pair["img"], k), len(pair["img"]))
-    kw = dict(threshold=0.99995, dedup_on=("img",), margin=margin)
-    search_only = _qps(lambda: neighbour_batch(memory, pair, ["v_img"], k, **kw), len(pair["img"]))
+def _core_vs_raw(cfg, memory: Memory, pair: dict, reps: int = 3) -> dict:
+    """The pass's core in-process on the same queries as raw search (same k, both searches;
+    best of ``reps`` interleaved runs), and the CPU cost of encoding the trainer tensors of these
+    pairs as Parquet (``tensors_schema``: float16 fixed-size lists), which bounds the whole pass:
+    ``cpu_ceiling_ratio = raw CPU / (raw CPU + encoding CPU)``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    def full():
-        results, _ = neighbour_batch(memory, pair, ["v_img"], k, **kw)
-        materialise(memory, results, ("v_img_txt",))
-    with_fetch = _qps(full, len(pair["img"]))
-    return {"raw_faiss_qps_k16": raw, "pass_search_qps": search_only, "pass_search_fetch_qps": with_fetch,
-            "ratio_search": round(search_only / raw, 3), "ratio_search_fetch": round(with_fetch / raw, 3)}
+    from reco.index import neighbour_shards as shards
+    from reco.index.neighbours import materialise, neighbour_batch
+
+    n, nb = len(pair["img"]), cfg.neighbours
+    k_search = nb.k + nb.search_margin
+    kw = dict(threshold=nb.dedup_threshold, dedup_on=tuple(nb.dedup_on), margin=nb.search_margin)
+    searches = sorted({"_".join(f.split("_")[:2]) for f in nb.fields})
+    found = {}
+
+    def core(fetch: bool):
+        found["results"], _ = neighbour_batch(memory, pair, searches, nb.k, **kw)
+        if fetch:
+            found["blocks"] = materialise(memory, found["results"], tuple(nb.fields))
+
+    steps = {"raw": lambda: [memory.indices[m].search(pair[m], k_search) for m in ("img", "txt")],
+             "search_exclude": lambda: core(False), "search_exclude_fetch": lambda: core(True)}
+    best = {name: (float("inf"), float("inf")) for name in steps}
+    for _ in range(reps):
+        for name, fn in steps.items():
+            wall, cpu = _timed(fn)
+            best[name] = (min(best[name][0], wall), min(best[name][1], cpu))
+    ids = np.arange(n)
+    table = shards.tensors_table(ids, pair["img"], pair["txt"], found["blocks"], memory.dim, nb.k,
+                                 tuple(nb.fields))
+    encode = min(_timed(lambda: pq.write_table(table, pa.BufferOutputStream(),
+                                               **shards.WRITE_OPTIONS["tensors"]))[1] for _ in range(reps))
+    raw_wall, raw_cpu = best["raw"]
+    out = {"queries": n, "k_searched": k_search, "searches": searches,
+           "raw_pairs_per_s": round(n / raw_wall, 1), "raw_cpu_s": round(raw_cpu, 3)}
+    for name in ("search_exclude", "search_exclude_fetch"):
+        out[f"{name}_pairs_per_s"] = round(n / best[name][0], 1)
+        out[f"ratio_{name}"] = round(raw_wall / best[name][0], 3)
+        out[f"cpu_ratio_{name}"] = round(raw_cpu / best[name][1], 3)
+    out.update(tensors_parquet_encode_cpu_s=round(encode, 3),
+               cpu_ceiling_ratio=round(raw_cpu / (raw_cpu + encode), 3))
+    return out
 
 
-def _beam_pass(cfg, n_pairs: int, raw_qps_two_searches: float) -> dict:
-    from reco.pipelines.neighbours import precompute_neighbours
+def _pass_vs_raw(cfg, root: Path, n: int, centers, startup: float) -> dict:
+    ri, rt, _, _ = clustered_pairs(n, centers[0].shape[1], len(centers[0]), seed=2, centers=centers)
+    write_embedded(cfg.paths.embedded("train"), ri, rt, shard_size=TRAIN_SHARD)
+    before = _subprocess("raw", str(root))
+    done = _subprocess("pass", str(root))
+    after = _subprocess("raw", str(root))
+    raw_pps = 2.0 / (1.0 / before["pairs_per_s"] + 1.0 / after["pairs_per_s"])
+    raw_cpu = (before["cpu_seconds"] + after["cpu_seconds"]) / 2
+    pps = n / done["seconds"]
+    pps_run = n / max(done["seconds"] - startup, 1e-9)
+    return {"raw_search": {"before": before, "after": after, "pairs_per_s": round(raw_pps, 1)},
+            "pass": {**done, "pairs_per_s": round(pps, 1), "pairs_per_s_excl_startup": round(pps_run, 1)},
+            "ratio": round(pps / raw_pps, 3), "ratio_excl_startup": round(pps_run / raw_pps, 3),
+            "cpu_ratio": round(raw_cpu / done["cpu_seconds"], 3)}
 
-    cfg = dataclasses.replace(cfg, neighbours=dataclasses.replace(cfg.neighbours, shard_size=2500))
-    tracemalloc.start()
-    info = precompute_neighbours(cfg, force=True)
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    pairs_per_s = info["n_pairs"] / info["seconds"]
-    return {"pairs": info["n_pairs"], "seconds": info["seconds"], "pairs_per_s": round(pairs_per_s, 1),
-            "ratio_vs_raw_search": round(pairs_per_s / raw_qps_two_searches, 3),
-            "tracemalloc_peak_mb": round(peak / 2**20, 1)}
 
-
-def _one(root: Path, n_memory: int, dim: int, n_train_sizes: tuple[int, ...]) -> dict:
-    cfg, centers = _setup(root, n_memory, max(n_train_sizes), dim, n_clusters=n_memory // 100)
+def _one(root: Path, n_memory: int, dim: int, pass_sizes: tuple[int, ...]) -> dict:
+    cfg = _cfg(root)
+    img, txt, _, centers = clustered_pairs(n_memory, dim, n_memory // 100, seed=0)
+    write_embedded(cfg.paths.embedded("memory"), img, txt, shard_size=50000)
+    queries, texts, _, _ = clustered_pairs(10000, dim, len(centers[0]), seed=7, centers=centers)
+    write_embedded(cfg.paths.embedded("train"), queries, texts, shard_size=TRAIN_SHARD)
+    threads = _threads()
     t0 = time.perf_counter()
     info = build_memory_index(cfg, force=True)
-    out = {"n_memory": n_memory, "dim": dim, "build_index_seconds": round(time.perf_counter() - t0, 1),
+    out = {"n_memory": n_memory, "dim": dim, "faiss_threads": threads,
+           "build_index_seconds": round(time.perf_counter() - t0, 1),
            "key": info["keys"]["img"], "nprobe": info["nprobe"]["img"],
            "k_factor": info["indices"]["img"]["k_factor"], "tuning_recall": info["recall"]["img"],
            "index_bytes": info["indices"]["img"]["size_bytes"]}
-    memory = Memory.load(cfg.paths.index)
-    queries, texts, _, _ = clustered_pairs(2000, dim, len(centers[0]), seed=7, centers=centers)
-    out.update(_search_vs_exact(memory, queries))
-    out.update(_core_vs_raw(memory, {"img": queries, "txt": texts}, 16, cfg.neighbours.search_margin))
-    raw_two = 1.0 / (1.0 / _qps(lambda: memory.indices["img"].search(queries, 16), len(queries))
-                     + 1.0 / _qps(lambda: memory.indices["txt"].search(texts, 16), len(texts)))
-    out["raw_faiss_pairs_per_s_two_searches"] = round(raw_two, 1)
-    for n_train in n_train_sizes:
-        # keep only the first n_train pairs: rewrite the train split
-        ri, rt, _, _ = clustered_pairs(n_train, dim, len(centers[0]), seed=2, centers=centers)
-        write_embedded(cfg.paths.embedded("train"), ri, rt, shard_size=2500)
-        out[f"beam_pass_{n_train}"] = _beam_pass(cfg, n_train, raw_two)
+    memory = Memory.load(cfg.paths.index, mmap=True)
+    out.update(_search_vs_exact(memory, queries[:2000]))
+    out["core"] = _core_vs_raw(cfg, memory, _train_queries(cfg))
+    # the fixed cost of a run (Beam startup, planning, manifests): one shard of 100 pairs
+    write_embedded(cfg.paths.embedded("train"), queries[:100], texts[:100], shard_size=TRAIN_SHARD)
+    out["pass_startup"] = _subprocess("pass", str(root))
+    for n in pass_sizes:
+        out[f"pass_{n}"] = _pass_vs_raw(cfg, root, n, centers, out["pass_startup"]["seconds"])
     return out
 
 
 def bench_index(out_dir: str | Path, quick: bool = True) -> dict:
     """Run the benchmark in ``out_dir`` (work folders are kept there); returns the figures."""
     out_dir = Path(out_dir)
-    results = {"note": "2 shared CPU cores: timings are noisy",
-               "d64": _one(out_dir / "d64", 200_000, 64, (5000, 20000) if quick else (10000, 40000))}
+    results = {"note": ("raw = index.search of the same training queries, k = k + search_margin, "
+                        "image and text, same index/nprobe/threads; ratio = pass / raw pairs per "
+                        "second; timings on shared CPU cores are noisy (cpu_ratio: CPU seconds)"),
+               "d64": _one(out_dir / "d64", 200_000, 64, (20_000, 100_000) if quick else (20_000, 200_000))}
     if not quick:
-        results["d512"] = _one(out_dir / "d512", 200_000, 512, (10000,))
-    results["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        results["d512"] = _one(out_dir / "d512", 200_000, 512, (20_000,))
+    results["peak_rss_mb"] = _peak_rss_mb()
     return results
+
+
+if __name__ == "__main__":               # the measured processes, see measure_raw / measure_pass
+    import logging
+
+    logging.disable(logging.WARNING)
+    what, workdir = sys.argv[1], sys.argv[2]
+    result = measure_raw(workdir) if what == "raw" else measure_pass(workdir)
+    print(json.dumps(result))
