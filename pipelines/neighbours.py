@@ -1,8 +1,10 @@
 """``reco precompute-neighbours``: kNN of every training pair in the memory, cached for the trainer.
 
 Beam job (DirectRunner by default; ``neighbours.direct_running_mode=multi_processing`` with
-``direct_num_workers`` splits the output shards across worker processes; any other runner
-through ``beam_options``)::
+``direct_num_workers`` splits the output shards across worker processes; any engine of
+``reco.pipelines.runners`` through ``beam_options``, e.g. ``--runner=portable``,
+``--runner=dataflow``; with Dataflow's ``--dry_run=True`` the job is only built: no shard is
+written, no manifest either, and the info says ``"dry_run": true``)::
 
     Create(shard specs) -> Spread (Reshuffle) -> NeighbourShards: one DoFn call per output shard
                                                  read -> search -> fetch -> write
@@ -27,16 +29,21 @@ Output, under ``cfg.paths.neighbours``:
     ``id`` (training pair id) and per search ``s`` in ``search_keys(fields)`` (e.g. ``v_img``):
     ``{s}_ids`` memory ids best first (-1 = none) and ``{s}_scores`` inner products (-inf = none).
     The schema metadata ``reco.stats`` holds the shard's exclusion counts (JSON).
-``tensors/part-NNNNN.parquet`` (``reco.formats.tensors_schema(dim, k, fields)``)
+``tensors/part-NNNNN.parquet`` (``reco.formats.tensors_schema(dim, k, fields)``, format
+``tensors/2``)
     ``id``, ``v``, ``t`` (the pair's embeddings) and one column per context field (e.g.
     ``v_img_txt``): the (k, dim) block of the memory embeddings of the fused modality of the
-    hits, flattened row-major, float16; zero rows where the id is -1. Rows are in the same order
-    as in ``ids/``. Shards hold ``neighbours.shard_size`` rows (the last one fewer).
+    hits, best first; zero rows where the id is -1. Every vector column is fixed-size binary:
+    per row the little-endian float16 values, row-major (``v``/``t``: 2*dim bytes, a field:
+    2*k*dim bytes), written and read with ``reco.formats.encode_block`` / ``decode_block``.
+    Rows are in the same order as in ``ids/``. Shards hold ``neighbours.shard_size`` rows (the
+    last one fewer).
 ``ids/manifest.json``, ``tensors/manifest.json`` (kind ``neighbours`` / ``tensors``)
     complete shards in order, ``counts`` (rows per shard and ``total``), ``info`` (dim, k, fields,
     searches, model_id, dedup options, index info). Written after all shards; every file is
     written atomically. ``plan.json`` records what the shards were computed from: a run with
-    other inputs or options starts over instead of resuming.
+    other inputs or options (or shards of an older tensors format) starts over instead of
+    resuming.
 """
 from __future__ import annotations
 
@@ -50,6 +57,7 @@ from pathlib import Path
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.options.pipeline_options import StandardOptions
 
 from reco import formats
 from reco.config import RecoConfig
@@ -252,18 +260,24 @@ def make_settings(cfg: RecoConfig, dim: int, options=None) -> Settings:
                     threads=max(cores // workers, 1) if workers > 1 else 0)
 
 
-def pipeline_options(cfg: RecoConfig, beam_options: list[str] | None = None):
+def pipeline_options(cfg: RecoConfig, beam_options=None):
     """PipelineOptions from ``cfg.neighbours`` (runner, direct running mode and workers), then
-    ``beam_options`` (Beam flags such as ``--runner=PortableRunner``), which win."""
-    from apache_beam.options.pipeline_options import PipelineOptions
+    ``beam_options`` (Beam flags such as ``--runner=portable``, or PipelineOptions), which win;
+    runner aliases, engine presets and required options: :func:`reco.pipelines.runners.pipeline_options`
+    (ConfigError before any work)."""
+    from reco.pipelines import runners
 
     n = cfg.neighbours
-    flags = [f"--runner={n.runner}", f"--direct_running_mode={n.direct_running_mode}",
-             f"--direct_num_workers={n.direct_num_workers}", *(beam_options or [])]
-    options = PipelineOptions(flags)
-    if options.get_all_options().get("direct_running_mode") == "multi_threading":
-        raise ConfigError("neighbours.direct_running_mode: use in_memory or multi_processing")
-    return options
+    return runners.pipeline_options(beam_options, runner=n.runner, direct_running_mode=n.direct_running_mode,
+                                    direct_num_workers=n.direct_num_workers)
+
+
+def is_dry_run(options) -> bool:
+    """Dataflow's ``--dry_run``: the job is translated, not run (Beam tests the flag's truth)."""
+    from apache_beam.options.pipeline_options import TestOptions
+
+    return (options.view_as(StandardOptions).runner or "").endswith("DataflowRunner") \
+        and bool(options.view_as(TestOptions).dry_run)
 
 
 def _step_seconds(result) -> dict:
@@ -319,7 +333,8 @@ def precompute_neighbours(cfg: RecoConfig, force: bool = False,
     out = Path(settings.out_folder)
     plan = {k: v for k, v in asdict(settings).items() if k not in ("out_folder", "threads", "use_gpu", "mmap")}
     plan.update(index=memory.info.get("fingerprint"), index_n=memory.n, model_id=memory.model_id,
-                train=train.manifest.shards, counts=train.manifest.counts, shard_size=cfg.neighbours.shard_size)
+                train=train.manifest.shards, counts=train.manifest.counts, shard_size=cfg.neighbours.shard_size,
+                tensors_format=formats.TENSORS_FORMAT)
     plan = {"fingerprint": shards.fingerprint(plan), **plan}
     out.mkdir(parents=True, exist_ok=True)
     if force and (out / shards.PLAN_FILE).exists():
@@ -335,9 +350,15 @@ def precompute_neighbours(cfg: RecoConfig, force: bool = False,
             "searches": list(settings.searches), "model_id": memory.model_id,
             "dedup_threshold": settings.threshold, "dedup_on": list(settings.dedup_on),
             "index_fingerprint": memory.info.get("fingerprint"), "memory_n": memory.n,
-            "fingerprint": plan["fingerprint"]}
-    info = shards.write_manifests(out, specs, info)             # checks every shard's row counts
-    return {**info, "n_pairs": sum(s.n_rows for s in specs), "shards": len(specs),
+            "fingerprint": plan["fingerprint"], "tensors_format": formats.TENSORS_FORMAT}
+    dry_run = bool(todo) and is_dry_run(options)
+    if dry_run:                     # nothing ran: no shard to check, no manifest to write
+        log.warning("neighbours: --dry_run: the %s job was built, not run; no shards or manifests "
+                    "written", options.view_as(StandardOptions).runner)
+        info.update(n_excluded=0, n_missing=0, manifests="skipped (dry run)")
+    else:
+        info = shards.write_manifests(out, specs, info)         # checks every shard's row counts
+    return {**info, "dry_run": dry_run, "n_pairs": sum(s.n_rows for s in specs), "shards": len(specs),
             "computed_shards": len(todo), "skipped_shards": len(specs) - len(todo),
             "computed_pairs": sum(s.n_rows for s in todo), "seconds": round(time.perf_counter() - t0, 2),
             "job_seconds": round(job_seconds, 2),
@@ -352,7 +373,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(cfg: RecoConfig, args: argparse.Namespace) -> int:
     info = precompute_neighbours(cfg, force=bool(args.force), beam_options=args.beam_option)
-    print(json.dumps({k: info[k] for k in ("n_pairs", "shards", "computed_shards", "skipped_shards",
-                                           "k", "fields", "n_excluded", "n_missing", "seconds")}, indent=2))
-    print(f"neighbours written to {cfg.paths.neighbours}")
+    print(json.dumps({k: info.get(k) for k in ("n_pairs", "shards", "computed_shards", "skipped_shards",
+                                               "k", "fields", "n_excluded", "n_missing", "dry_run",
+                                               "seconds")}, indent=2))
+    print(f"neighbours {'job built (dry run), nothing written to' if info['dry_run'] else 'written to'} "
+          f"{cfg.paths.neighbours}")
     return 0

@@ -27,9 +27,9 @@ import numpy as np
 import pyarrow as pa
 
 from reco.errors import FormatError, MismatchError
-from reco.formats import (STATUS_OK, STATUSES, check_columns, check_finite, embedded_schema,
-                          from_fp16_list, neighbours_schema, parse_field, read_parquet,
-                          tensors_schema)
+from reco.formats import (STATUS_OK, STATUSES, check_columns, check_finite, check_tensors_format,
+                          decode_block, embedded_schema, from_fp16_list, neighbours_schema,
+                          parse_field, read_parquet, tensors_schema)
 
 READ_ERRORS = (OSError, EOFError, ValueError, TypeError, KeyError, IndexError, pa.ArrowException)
 INDEX_INFO_KEYS = {"model_id": str, "dim": int, "n": int}
@@ -184,10 +184,11 @@ def read_neighbours(path: str | Path, k: int | None = None) -> pa.Table:
 
 
 def read_tensors(path: str | Path, dim: int | None = None, k: int | None = None) -> pa.Table:
-    """A trainer tensors shard (:func:`tensors_schema`), validated: schema from its metadata,
-    ids, every vector finite."""
+    """A trainer tensors shard (:func:`tensors_schema`), validated: format version (``tensors/1``
+    shards: rerun precompute-neighbours), schema from its metadata, ids, every vector finite."""
     path = str(path)
     table = read_parquet(path)
+    check_tensors_format(table.schema, path)
     meta = table.schema.metadata or {}
     found_dim, found_k = _meta_int(table.schema, b"reco.dim", path), _meta_int(table.schema, b"reco.k", path)
     if not found_dim or not found_k or found_dim < 1 or found_k < 1:
@@ -204,6 +205,7 @@ def read_tensors(path: str | Path, dim: int | None = None, k: int | None = None)
         parse_field(name)
     check_columns(table.schema, tensors_schema(found_dim, found_k, fields), path)
     _check_ids(table, path)
-    for name, size in [("v", found_dim), ("t", found_dim)] + [(f, found_k * found_dim) for f in fields]:
-        _check_finite_column(table, name, size, path)
+    for name, k in [("v", 1), ("t", 1)] + [(f, found_k) for f in fields]:
+        values = decode_block(table.column(name), found_dim, k, f"{path}: column {name!r}")
+        check_finite(values.reshape(len(values), k * found_dim), f"{path}: column {name!r}")
     return table

@@ -86,6 +86,10 @@ def test_every_train_id_once_and_manifests(computed):
     assert t_manifest.info["fields"] == list(ALL_FIELDS) and t_manifest.info["k"] == 16
     assert t_manifest.info["model_id"] == "synthetic|" and t_manifest.info["dim"] == 64
     formats.check_columns(t_tables[0].schema, formats.tensors_schema(64, 16, ALL_FIELDS), "tensors")
+    assert t_tables[0].schema.metadata[b"reco.format"] == b"tensors/2"
+    assert t_manifest.info["tensors_format"] == "tensors/2"           # and in the plan: shards
+    plan = json.loads((cfg.paths.neighbours / "plan.json").read_text())  # of another format are
+    assert plan["tensors_format"] == "tensors/2"                      # recomputed, not resumed
     formats.check_columns(ids_tables[0].schema,
                           formats.neighbours_schema(16, formats.search_keys(ALL_FIELDS)), "ids")
     for a, b in zip(ids_tables, t_tables):
@@ -134,11 +138,11 @@ def test_tensors_hold_the_fused_embeddings(computed):
     for field in ALL_FIELDS:
         q, index, fuse = formats.parse_field(field)
         hit_ids = np.stack(ids.column(f"{q}_{index}_ids").to_numpy(zero_copy_only=False))[:20]
-        block = formats.from_fp16_list(tensors.column(field).slice(0, 20), 16 * 64).reshape(20, 16, 64)
+        block = formats.decode_block(tensors.column(field).slice(0, 20), 64, 16)
         emb = memory.image_emb if fuse == "img" else memory.text_emb
         expected = emb[[[position[int(i)] for i in row] for row in hit_ids]].astype(np.float32)
         np.testing.assert_array_equal(block, expected)
-    v = formats.from_fp16_list(tensors.column("v"), 64)
+    v = formats.decode_block(tensors.column("v"), 64)[:, 0].astype(np.float32)
     np.testing.assert_allclose(v, data["train"][0][:len(v)], atol=1e-3)
 
 
@@ -167,7 +171,7 @@ def test_memory_smaller_than_k_fills_minus_one(tmp_path):
     ids, tensors = _read(cfg.paths.neighbours / "ids"), _read(cfg.paths.neighbours / "tensors")
     hit = np.stack(ids.column("v_img_ids").to_numpy(zero_copy_only=False))
     assert (hit[:, :10] >= 0).all() and (hit[:, 10:] == -1).all()
-    block = formats.from_fp16_list(tensors.column("v_img_txt"), 16 * 64).reshape(-1, 16, 64)
+    block = formats.decode_block(tensors.column("v_img_txt"), 64, 16)
     assert block[:, :10].any(axis=-1).all() and not block[:, 10:].any()
 
 
@@ -194,16 +198,42 @@ def test_beam_transform_counts_rows_end_to_end(world, tmp_path):
 def test_beam_options_override_the_config(world):
     from apache_beam.options.pipeline_options import DirectOptions, PortableOptions, StandardOptions
 
+    from reco.pipelines import runners
+
     cfg, _ = world
-    default = pipeline_options(cfg)
-    assert default.view_as(StandardOptions).runner == "DirectRunner"
+    default = pipeline_options(cfg)                  # through reco.pipelines.runners
+    assert default.view_as(StandardOptions).runner == runners.FN_API_RUNNER
     assert default.view_as(DirectOptions).direct_running_mode == "in_memory"
-    portable = pipeline_options(cfg, ["--runner=PortableRunner", "--job_endpoint=localhost:8099",
-                                      "--environment_type=LOOPBACK"])
-    assert portable.view_as(StandardOptions).runner == "PortableRunner"
+    portable = pipeline_options(cfg, ["--runner=portable", "--job_endpoint=localhost:8099"])
+    assert portable.view_as(StandardOptions).runner == "PortableRunner"      # alias resolved
     assert portable.view_as(PortableOptions).job_endpoint == "localhost:8099"
+    assert portable.view_as(PortableOptions).environment_type == "LOOPBACK"  # engine default
     with pytest.raises(ConfigError, match="direct_running_mode"):
         pipeline_options(cfg, ["--direct_running_mode=multi_threading"])
+    with pytest.raises(ConfigError, match="needs --job_endpoint"):
+        pipeline_options(cfg, ["--runner=portable"])
+    with pytest.raises(ConfigError, match="not supported"):
+        pipeline_options(dataclasses.replace(cfg, neighbours=dataclasses.replace(cfg.neighbours,
+                                                                                 runner="dask")))
+
+
+def test_dataflow_dry_run_builds_the_job_and_writes_no_manifest(world, tmp_path):
+    """precompute_neighbours with DataflowRunner --dry_run=True: the job is translated (offline,
+    no credentials), nothing runs, and no manifest claims shards that were never written."""
+    pytest.importorskip("apache_beam.runners.dataflow.internal.apiclient",
+                        reason="apache-beam[gcp] (the gcp extra) is not installed")
+    cfg, _ = world
+    other = dataclasses.replace(cfg, workdir=str(tmp_path))
+    (tmp_path / "index").symlink_to(cfg.paths.index, target_is_directory=True)
+    (tmp_path / "embeddings").mkdir()
+    (tmp_path / "embeddings" / "train").symlink_to(cfg.paths.embedded("train"), target_is_directory=True)
+    info = precompute_neighbours(other, beam_options=[
+        "--runner=dataflow", "--project=reco-dry-run", "--region=europe-west4",
+        "--temp_location=gs://reco-dry-run-bucket/tmp", "--dry_run=True"])
+    assert info["dry_run"] is True and info["manifests"] == "skipped (dry run)"
+    assert info["computed_shards"] == info["shards"] == 3
+    out = tmp_path / "neighbours"
+    assert not any(out.glob("**/part-*.parquet")) and not any(out.glob("**/manifest.json"))
 
 
 def test_worker_processes_give_the_same_shards(world, computed, tmp_path):

@@ -172,10 +172,10 @@ def _tensors_with_nan(pristine, tmp_path) -> tuple[Path, Path]:
     folder = Path(shutil.copytree(pristine["tensors"], tmp_path / "tensors"))
     path = folder / "part-00001.parquet"
     table = pq.read_table(path)
-    block = formats.from_fp16_list(table.column("t_txt_img"), K * D)
-    block[13, 2 * D + 1] = np.nan                         # row 13 = id 33, neighbour 2
+    block = formats.decode_block(table.column("t_txt_img"), D, K).copy()
+    block[13, 2, 1] = np.nan                              # row 13 = id 33, neighbour 2
     i = table.schema.get_field_index("t_txt_img")
-    table = table.set_column(i, table.schema.field(i), formats.to_fp16_list(block, K * D))
+    table = table.set_column(i, table.schema.field(i), formats.encode_block(block, D, K))
     formats.atomic_write_table(table, path, row_group_size=10)
     return folder, path
 

@@ -1,6 +1,7 @@
 """Streaming reader of trainer tensors: real shards written with reco.formats."""
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,3 +121,39 @@ def test_worker_count_must_match_the_plan(tensors):
     loader = DataLoader(stream, batch_size=None, num_workers=2)
     with pytest.raises(Exception, match="planned for 0 DataLoader workers"):
         next(iter(loader))
+
+
+def test_shard_of_the_old_format_is_one_error_with_the_rerun_advice(tensors, tmp_path):
+    """A folder still holding a tensors/1 shard (float16 lists) is refused at open, naming it."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from reco import formats
+
+    folder = Path(shutil.copytree(tensors[0], tmp_path / "tensors"))
+    path = folder / "part-00001.parquet"
+    table = pq.read_table(path)
+    cols, fields = [table.column("id")], [table.schema.field("id")]
+    for name in table.column_names[1:]:
+        k = 1 if name in ("v", "t") else K
+        values = formats.decode_block(table.column(name), D, k).reshape(table.num_rows, k * D)
+        cols.append(formats.to_fp16_list(values, k * D))
+        fields.append(pa.field(name, pa.list_(pa.float16(), k * D)))
+    meta = {**table.schema.metadata, b"reco.format": b"tensors/1"}
+    pq.write_table(pa.Table.from_arrays(cols, schema=pa.schema(fields, metadata=meta)), path)
+    with pytest.raises(FormatError, match=f"{path}: trainer tensors of format tensors/1.*"
+                                          f"rerun `reco precompute-neighbours --force`"):
+        read_tensors_info(folder, need=FIELDS)
+
+
+def test_batches_are_the_stored_float16_values(tensors):
+    """Decoding is exact: every yielded row equals the float16 of what was written."""
+    folder, data = tensors
+    batches = list(make_loader(_stream(folder, k=K, shuffle_buffer=0, epochs=1)))
+    for b in batches:
+        ids = b["id"].numpy()
+        assert b["v"].dtype == torch.float16 and b["v_img_txt"].shape[1:] == (K, D)
+        np.testing.assert_array_equal(b["v"].numpy(), data["v"][ids].astype(np.float16))
+        np.testing.assert_array_equal(b["t_txt_img"].numpy(), data["t_txt_img"][ids].astype(np.float16))

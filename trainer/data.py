@@ -1,4 +1,6 @@
-"""Streaming reader of the trainer tensors (``neighbours/tensors``, :func:`reco.formats.tensors_schema`).
+"""Streaming reader of the trainer tensors (``neighbours/tensors``, :func:`reco.formats.tensors_schema`,
+format ``tensors/2``: float16 vectors as fixed-size binary values, decoded by
+:func:`reco.formats.decode_block` as views of the row group's buffers, without copying).
 
 The data set is never loaded whole. Each epoch the row groups of all shards are permuted with a
 seed derived from ``(seed, epoch)``, cut into blocks of at most ``block_rows`` rows and split into
@@ -14,9 +16,11 @@ worker ``w`` produced ``len(range(w, S, W))`` batches. :class:`TensorStream` wit
 worker ``j`` then plays logical worker ``(j + S) % W``, because the round-robin restarts at 0).
 
 Bad input is one :class:`~reco.errors.FormatError` naming the shard: :func:`read_tensors_info`
-reads every shard's footer once (readable Parquet, columns, ``reco.*`` metadata, row groups)
-before training starts; each row group read is checked for decoding errors, nulls, NaN/inf
-values and the footer's row count (a bit-level NaN/inf test, a few % of the decoding time).
+reads every shard's footer once (readable Parquet, format version, columns, ``reco.*`` metadata,
+row groups) before training starts (shards of the older format ``tensors/1`` are refused, with
+the advice to rerun ``reco precompute-neighbours --force``); each row group read is checked for
+decoding errors, nulls, NaN/inf values and the footer's row count (a bit-level NaN/inf test on
+the decoded float16 view).
 """
 from __future__ import annotations
 
@@ -30,7 +34,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from reco.errors import ConfigError, FormatError
-from reco.formats import Manifest, check_columns, from_fp16_list, parse_field, tensors_schema
+from reco.formats import (Manifest, check_columns, check_tensors_format, decode_block, parse_field,
+                          tensors_schema)
 from reco.validate import READ_ERRORS
 
 
@@ -109,6 +114,7 @@ def read_tensors_info(folder: str | os.PathLike, need: tuple[str, ...] = ()) -> 
         raise FormatError(f"{where}: lists no shards")
     paths = manifest.shard_paths(folder)
     first_meta, first = _read_footer(paths[0])
+    check_tensors_format(first, paths[0])        # before its metadata is trusted
     dim = _positive(manifest.info.get("dim"), "dim", where) or _meta_int(first, "dim", paths[0]) or 0
     k = _positive(manifest.info.get("k"), "k", where) or _meta_int(first, "k", paths[0]) or 0
     fields = _manifest_fields(manifest.info.get("fields"), first, where, paths[0])
@@ -122,6 +128,7 @@ def read_tensors_info(folder: str | os.PathLike, need: tuple[str, ...] = ()) -> 
     row_groups = []
     for path in paths:                     # footers only: a bad shard fails here, before training
         meta, schema = (first_meta, first) if path == paths[0] else _read_footer(path)
+        check_tensors_format(schema, path)
         check_columns(schema, required, path)
         for key, want in (("dim", dim), ("k", k)):
             got = _meta_int(schema, key, path)
@@ -279,8 +286,9 @@ class TensorStream(IterableDataset):
 
     # -- reading --------------------------------------------------------------------------
     def _read_group(self, files: dict, shard: int, group: int) -> dict[str, np.ndarray]:
-        """One row group as float16 arrays; any read/decoding problem, a null, a NaN/inf value
-        or a row count other than the footer's is a FormatError naming the shard."""
+        """One row group as float16 arrays (views of the Arrow buffers, read-only); any
+        read/decoding problem, a null, a NaN/inf value or a row count other than the footer's is
+        a FormatError naming the shard."""
         path, d, k = self.info.shards[shard], self.info.dim, self.info.k
         try:
             if shard not in files:
@@ -297,12 +305,12 @@ class TensorStream(IterableDataset):
         for name in table.column_names:
             if table.column(name).null_count:
                 raise FormatError(f"{where}: column {name!r} has {table.column(name).null_count} null(s)")
-        out = {"id": table.column("id").to_numpy(),
-               "v": from_fp16_list(table.column("v"), d, np.float16),
-               "t": from_fp16_list(table.column("t"), d, np.float16)}
+        out = {"id": table.column("id").to_numpy()}
+        for name in ("v", "t"):
+            out[name] = decode_block(table.column(name), d, 1, f"{where}: column {name!r}")[:, 0]
         for name in self.fields:
-            block = from_fp16_list(table.column(name), k * d, np.float16).reshape(-1, k, d)
-            out[name] = np.ascontiguousarray(block[:, :self.k])
+            block = decode_block(table.column(name), d, k, f"{where}: column {name!r}")
+            out[name] = block if self.k == k else np.ascontiguousarray(block[:, :self.k])
         for name in ("v", "t", *self.fields):
             _check_finite_fp16(out[name], out["id"], name, where)
         return out

@@ -161,8 +161,8 @@ def _search_vs_exact(memory: Memory, queries: np.ndarray, k: int = 10) -> dict:
 def _core_vs_raw(cfg, memory: Memory, pair: dict, reps: int = 3) -> dict:
     """The pass's core in-process on the same queries as raw search (same k, both searches;
     best of ``reps`` interleaved runs), and the CPU cost of encoding the trainer tensors of these
-    pairs as Parquet (``tensors_schema``: float16 fixed-size lists), which bounds the whole pass:
-    ``cpu_ceiling_ratio = raw CPU / (raw CPU + encoding CPU)``."""
+    pairs as Parquet (``tensors_schema``, format ``tensors/2``: float16 blocks as fixed-size
+    binary), which bounds the whole pass: ``cpu_ceiling_ratio = raw CPU / (raw CPU + encoding CPU)``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 

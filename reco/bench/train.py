@@ -21,7 +21,7 @@ import numpy as np
 def _write(folder: Path, n: int, dim: int, k: int, plain: bool = True) -> None:
     import pyarrow as pa
 
-    from reco.formats import Manifest, atomic_write_table, tensors_schema, to_fp16_list
+    from reco.formats import Manifest, atomic_write_table, encode_block, tensors_schema
 
     fields = ("v_img_txt", "t_txt_img")
     schema, rng, shards, per = tensors_schema(dim, k, fields), np.random.default_rng(0), [], 10000
@@ -29,8 +29,8 @@ def _write(folder: Path, n: int, dim: int, k: int, plain: bool = True) -> None:
         m = min(per, n - lo)
         unit = lambda *s: (lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True))(  # noqa: E731
             rng.standard_normal((*s, dim)).astype(np.float32))
-        cols = [pa.array(np.arange(lo, lo + m), pa.int64()), to_fp16_list(unit(m), dim), to_fp16_list(unit(m), dim)]
-        cols += [to_fp16_list(unit(m, k).reshape(m, k * dim), k * dim) for _ in fields]
+        cols = [pa.array(np.arange(lo, lo + m), pa.int64()), encode_block(unit(m), dim), encode_block(unit(m), dim)]
+        cols += [encode_block(unit(m, k), dim, k) for _ in fields]
         shards.append(f"part-{i:05d}.parquet")
         enc = {"use_dictionary": False, "compression": "none"} if plain else {}
         atomic_write_table(pa.Table.from_arrays(cols, schema=schema), folder / shards[-1],
