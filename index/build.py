@@ -21,7 +21,7 @@ import numpy as np
 
 from reco.config import RecoConfig
 from reco.errors import MismatchError
-from reco.formats import atomic_save_npy, atomic_write_text
+from reco.formats import atomic_save_npy, atomic_write_text, remove_temporaries
 from reco.index.config import IndexConfig
 from reco.index.dedup import eval_duplicate_mask
 from reco.index.embedded import open_split, read_split
@@ -189,6 +189,11 @@ def build_memory_index(cfg: RecoConfig, force: bool = False) -> dict:
     ids = data["id"][keep]
     vectors = {m: np.ascontiguousarray(v[keep]) for m, v in vectors.items()}
     out.mkdir(parents=True, exist_ok=True)
+    # info.json (written last) marks a complete folder: withdraw it before replacing any file, so
+    # that a run killed mid-rebuild leaves a folder that readers and reruns see as unbuilt, never
+    # an old info.json over a mix of old and new files.
+    (out / INFO_FILE).unlink(missing_ok=True)
+    remove_temporaries(out)                   # left by a killed run
     indices = {m: build_one(vectors[m], out / INDEX_FILES[m], cfg.index) for m in INDEX_FILES}
     for m, name in EMB_FILES.items():
         atomic_save_npy(vectors[m].astype(np.float16), out / name)

@@ -94,9 +94,11 @@ def save_checkpoint(out_dir: str | Path, step: int, *, model: dict[str, torch.Te
         save_file(opt_tensors, tmp / "optimizer.safetensors")
         save_file(rng_state(), tmp / "rng.safetensors")
         (tmp / "state.json").write_text(json.dumps({**state, "step": step, "optimizer": opt_rest}))
-        if final.exists():
-            shutil.rmtree(final)
+        old = final.with_name(f".{final.name}.tmp-old-{uuid.uuid4().hex[:8]}")
+        if final.exists():                        # overwrite: move the old one aside by rename,
+            os.replace(final, old)                # never show a half-deleted checkpoint
         os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -18,9 +18,10 @@ from reco.evaluation.config import INFERENCE_MODES
 from reco.evaluation.data import EmbeddedSplit, load_embedded, read_classnames, read_groups
 from reco.evaluation.retrieval import evaluate_retrieval
 from reco.evaluation.zeroshot import encode_prompts, evaluate_zeroshot, image_folder_inputs
-from reco.formats import atomic_write_bytes, atomic_write_text
+from reco.formats import atomic_write_bytes, atomic_write_text, remove_temporaries
 
 log = logging.getLogger(__name__)
+RESULTS_FILE = "results.json"
 MODE_LABELS = {"off": "CLIP (frozen)", "image": "reco image (v̄)", "text": "reco text (t̄)",
                "both": "reco both (v̄, t̄)"}
 
@@ -113,6 +114,10 @@ def evaluate(cfg, *, heads_dir: str | Path | None = None, memory_dir: str | Path
     if bad:
         raise ConfigError(f"--modes {bad[0]!r}: choose among {', '.join(INFERENCE_MODES)}")
     k = cfg.eval.k if k is None else k
+    # results.json is written last and marks a complete evaluation: withdraw an older one first,
+    # so that a run killed half-way never leaves it beside newer report/chart/gallery files
+    (Path(cfg.paths.eval) / RESULTS_FILE).unlink(missing_ok=True)
+    remove_temporaries(cfg.paths.eval)                  # left by a killed run
     model = RecoModel.from_config(cfg, heads_dir=heads_dir, memory_dir=memory_dir, mode="off", k=k)
     inputs = load_inputs(cfg, model.loaded_clip, image_folder=image_folder, classnames=classnames)
     results = {
@@ -124,20 +129,21 @@ def evaluate(cfg, *, heads_dir: str | Path | None = None, memory_dir: str | Path
         "image_folder": str(image_folder) if image_folder else None,
         "modes": evaluate_model(model, inputs, modes, cfg.eval.retrieval_ks),
     }
-    write_outputs(cfg.paths.eval, results)
     if gallery:
         from reco.evaluation.gallery import write_gallery
 
         model.mode = "both" if "both" in model.available_modes() else model.available_modes()[-1]
         write_gallery(cfg, model, inputs, Path(cfg.paths.eval) / "gallery.html")
+    write_outputs(cfg.paths.eval, results)
     return results
 
 
 def write_outputs(folder: str | Path, results: dict[str, Any]) -> None:
+    """report.md, zeroshot.png, then results.json (last: it marks a complete evaluation)."""
     folder = Path(folder)
-    atomic_write_text(folder / "results.json", json.dumps(_jsonable(results), indent=2))
     atomic_write_text(folder / "report.md", markdown_report(results))
     atomic_write_bytes(bar_chart(results), folder / "zeroshot.png")
+    atomic_write_text(folder / RESULTS_FILE, json.dumps(_jsonable(results), indent=2))
 
 
 def markdown_report(results: dict[str, Any]) -> str:
