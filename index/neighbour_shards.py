@@ -75,12 +75,15 @@ def reset_if_stale(out: Path, plan: dict) -> bool:
     path = out / PLAN_FILE
     old = json.loads(path.read_text()) if path.exists() else None
     stale = old is not None and old.get("fingerprint") != plan["fingerprint"]
+    for sub in SUBDIRS:                   # hidden temporaries of a killed run: never read, drop them
+        formats.remove_temporaries(out / sub)
     if stale or old is None:
+        for sub in SUBDIRS:               # manifests first: none may list a deleted shard
+            (out / sub / formats.Manifest.FILE).unlink(missing_ok=True)
         for sub in SUBDIRS:
             folder = out / sub
             for f in folder.glob("*.parquet") if folder.exists() else []:
                 f.unlink()
-            (folder / formats.Manifest.FILE).unlink(missing_ok=True)
         if stale:
             log.warning("%s: inputs or options changed since the last run; recomputing all shards", out)
     formats.atomic_write_text(path, json.dumps(plan, indent=2))

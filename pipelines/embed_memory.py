@@ -107,6 +107,10 @@ def plan_job(inputs, output_dir: str, *, model: str, pretrained: str | None,
         raise ConfigError("embed.shard_size and embed.batch_size must be >= 1")
     files = inspect_url_files(list_url_files(inputs), embed_cfg)
     check_writable(output_dir)
+    if "://" not in output_dir:           # the driver, before any writer: drop a killed run's temporaries
+        from reco.formats import remove_temporaries
+
+        remove_temporaries(output_dir)
     clip = load_clip(model, pretrained)             # unknown model: ConfigError, before any work
     check_model(output_dir, clip.name, clip.pretrained)
     check_job(output_dir, {"model_id": clip.model_id, "shard_size": embed_cfg.shard_size,

@@ -147,7 +147,7 @@ def embed_case(cfg, tmp_path, seed, timed=False):
     ref = _rows(cfg.paths.embedded("memory"))
     shards = -(-ref.num_rows // cfg.embed.shard_size)
     info = inject("embed-memory", args, work, [out], _commit_kills("part-*.parquet", shards), seed,
-                  timed=timed, sweeps=False, resumes="*/part-*.parquet")
+                  timed=timed, resumes="*/part-*.parquet")
     got = _rows(out)
     _record(info, ref.num_rows, got.column("id").to_pylist(), ref.column("id").to_pylist())
     for col in ("id", "url", "caption", "label", "status"):
@@ -220,7 +220,7 @@ def neighbours_case(cfg, tmp_path, seed, timed=False):
     ref_t, ref_i = _rows(cfg.paths.neighbours / "tensors"), _rows(cfg.paths.neighbours / "ids")
     shards = -(-ref_t.num_rows // 500)
     info = inject("precompute-neighbours", args, work, [out], _commit_kills("part-*.parquet", 2 * shards),
-                  seed, timed=timed, sweeps=False, resumes="*/tensors/part-*.parquet")
+                  seed, timed=timed, resumes="*/tensors/part-*.parquet")
     got_t, got_i = _rows(out / "tensors"), _rows(out / "ids")
     _record(info, ref_t.num_rows, got_t.column("id").to_pylist(), ref_t.column("id").to_pylist())
     for name in got_i.column_names:
