@@ -35,8 +35,9 @@ READ_ERRORS = (OSError, EOFError, ValueError, TypeError, KeyError, IndexError, p
 INDEX_INFO_KEYS = {"model_id": str, "dim": int, "n": int}
 CHECKPOINT_STATE_KEYS = {"step": int, "train": dict, "world_size": int, "data": dict,
                          "optimizer": dict}
+# ``fields`` is informative (the model reads the contexts from ``train``), so not required
 HEADS_META_KEYS = {"dim": int, "k": int, "model_id": str, "fusion": str, "sides": list,
-                   "fields": dict, "train": dict}
+                   "train": dict}
 
 
 def read_json(path: str | Path, required: dict[str, type | tuple] | None = None) -> dict:
