@@ -142,3 +142,69 @@ def test_unknown_variant(world):
 
     with pytest.raises(ConfigError, match="ablation variant 'nope'"):
         run_ablations(world["cfg"], variants=("nope",))
+
+
+def test_validation_species_are_held_out_seen_species():
+    from reco.evaluation.validation import validation_species
+
+    seen = np.arange(0, 56, 2)
+    val = validation_species(seen, 0.25, seed=0)
+    assert len(val) == 7 and set(val) <= set(seen) and list(val) == sorted(val)
+    assert list(validation_species(seen, 0.25, seed=0)) == list(val)          # deterministic
+    assert list(validation_species(seen, 0.25, seed=1)) != list(val)
+    assert len(validation_species(seen, 0.0, seed=0)) == 0
+    assert len(validation_species(seen, 0.01, seed=0)) == 2                   # never one class
+    with pytest.raises(ConfigError, match="ablation_val_fraction"):
+        validation_species(seen, 1.0, seed=0)
+
+
+def test_filter_tensors_drops_the_held_out_rows(tmp_path):
+    from reco.evaluation.validation import filter_tensors
+    from reco.trainer.data import read_tensors_info
+
+    rng = np.random.default_rng(0)
+    v = _unit(rng.normal(size=(50, 8)))
+    ctx = {"v_img_txt": np.repeat(v[:, None], 3, 1), "t_txt_img": np.repeat(v[:, None], 3, 1)}
+    write_tensors(tmp_path / "src", v=v, t=v, contexts=ctx, rows_per_shard=20, ids=np.arange(50) + 100)
+    rows = filter_tensors(tmp_path / "src", tmp_path / "dst", np.array([100, 101, 125, 149, 7]))
+    assert rows == {"rows": 46, "of": 50}
+    info = read_tensors_info(tmp_path / "dst", need=("v_img_txt", "t_txt_img"))
+    assert info.rows == 46 and info.fields == ("v_img_txt", "t_txt_img") and info.k == 3
+
+
+def test_variant_keeps_the_checkpoint_best_on_validation_species(world, clip, tmp_path):
+    """With validation inputs a trained variant keeps its best checkpoint on them (step 0, the
+    frozen CLIP, included); the selection is reported and reused."""
+    inputs = world["inputs"]
+    t = inputs.test
+    keep = t.labels < 40                                  # seen classes stand in for validation
+    val = EvalInputs(dataclasses.replace(t, ids=t.ids[keep], image_emb=t.image_emb[keep],
+                                         text_emb=t.text_emb[keep], labels=t.labels[keep],
+                                         captions=[c for c, k in zip(t.captions, keep) if k],
+                                         urls=[u for u, k in zip(t.urls, keep) if k]),
+                     inputs.classnames, inputs.prompt_emb, {"val": np.arange(40)})
+    cfg = world["cfg"]
+    rows = {}
+    for name in ("reco", "mlp", "mean"):
+        rows[name] = run_variant(cfg, name, variants_for(cfg)[name], tmp_path / name, clip=clip,
+                                 memories=world["memories"], inputs=inputs, steps=cfg.train.steps,
+                                 val_inputs=val)
+    assert "selection" not in rows["mean"]["train_info"]              # nothing to select
+    for name in ("reco", "mlp"):
+        sel = rows[name]["train_info"]["selection"]
+        curve = {int(k): x for k, x in sel["curve"].items()}
+        assert sorted(curve) == list(range(0, cfg.train.steps + 1, cfg.train.steps // 10))
+        assert curve[sel["step"]] == max(curve.values()) == sel["val_top1"]
+        if sel["step"] == 0:                                          # untrained heads = CLIP
+            ev = rows[name]["eval"]
+            assert ev["both"]["zeroshot"] == ev["off"]["zeroshot"]
+    assert rows["reco"]["train_info"]["selection"]["step"] > 0        # retrieval helps at once
+    again = run_variant(cfg, "reco", variants_for(cfg)["reco"], tmp_path / "reco", clip=clip,
+                        memories=world["memories"], inputs=inputs, steps=cfg.train.steps, val_inputs=val)
+    assert again["train_info"].get("reused") and again["eval"] == rows["reco"]["eval"]
+    assert again["train_info"]["selection"] == rows["reco"]["train_info"]["selection"]
+    results = {"model_id": clip.model_id, "steps": 80, "train_k": 8, "memory_sizes": {"full": 3200},
+               "small_memory_fraction": 0.1, "n_test": 96, "variants": rows,
+               "validation": {"fraction": 0.25, "species": list(range(40)), "images": len(val.test),
+                              "checkpoints": 10}}
+    assert "Model selection on 40 validation species" in markdown_report(results)

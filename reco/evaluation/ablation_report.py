@@ -79,7 +79,28 @@ def markdown_report(results: dict[str, Any]) -> str:
         parts += ["## Table 4: fused modalities (trained heads x inference mode)\n",
                   _table(f"trained heads | inference | {_METRIC_HEAD}", rows), ""]
     parts += _fig3(v, clip)
+    parts += _selection(results)
     return "\n".join(parts) + "\n"
+
+
+def _selection(results: dict[str, Any]) -> list[str]:
+    """Model selection on validation species: the step each trained variant keeps."""
+    val = results.get("validation")
+    rows = []
+    for name, r in results["variants"].items():
+        sel = r.get("train_info", {}).get("selection")
+        if sel:
+            curve = {int(k): x for k, x in sel["curve"].items()}
+            rows.append([r["label"], f"{sel['step']} of {max(curve)}", _fmt(curve.get(0)),
+                         _fmt(sel["val_top1"]), _fmt(curve[max(curve)])])
+    if not rows or not val:
+        return []
+    return [f"## Model selection on {len(val['species'])} validation species\n",
+            f"Seen species {val['species']} were held out of the training set; each trained variant "
+            f"keeps the checkpoint (step 0 = frozen CLIP included) with the best zero-shot top-1 of "
+            f"their {val['images']} training-split images among their names.\n",
+            _table("variant | kept step | validation top-1 at step 0 | at the kept step | at the last step",
+                   rows), ""]
 
 
 def _fig3(v: dict, clip: dict | None) -> list[str]:
@@ -117,3 +138,15 @@ def _fig3(v: dict, clip: dict | None) -> list[str]:
         parts += ["## Fig. 3c: k at training (rows) vs k at inference (columns): unseen / all top-1\n",
                   _table("trained with | " + " | ".join(f"k={k}" for k in ks), rows), ""]
     return parts
+
+
+def noise_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: one row per world noise level, zero-shot top-1 (all / unseen among unseen) of
+    the frozen CLIP, transformer fusion (reco) and mean fusion."""
+    names = [n for n in ("clip", "reco", "mean") if any(n in r for r in rows)]
+    label = {"clip": "CLIP (frozen)", "reco": "transformer fusion (reco)", "mean": "mean fusion"}
+    head = "world.noise | " + " | ".join(f"{label[n]}: all / unseen among unseen" for n in names)
+    cells = [[f"{r['noise']:g}", *(f"{_fmt(r.get(n, {}).get('all'))} / "
+                                   f"{_fmt(r.get(n, {}).get('unseen_among_unseen'))}" for n in names)]
+             for r in rows]
+    return _table(head, cells)

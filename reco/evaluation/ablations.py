@@ -10,6 +10,15 @@ tensors (which hold all 8 context fields) and is evaluated like ``reco evaluate`
   training (heads trained on neighbours of a subsampled memory, evaluated with it and with the
   full one); k at training vs k at inference.
 
+Model selection (``eval.ablation_val_fraction`` > 0, the default): a quarter of the seen species
+leave every variant's training set and serve as validation species; each trained variant keeps
+its checkpoint (step 0 = frozen CLIP included) that is best on them
+(:mod:`reco.evaluation.validation`). The unseen test species never take part in a choice.
+
+``--noise 0.1,0.5`` instead runs transformer vs mean fusion on worlds that differ only by the
+share of noisy memory captions (:func:`run_noise_study`; the paper finds mean fusion hurts on
+noisy web data, while in a clean world it can do well).
+
 Results: ``eval/ablations/results.json`` and ``report.md`` (one Markdown table per study).
 """
 from __future__ import annotations
@@ -72,11 +81,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"comma-separated variants (default: all): {','.join(VARIANTS)},train_kK")
     g.add_argument("--steps", type=int, default=None, help="training steps of each variant")
     g.add_argument("--out", default=None, help="output folder (default: WORKDIR/eval/ablations)")
+    g.add_argument("--noise", default=None, metavar="LEVELS",
+                   help="instead: mean vs transformer fusion on worlds of these caption-noise levels "
+                        "(world.noise, comma-separated, e.g. 0.1,0.5), each built in OUT/noise-<level>")
 
 
 def main(cfg, args: argparse.Namespace) -> int:
-    from reco.evaluation.ablation_report import markdown_report
+    from reco.evaluation.ablation_report import markdown_report, noise_table
 
+    if args.noise:
+        levels = tuple(float(x) for x in args.noise.split(",") if x.strip())
+        rows = run_noise_study(cfg, levels, out_dir=args.out, steps=args.steps)
+        print(noise_table(rows))
+        return 0
     names = tuple(v.strip() for v in args.variants.split(",") if v.strip()) if args.variants else None
     results = run_ablations(cfg, variants=names, steps=args.steps, out_dir=args.out)
     print(markdown_report(results))
@@ -111,40 +128,90 @@ def run_ablations(cfg, *, variants: tuple[str, ...] | None = None, steps: int | 
     clip = load_clip(model, pretrained, device=cfg.clip.device)
     memories = {"full": Memory.load(Path(cfg.paths.index), mmap=cfg.index.mmap)}
     inputs = load_inputs(cfg, clip)
-    small_cfg = None
+    bases = {"full": cfg}
     if any(table[n].memory == "small" or table[n].memory_sweep for n in names):
         from reco.evaluation.small_memory import prepare_small_memory
 
-        small_cfg, small_info = prepare_small_memory(cfg, cfg.eval.small_memory_fraction, out / "_small_memory")
-        memories["small"] = Memory.load(Path(small_cfg.paths.index))
+        bases["small"], _ = prepare_small_memory(cfg, cfg.eval.small_memory_fraction, out / "_small_memory")
+        memories["small"] = Memory.load(Path(bases["small"].paths.index))
+    val_inputs, val_info = None, None
+    if cfg.eval.ablation_val_fraction > 0:
+        from reco.evaluation.validation import prepare_validation, validation_inputs
+
+        for mem in [m for m in bases if any(table[n].memory == m for n in names)]:
+            bases[mem], val_info = prepare_validation(bases[mem], cfg.eval.ablation_val_fraction,
+                                                      out / f"_validation_{mem}")
+        if val_info is not None:
+            val_inputs = validation_inputs(cfg, clip, val_info["val_species"])
     results: dict[str, Any] = {
         "model_id": clip.model_id, "steps": steps, "train_k": cfg.train.k,
         "memory_sizes": {k: int(len(m.ids)) for k, m in memories.items()},
         "small_memory_fraction": cfg.eval.small_memory_fraction, "n_test": len(inputs.test),
+        "validation": val_info and {"fraction": cfg.eval.ablation_val_fraction,
+                                    "species": val_info["val_species"], "images": val_info["val_images"],
+                                    "checkpoints": cfg.eval.ablation_val_checkpoints},
         "variants": {}}
     for name in names:
         variant = table[name]
-        base = small_cfg if variant.memory == "small" else cfg
-        results["variants"][name] = run_variant(base, name, variant, out / name, clip=clip,
-                                                memories=memories, inputs=inputs, steps=steps)
+        results["variants"][name] = run_variant(bases[variant.memory], name, variant, out / name, clip=clip,
+                                                memories=memories, inputs=inputs, steps=steps,
+                                                val_inputs=val_inputs)
         write_report(out, results)             # partial results survive an interruption
     return results
 
 
+def run_noise_study(cfg, levels: tuple[float, ...], *, out_dir: str | Path | None = None,
+                    steps: int | None = None, variants: tuple[str, ...] = ("reco", "mean")
+                    ) -> list[dict[str, Any]]:
+    """Transformer (``reco``) vs mean fusion on worlds that differ only by ``world.noise`` (the
+    share of memory captions that name a wrong species or say nothing): for each level the whole
+    chain (world, base CLIP, embed, index, neighbours) and the ``variants`` run in
+    ``out_dir/noise-<level>``. Returns one row per level: zero-shot top-1 (all species, unseen
+    species among themselves) of the frozen CLIP and of each variant, and the results path.
+    """
+    from reco.evaluation.seed_sweep import chain_config, prepare_chain
+
+    out = Path(out_dir or Path(cfg.paths.eval) / "ablations")
+    rows = []
+    for level in levels:
+        if not 0.0 <= level <= 1.0:
+            raise ConfigError(f"--noise {level}: world.noise must be in [0, 1]")
+        side = chain_config(cfg, cfg.world.seed, out / f"noise-{level:g}", noise=level)
+        prepare_chain(side)
+        results = run_ablations(side, variants=variants, steps=steps)
+        row = {"noise": level, "results": str(Path(side.paths.eval) / "ablations" / "results.json")}
+        for name, r in results["variants"].items():
+            for mode in ("off", "both"):
+                z = r["eval"].get(mode, {}).get("zeroshot", {})
+                key = "clip" if mode == "off" else name
+                row[key] = {"all": z.get("all", {}).get("top1"),
+                            "unseen_among_unseen": z.get("unseen_among_unseen", {}).get("top1")}
+        rows.append(row)
+    return rows
+
+
 def run_variant(cfg, name: str, variant: Variant, out: Path, *, clip, memories, inputs,
-                steps: int) -> dict[str, Any]:
-    """Train one variant (unless already trained with the same config) and evaluate it."""
+                steps: int, val_inputs=None) -> dict[str, Any]:
+    """Train one variant (unless already trained with the same config) and evaluate it.
+
+    With ``val_inputs`` (:func:`reco.evaluation.validation.validation_inputs`), trained variants
+    keep the checkpoint that is best on the validation species (``cfg`` then holds the
+    training tensors without them)."""
     from reco.evaluation.evaluate import evaluate_model
     from reco.model import RecoModel
     from reco.trainer.checkpoint import load_heads
 
+    select = val_inputs is not None and variant.steps is None
     tc = dataclasses.replace(cfg.train, **variant.train, steps=variant.steps or steps)
-    tc = dataclasses.replace(tc, checkpoint_every=min(tc.checkpoint_every, tc.steps),
+    every = (validation_every(tc.steps, cfg.eval.ablation_val_checkpoints) if select
+             else min(tc.checkpoint_every, tc.steps))
+    tc = dataclasses.replace(tc, checkpoint_every=every,
                              warmup_steps=min(tc.warmup_steps, max(1, tc.steps // 5)))
     heads_dir = out / "heads"
+    memory = memories[variant.memory]
     t0 = time.perf_counter()
-    trained = _already_trained(heads_dir, tc)
-    if not trained and not variant.train and variant.memory == "full":
+    trained = _already_trained(heads_dir, tc, val_inputs if select else None)
+    if not trained and not variant.train and variant.memory == "full" and not select:
         trained = _already_trained(Path(cfg.paths.heads), tc)     # the run's own heads
         heads_dir = Path(cfg.paths.heads) if trained else heads_dir
     if not trained:
@@ -153,13 +220,19 @@ def run_variant(cfg, name: str, variant: Variant, out: Path, *, clip, memories, 
         log.info("ablation %s: training %d steps (%s)", name, tc.steps, variant.train or "defaults")
         info = train(dataclasses.replace(cfg, train=tc), out_dir=heads_dir)
         train_info = {"final_loss": info.get("final_loss"), "head_params": info.get("head_params")}
+        if select:
+            from reco.evaluation.validation import select_checkpoint
+
+            train_info["selection"] = select_checkpoint(heads_dir, clip, memory, val_inputs)
     else:
         train_info = {"final_loss": trained.get("final_loss"), "reused": True}
+        if "selection" in trained:
+            train_info["selection"] = trained["selection"]
     train_info["seconds"] = round(time.perf_counter() - t0, 1)
     heads, meta = load_heads(heads_dir)
-    memory = memories[variant.memory]
     model = RecoModel(clip, memory, heads, meta, mode="off")
-    row: dict[str, Any] = {"label": variant.label, "heads": str(heads_dir), "train": dict(variant.train), "memory": variant.memory,
+    row: dict[str, Any] = {"label": variant.label, "heads": str(heads_dir), "train": dict(variant.train),
+                           "memory": variant.memory,
                            "fusion": model.fusion, "contexts": dict(model.contexts), "k": model.train_k,
                            "sides": sorted(heads), "train_info": train_info,
                            "eval": evaluate_model(model, inputs, cfg.eval.modes, cfg.eval.retrieval_ks)}
@@ -182,8 +255,14 @@ def _main_mode(model) -> tuple[str, ...]:
     return ("both",) if "both" in model.available_modes() else (model.available_modes()[-1],)
 
 
-def _already_trained(heads_dir: Path, tc) -> dict | None:
-    """The heads' meta when ``heads_dir`` holds heads trained with exactly ``tc``."""
+def validation_every(steps: int, checkpoints: int) -> int:
+    """Checkpoint interval giving about ``checkpoints`` validation points over ``steps``."""
+    return max(1, steps // max(1, checkpoints))
+
+
+def _already_trained(heads_dir: Path, tc, val_inputs=None) -> dict | None:
+    """The heads' meta when ``heads_dir`` holds heads trained with exactly ``tc`` (and, with
+    ``val_inputs``, selected on the same validation species)."""
     path = heads_dir / "heads.json"
     if not path.is_file():
         return None
@@ -192,6 +271,12 @@ def _already_trained(heads_dir: Path, tc) -> dict | None:
     except json.JSONDecodeError:
         return None
     same = meta.get("train") == json.loads(json.dumps(dataclasses.asdict(tc)))
+    if val_inputs is not None:
+        chosen = meta.get("selection") or {}
+        same = same and chosen.get("val_species") == val_inputs.groups["val"].tolist() \
+            and chosen.get("val_images") == len(val_inputs.test)
+    elif "selection" in meta:
+        same = False
     return meta if same else None
 
 

@@ -25,8 +25,15 @@ class EvalConfig:
     small_memory_fraction: float = 0.1 # memory kept for the "small memory at training" variant
     ablation_train_k: tuple[int, ...] = (1, 5)   # extra k at training (besides train.k)
     ablation_eval_k: tuple[int, ...] = (1, 5, 10, 16)
+    # model selection of the trained variants on held-out validation species (0: none; see
+    # reco.evaluation.validation): this fraction of the seen species leaves the training set,
+    # and the best of step 0 and ablation_val_checkpoints evenly spaced checkpoints is kept
+    ablation_val_fraction: float = 0.25
+    ablation_val_checkpoints: int = 10
 
 
-# tiny: 2000 training pairs of only 28 seen species; past ~100 steps the heads memorise them
-# (seen top-1 ~90%) and unseen species lose most of what retrieval gave them.
+# tiny: 2000 training pairs of only 28 seen species (21 once the validation species are held
+# out); past ~100 steps the heads memorise them (seen top-1 ~90%) and unseen species lose most of
+# what retrieval gave them. How fast that happens depends on the world seed: the validation
+# species pick the step (see reco.evaluation.validation and seed_sweep's report).
 PRESETS = {"tiny": EvalConfig(ablation_steps=100), "demo": EvalConfig()}
