@@ -12,13 +12,16 @@ written, no manifest either, and the info says ``"dry_run": true``)::
 * A shard spec is one OUTPUT shard: ``shard_size`` consecutive success rows of the training split
   (slices of one or more embedded input shards). Each worker holds one shard at a time, so memory
   does not grow with the number of training pairs; finished shards are skipped on resume.
-* The steps of a shard run fused in one DoFn call (:func:`compute_shard`), so that no large
-  array is ever encoded between Beam stages: the DoFn loads the memory once per worker
-  (``DoFn.setup``, memory-mapped), searches each block of ``batch_size`` queries with one faiss
-  call per search (faiss's OpenMP threads over the queries), excludes near-duplicates of the pair
-  and fetches the hits' embeddings vectorised (``reco.index.neighbours``), and writes the two
-  Parquet files itself (``reco.index.neighbour_shards``), in a background thread that overlaps
-  the next shard's search (at most one shard waits). It outputs one small record per shard
+* The steps of a shard run fused in one DoFn (:class:`_ShardFn`), so that no large array is
+  ever encoded between Beam stages: the DoFn loads the memory once per worker (``DoFn.setup``,
+  memory-mapped), searches each block of ``batch_size`` queries with one faiss call per search
+  (faiss's OpenMP threads over the queries), excludes near-duplicates of the pair and fetches
+  the hits' embeddings vectorised (``reco.index.neighbours``), and writes the two Parquet files
+  itself (``reco.index.neighbour_shards``). Three stages overlap: while shard i is fetched
+  (single-threaded), shard i+1 is READ in a background thread (not during the search: a reader
+  competing with faiss's threads slowed the search by more than it saved), and shard i is
+  WRITTEN in another background thread while shard i+1 is searched (at most one shard waits on
+  each side). It outputs one small record per shard
   ({"name", "rows", "n_excluded", "n_missing"}); the driver checks the row counts of the files
   after the run, so the job's output never needs to come back from the runner. Beam counters
   (namespace ``reco.neighbours``) hold the pairs done and the milliseconds spent in each step.
@@ -135,21 +138,38 @@ def shard_tables(memory, pair: dict[str, np.ndarray], found: dict, stats: dict, 
                                             s.dim, s.k, s.fields)}
 
 
-def compute_shard(memory, spec: ShardSpec, s: Settings) -> tuple[dict, dict]:
-    """The tables of one output shard (nothing written) and its record {"name", "rows",
-    "n_excluded", "n_missing", "seconds": {step: seconds}}."""
-    t = [time.perf_counter()]
-    pair = read_pairs(spec, s.dim)
-    t.append(time.perf_counter())
+def read_timed(spec: ShardSpec, dim: int) -> tuple[dict[str, np.ndarray], float]:
+    """:func:`read_pairs` and its wall seconds (run ahead in the DoFn's read thread)."""
+    t0 = time.perf_counter()
+    pair = read_pairs(spec, dim)
+    return pair, time.perf_counter() - t0
+
+
+def search_step(memory, spec: ShardSpec, read, s: Settings) -> dict:
+    """The search phase of a shard from its :func:`read_timed` result: {"spec", "pair", "found",
+    "stats", "seconds"} (multi-threaded: faiss's OpenMP threads)."""
+    pair, read_seconds = read
+    t0 = time.perf_counter()
     found, stats = search_shard(memory, pair, s)
-    t.append(time.perf_counter())
-    tables = shard_tables(memory, pair, found, stats, s)
-    t.append(time.perf_counter())
+    return {"spec": spec, "pair": pair, "found": found, "stats": stats,
+            "seconds": {"read": read_seconds, "search": time.perf_counter() - t0}}
+
+
+def fetch_step(memory, searched: dict, s: Settings) -> tuple[dict, dict]:
+    """The fetch phase (single-threaded numpy/pyarrow): the tables of the shard (nothing written)
+    and its record {"name", "rows", "n_excluded", "n_missing", "seconds": {step: seconds}}."""
+    spec, t0 = searched["spec"], time.perf_counter()
+    tables = shard_tables(memory, searched["pair"], searched["found"], searched["stats"], s)
     if tables["tensors"].num_rows != spec.n_rows:
         raise FormatError(f"{spec.name}: {tables['tensors'].num_rows} rows read, {spec.n_rows} planned; "
                           f"the training split changed during the run")
-    return tables, {"name": spec.name, "rows": spec.n_rows, **stats,
-                    "seconds": {step: t[i + 1] - t[i] for i, step in enumerate(STEPS[:3])}}
+    return tables, {"name": spec.name, "rows": spec.n_rows, **searched["stats"],
+                    "seconds": {**searched["seconds"], "fetch": time.perf_counter() - t0}}
+
+
+def compute_shard(memory, spec: ShardSpec, s: Settings) -> tuple[dict, dict]:
+    """read -> search -> fetch of one output shard, in this thread (see :func:`fetch_step`)."""
+    return fetch_step(memory, search_step(memory, spec, read_timed(spec, s.dim), s), s)
 
 
 def write_computed(out_folder: str, tables: dict, record: dict) -> dict:
@@ -166,9 +186,12 @@ def write_computed(out_folder: str, tables: dict, record: dict) -> dict:
 class _ShardFn(beam.DoFn):
     """ShardSpec -> {"name", "rows", "n_excluded", "n_missing"} once the shard's files are written.
 
-    The Parquet encoding of a shard (C++, without the GIL) runs in a background thread while
-    the next shard is searched: at most one shard waits to be written, so memory stays bounded.
-    Its record is output when the write is done (by the next call or by finish_bundle)."""
+    Three stages overlap, each in its own thread, so that the single-threaded work runs while
+    faiss searches: the next shard is READ ahead (Parquet decoding and numpy, without the GIL),
+    the current one is searched and fetched, and the previous one is WRITTEN (Parquet encoding,
+    C++, without the GIL). At most one shard waits on each side, so memory stays bounded. A
+    shard is therefore computed one call after it arrives (the last one in finish_bundle), and
+    its record is output when its files are written (by a later call or by finish_bundle)."""
 
     def __init__(self, settings: Settings):
         self.s = settings
@@ -180,8 +203,9 @@ class _ShardFn(beam.DoFn):
 
         self._threads()
         self.memory = Memory.load(self.s.index_folder, mmap=self.s.mmap, use_gpu=self.s.use_gpu)
+        self.reader = ThreadPoolExecutor(1, thread_name_prefix="neighbours-read")
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="neighbours-write")
-        self.pending = None
+        self.pending = self.ahead = None
 
     def _threads(self):
         if self.s.threads:                  # OpenMP settings are per calling thread
@@ -190,7 +214,7 @@ class _ShardFn(beam.DoFn):
             faiss.omp_set_num_threads(self.s.threads)
 
     def start_bundle(self):
-        self.pending = None
+        self.pending = self.ahead = None
 
     def _written(self):
         """Wait for the pending write; its record (counters updated in the bundle's thread)."""
@@ -202,22 +226,37 @@ class _ShardFn(beam.DoFn):
             beam.metrics.Metrics.counter(METRICS, f"{step}_ms").inc(int(seconds * 1000))
         return [record]
 
-    def process(self, spec: ShardSpec):
-        self._threads()
-        tables, record = compute_shard(self.memory, spec, self.s)
+    def _advance(self, spec: ShardSpec | None):
+        """Search the shard read ahead; start reading ``spec`` (None: no more) while the
+        searched shard is fetched (so that reading never competes with faiss's threads), then
+        hand it to the writer. The records of the writes finished meanwhile."""
+        searched = None
+        if self.ahead is not None:
+            previous, read = self.ahead
+            searched = search_step(self.memory, previous, read.result(), self.s)
+        self.ahead = None if spec is None else (spec, self.reader.submit(read_timed, spec, self.s.dim))
+        if searched is None:
+            return []
+        tables, record = fetch_step(self.memory, searched, self.s)
         done = self._written()
         self.pending = self.writer.submit(write_computed, self.s.out_folder, tables, record)
-        yield from done
+        return done
+
+    def process(self, spec: ShardSpec):
+        self._threads()
+        yield from self._advance(spec)
 
     def finish_bundle(self):
         from apache_beam.transforms.window import GlobalWindows
 
-        for record in self._written():
+        self._threads()
+        for record in self._advance(None) + self._written():
             yield GlobalWindows.windowed_value(record)
 
     def teardown(self):
-        if getattr(self, "writer", None) is not None:
-            self.writer.shutdown(wait=True)
+        for pool in (getattr(self, "reader", None), getattr(self, "writer", None)):
+            if pool is not None:
+                pool.shutdown(wait=True)
 
 
 class PrecomputeNeighbours(beam.PTransform):
