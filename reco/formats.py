@@ -68,7 +68,8 @@ OLD_EMBEDDED_HINT = ("embedded shard of format embedded/1 (float16 lists), which
 
 
 def embedded_schema(dim: int, model: str = "", pretrained: str = "") -> pa.Schema:
-    """Schema of an embedded shard (format ``embedded/2``, layout above)."""
+    """Schema of an embedded shard (format ``embedded/2``, layout above). Rows whose status is
+    not ``success`` hold all-zero vectors, not nulls; readers filter on ``status``."""
     return pa.schema(
         [
             pa.field("id", pa.int64(), nullable=False),
