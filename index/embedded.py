@@ -1,9 +1,12 @@
 """Validated reading of embedded shards (``reco.formats.embedded_schema``) for the index stage.
 
 Only rows with ``status == "success"`` are used. Every problem is one :class:`FormatError` naming
-the file (and row): a shard listed in the manifest but missing on disk, a corrupt footer or a
-wrong column type (both caught by :func:`open_split`, which reads every shard's footer, never its
-data, before any work starts), a null id or embedding, a NaN/inf embedding, a duplicate id.
+the file (and row): a shard listed in the manifest but missing on disk, a corrupt footer, a shard
+of the old format ``embedded/1`` (float16 lists: rerun ``reco embed-memory --force``), a wrong
+column type or dimension (all caught by :func:`open_split`, which reads every shard's footer, never
+its data, before any work starts), a null id or embedding, a NaN/inf embedding, a duplicate id.
+Embeddings are float16 fixed-size binary (format ``embedded/2``), decoded straight from the Arrow
+buffer (:func:`reco.formats.decode_vectors`).
 """
 from __future__ import annotations
 
@@ -69,34 +72,29 @@ def shard_schema(path: str) -> pa.Schema:
 
 def check_shard_schema(schema: pa.Schema, dim: int, path: str,
                        modalities: tuple[str, ...] = ("image", "text")) -> None:
-    """FormatError naming ``path`` unless it has ``id``/``status`` and the embeddings at ``dim``."""
-    expected = formats.embedding_type(dim)
+    """FormatError naming ``path`` unless it is an ``embedded/2`` shard (its own ``reco.dim`` and
+    column widths agreeing) with ``id``/``status`` and the embeddings at ``dim``."""
+    formats.embedded_dim(schema, path)
+    expected = formats.block_type(dim)
     for m in modalities:
         name = f"{m}_emb"
         got = schema.field(name).type if name in schema.names else None
         if got is not None and not got.equals(expected):
-            raise FormatError(f"{path}: column {name!r} has type {got}, expected {expected} "
+            found = (f" (dimension {got.byte_width / 2:g})" if pa.types.is_fixed_size_binary(got) else "")
+            raise FormatError(f"{path}: column {name!r} has type {got}{found}, expected {expected} "
                               f"(dimension {dim} from the manifest)")
     formats.check_columns(schema, pa.schema([pa.field("id", pa.int64()), pa.field("status", pa.string())]
                                              + [pa.field(f"{m}_emb", expected) for m in modalities]), path)
 
 
 def _split_dim(recorded, schema: pa.Schema, folder: str, first: str) -> int:
-    """The split's dimension: manifest info, else the first shard's metadata, else its column."""
+    """The split's dimension: manifest info, else the first shard's (metadata/column width)."""
     if recorded not in (None, 0, ""):                  # absent: as before, fall back to the shard
         if isinstance(recorded, bool) or not isinstance(recorded, int) or recorded < 1:
             raise FormatError(f"{folder}/manifest.json: info.dim is {recorded!r}, "
                               f"expected a positive integer")
         return recorded
-    raw = (schema.metadata or {}).get(b"reco.dim")
-    if raw:
-        try:
-            dim = int(raw.decode())
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise FormatError(f"{first}: bad reco.dim metadata {raw!r}") from exc
-    else:
-        typ = schema.field("image_emb").type if "image_emb" in schema.names else None
-        dim = typ.list_size if typ is not None and pa.types.is_fixed_size_list(typ) else 0
+    dim = formats.embedded_dim(schema, first)
     if dim < 1:
         raise FormatError(f"{first}: no embedding dimension (not an embedded shard?)")
     return dim
@@ -120,24 +118,29 @@ def success_count(path: str) -> int:
 def read_shard(path: str, dim: int, start: int = 0, stop: int | None = None,
                modalities: tuple[str, ...] = ("image", "text")) -> dict[str, np.ndarray]:
     """Success rows ``[start:stop]`` of one shard: {"id": (n,), "image": (n, dim), "text": ...}
-    float32, validated (readable, column types, dimension, nulls, NaN/inf); every problem is a
-    FormatError naming ``path``."""
+    float32, validated (readable, format, column types, dimension, nulls, NaN/inf); every problem
+    is a FormatError naming ``path``."""
     cols = ["id", "status"] + [f"{m}_emb" for m in modalities]
     check_shard_schema(shard_schema(path), dim, path, modalities)       # footer only
     table = formats.read_parquet(path, columns=cols)
     for name in ("id", "status"):
         if table.column(name).null_count:
             raise FormatError(f"{path}: column {name!r} has {table.column(name).null_count} null(s)")
-    rows = np.flatnonzero(table.column("status").to_numpy(zero_copy_only=False) == formats.STATUS_OK)
-    rows = rows[start:stop]
-    table = table.take(pa.array(rows, pa.int64()))
-    out = {"id": table.column("id").to_numpy().astype(np.int64)}
+    ok = pc.equal(table.column("status"), formats.STATUS_OK)
+    rows = np.flatnonzero(ok.to_numpy(zero_copy_only=False))[start:stop]
+    out = {"id": table.column("id").to_numpy()[rows].astype(np.int64)}
     for m in modalities:
         col = table.column(f"{m}_emb")
-        if col.null_count:
-            bad = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
-            raise FormatError(f"{path}: row {int(rows[bad])} has status success but a null {m}_emb")
-        vectors = formats.from_fp16_list(col, dim)
+        if col.null_count:                              # allowed in rows that are not success
+            nulls = col.is_null().to_numpy(zero_copy_only=False)[rows]
+            if nulls.any():
+                raise FormatError(f"{path}: row {int(rows[np.argmax(nulls)])} has status success "
+                                  f"but a null {m}_emb")
+            col, take = col.take(pa.array(rows, pa.int64())), slice(None)
+        else:
+            take = rows
+        half = formats.decode_vectors(col, dim, np.float16, f"{path}: column '{m}_emb'")[take]
+        vectors = formats.to_float32(half)
         bad = ~np.isfinite(vectors).all(axis=1)
         if bad.any():
             raise FormatError(f"{path}: {int(bad.sum())} {m} embedding(s) contain NaN/inf, first "

@@ -21,7 +21,7 @@ import faiss
 import numpy as np
 
 from reco.errors import FormatError, MismatchError
-from reco.formats import parse_field
+from reco.formats import parse_field, to_float32
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +63,6 @@ def to_gpu(index: faiss.Index, use_gpu: bool) -> faiss.Index:
     except RuntimeError as exc:
         log.warning("index type not supported on GPU (%s); searching on CPU", str(exc)[:80])
         return index
-
-
-# float16 -> float32 through a 256 KiB table: exact, and ~2x faster than numpy's astype
-_F16_TO_F32 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
-
-
-def _to_float32(x: np.ndarray) -> np.ndarray:
-    return _F16_TO_F32[x.view(np.uint16)] if x.dtype == np.float16 else x.astype(np.float32)
 
 
 def _flat_vectors(index: faiss.Index | None, n: int, dim: int) -> np.ndarray | None:
@@ -195,7 +187,7 @@ class Memory:
             rows[order] = np.take(emb, idx[order], axis=0)
         else:
             rows = np.take(emb, idx, axis=0)
-        out = _to_float32(rows) if np.dtype(dtype) == np.float32 else rows.astype(dtype, copy=False)
+        out = to_float32(rows) if np.dtype(dtype) == np.float32 else rows.astype(dtype, copy=False)
         if not valid.all():
             out[~valid] = 0
         return out.reshape(*positions.shape, self.dim)

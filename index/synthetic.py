@@ -40,14 +40,14 @@ def write_embedded(folder: str | Path, image: np.ndarray, text: np.ndarray, *,
                    status: list[str] | None = None, model: str = "synthetic", pretrained: str = "",
                    shard_size: int = 1000) -> formats.Manifest:
     """Write embedded shards + manifest (kind "embedded"); rows whose status is not success get
-    zero embeddings, as the embed stage writes them (pyarrow cannot read back null
-    FixedSizeList entries, apache/arrow#35692)."""
+    zero embeddings, as the embed stage writes them (``reco.formats.embedded_schema``)."""
     folder = Path(folder)
     n, dim = image.shape
     ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
     status = status or [formats.STATUS_OK] * n
     schema = formats.embedded_schema(dim, model, pretrained)
-    manifest = formats.Manifest(kind="embedded", info={"model_id": f"{model}|{pretrained}", "dim": dim})
+    manifest = formats.Manifest(kind="embedded", info={"model_id": f"{model}|{pretrained}", "dim": dim,
+                                                                "format": formats.EMBEDDED_FORMAT})
     for shard, start in enumerate(range(0, n, shard_size)):
         sl = slice(start, min(start + shard_size, n))
         ok = np.array([s == formats.STATUS_OK for s in status[sl]])
@@ -59,7 +59,7 @@ def write_embedded(folder: str | Path, image: np.ndarray, text: np.ndarray, *,
             "status": pa.array(status[sl]), "error_message": pa.nulls(len(ok), pa.string()),
         }
         for name, vec in (("image_emb", image[sl]), ("text_emb", text[sl])):
-            columns[name] = formats.to_fp16_list(np.where(ok[:, None], vec, 0.0), dim)
+            columns[name] = formats.encode_vectors(np.where(ok[:, None], vec, 0.0), dim)
         table = pa.Table.from_pydict(columns, schema=schema)
         name = f"part-{shard:05d}.parquet"
         formats.atomic_write_table(table, folder / name)

@@ -3,8 +3,12 @@
     ReadUrls -> SafetyFilter -> Download (img2dataset) -> Embed (open_clip) -> Write (Parquet)
 
 Everything that can be checked is checked before the pipeline starts (URL list columns, model
-name, writable output, model of an existing output). Resume: shards whose file already exists
-(complete, by atomic rename) are skipped, so a rerun after a kill adds only the missing shards.
+name, writable output, model and shard format of an existing output). Resume: shards whose file
+already exists (complete, by atomic rename) are skipped, so a rerun after a kill adds only the
+missing shards; ``job.json`` records the model, shard size, inputs and shard format
+(``embedded/2``), so a rerun never mixes shards of two layouts: an output of the old format
+``embedded/1`` is refused with a FormatError until rerun with ``--force``, which deletes the
+output's shards, manifest and job.json and embeds everything again.
 Beam flags pass through (``--runner``, ``--direct_num_workers``...); default DirectRunner.
 
     reco embed-memory --preset tiny --workdir runs/tiny                 # world splits
@@ -31,15 +35,15 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from reco.errors import ConfigError, FormatError, RecoError
-from reco.formats import Manifest
+from reco.formats import EMBEDDED_FORMAT, Manifest
 from reco.pipelines import runners
 from reco.pipelines.config import EmbedConfig
 from reco.pipelines.download import DownloadShards
 from reco.pipelines.embed import EmbedShards
 from reco.pipelines.urls import (FilterUnsafeUrls, ReadUrlShards, UrlFile, inspect_url_files,
                                  list_url_files, num_shards)
-from reco.pipelines.write import (WriteShards, check_job, check_model, complete_shards,
-                                  write_manifest)
+from reco.pipelines.write import (WriteShards, check_job, check_model, clear_output,
+                                  complete_shards, write_manifest)
 
 log = logging.getLogger(__name__)
 WORLD_SPLITS = ("memory", "train", "test")
@@ -99,8 +103,9 @@ def check_writable(output_dir: str) -> None:
 
 
 def plan_job(inputs, output_dir: str, *, model: str, pretrained: str | None,
-             embed_cfg: EmbedConfig) -> EmbedJob:
-    """Check inputs, model and output; find the shards still to do."""
+             embed_cfg: EmbedConfig, force: bool = False) -> EmbedJob:
+    """Check inputs, model and output; find the shards still to do (``force``: none done, the
+    output's shards deleted once inputs and model are known to be good)."""
     from reco.clip import load_clip
 
     if embed_cfg.shard_size < 1 or embed_cfg.batch_size < 1:
@@ -112,9 +117,13 @@ def plan_job(inputs, output_dir: str, *, model: str, pretrained: str | None,
 
         remove_temporaries(output_dir)
     clip = load_clip(model, pretrained)             # unknown model: ConfigError, before any work
-    check_model(output_dir, clip.name, clip.pretrained)
+    if force:
+        removed = clear_output(output_dir)
+        log.info("--force: deleted %d shard(s) of %s", len(removed), output_dir)
+    check_model(output_dir, clip.name, clip.pretrained)       # and the format of existing shards
     check_job(output_dir, {"model_id": clip.model_id, "shard_size": embed_cfg.shard_size,
-                           "files": [[f.path.rsplit("/", 1)[-1], f.rows] for f in files]})
+                           "files": [[f.path.rsplit("/", 1)[-1], f.rows] for f in files],
+                           "format": EMBEDDED_FORMAT})
     shards = num_shards(files, embed_cfg.shard_size)
     skip = tuple(s for s in complete_shards(output_dir) if s < shards)
     return EmbedJob(tuple(files), str(output_dir), clip.name, clip.pretrained or None, clip.model_id,
@@ -151,7 +160,8 @@ def counters(result) -> dict[str, int]:
 
 
 def embed_urls(inputs, output_dir: str, *, model: str, pretrained: str | None = None,
-               embed_cfg: EmbedConfig = EmbedConfig(), beam_options=None) -> tuple[Manifest, dict]:
+               embed_cfg: EmbedConfig = EmbedConfig(), beam_options=None,
+               force: bool = False) -> tuple[Manifest, dict]:
     """Download, embed and write URL lists to ``output_dir`` (resuming what is there).
 
     Args:
@@ -160,12 +170,15 @@ def embed_urls(inputs, output_dir: str, *, model: str, pretrained: str | None = 
         model, pretrained: open_clip model spec (see :func:`reco.clip.load_clip`).
         embed_cfg: columns, shard size, download and embedding settings.
         beam_options: Beam flags (list of ``--flag=value``) or PipelineOptions.
+        force: embed every shard again (the output's shards, manifest and job.json deleted
+            first) instead of resuming; needed over shards of the old format ``embedded/1``.
     Returns:
         (manifest, info) with counts by status, shards run/skipped and Beam counters.
     """
     start = time.time()
     options = pipeline_options(embed_cfg, beam_options)
-    job = plan_job(inputs, output_dir, model=model, pretrained=pretrained, embed_cfg=embed_cfg)
+    job = plan_job(inputs, output_dir, model=model, pretrained=pretrained, embed_cfg=embed_cfg,
+                   force=force)
     todo = job.shards - len(job.skip)
     log.info("embed %s -> %s: %d rows, %d shards (%d already complete), model %s",
              [f.path for f in job.files], output_dir, sum(f.rows for f in job.files), job.shards,
@@ -216,7 +229,7 @@ def run_embed_config(cfg) -> EmbedConfig:
                                precision=e.precision or cfg.clip.precision)
 
 
-def embed_splits(cfg, splits=WORLD_SPLITS, *, beam_options=None) -> dict:
+def embed_splits(cfg, splits=WORLD_SPLITS, *, beam_options=None, force: bool = False) -> dict:
     """Embed the world's URL lists (``cfg.paths.urls(split)``) into ``cfg.paths.embedded(split)``
     with the pipeline's model (:func:`reco.clip.resolve_model_spec`). Returns info per split."""
     from reco.clip import resolve_model_spec
@@ -231,7 +244,7 @@ def embed_splits(cfg, splits=WORLD_SPLITS, *, beam_options=None) -> dict:
         for split in splits:
             _, info[split] = embed_urls(str(cfg.paths.urls(split)), str(cfg.paths.embedded(split)),
                                         model=model, pretrained=pretrained, embed_cfg=embed_cfg,
-                                        beam_options=beam_options)
+                                        beam_options=beam_options, force=force)
     return info
 
 
@@ -245,6 +258,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default=None, help="output folder (with --input)")
     parser.add_argument("--split", action="append", default=[], choices=WORLD_SPLITS,
                         help="world split to embed (repeatable; default: all three)")
+    parser.add_argument("--force", action="store_true",
+                        help="embed every shard again (delete the output's shards first) instead of "
+                        "resuming; needed over shards of the old format embedded/1")
     parser.add_argument("--beam-option", dest="beam_option", action="append", default=[],
                         metavar="FLAG", help="Beam flag, repeatable, e.g. --beam-option=--runner=dataflow "
                         "(engines and their required flags: reco.pipelines.runners)")
@@ -268,11 +284,12 @@ def main(cfg, args) -> int:
 
         model, pretrained = resolve_model_spec(cfg.clip.model, cfg.clip.pretrained, cfg.paths.base_clip)
         _, info = embed_urls(args.input, args.output, model=model, pretrained=pretrained,
-                             embed_cfg=run_embed_config(cfg), beam_options=beam_args)
+                             embed_cfg=run_embed_config(cfg), beam_options=beam_args,
+                             force=bool(getattr(args, "force", False)))
         _print_info(info, "embedded")
         return 0
-    for split, info in embed_splits(cfg, tuple(args.split) or WORLD_SPLITS,
-                                    beam_options=beam_args).items():
+    for split, info in embed_splits(cfg, tuple(args.split) or WORLD_SPLITS, beam_options=beam_args,
+                                    force=bool(getattr(args, "force", False))).items():
         _print_info(info, split)
     return 0
 
@@ -285,6 +302,7 @@ def run(argv=None) -> int:
     parser.add_argument("--output", required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--pretrained", default=None)
+    parser.add_argument("--force", action="store_true", help="embed every shard again (no resume)")
     parser.add_argument("--preset", default="demo", help="preset whose embed options are used")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="e.g. --set embed.shard_size=100")
@@ -293,7 +311,7 @@ def run(argv=None) -> int:
 
     cfg = override(preset(known.preset), known.overrides)
     _, info = embed_urls(known.input, known.output, model=known.model, pretrained=known.pretrained,
-                         embed_cfg=cfg.embed, beam_options=beam_args)
+                         embed_cfg=cfg.embed, beam_options=beam_args, force=known.force)
     _print_info(info, "embedded")
     return 0
 

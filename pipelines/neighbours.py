@@ -45,8 +45,8 @@ Output, under ``cfg.paths.neighbours``:
     complete shards in order, ``counts`` (rows per shard and ``total``), ``info`` (dim, k, fields,
     searches, model_id, dedup options, index info). Written after all shards; every file is
     written atomically. ``plan.json`` records what the shards were computed from: a run with
-    other inputs or options (or shards of an older tensors format) starts over instead of
-    resuming.
+    other inputs or options (or shards of an older tensors format, or computed from embedded
+    shards of an older format) starts over instead of resuming.
 """
 from __future__ import annotations
 
@@ -373,7 +373,7 @@ def precompute_neighbours(cfg: RecoConfig, force: bool = False,
     plan = {k: v for k, v in asdict(settings).items() if k not in ("out_folder", "threads", "use_gpu", "mmap")}
     plan.update(index=memory.info.get("fingerprint"), index_n=memory.n, model_id=memory.model_id,
                 train=train.manifest.shards, counts=train.manifest.counts, shard_size=cfg.neighbours.shard_size,
-                tensors_format=formats.TENSORS_FORMAT)
+                tensors_format=formats.TENSORS_FORMAT, embedded_format=formats.EMBEDDED_FORMAT)
     plan = {"fingerprint": shards.fingerprint(plan), **plan}
     out.mkdir(parents=True, exist_ok=True)
     if force and (out / shards.PLAN_FILE).exists():

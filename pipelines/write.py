@@ -17,9 +17,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from reco.errors import MismatchError
-from reco.formats import (STATUSES, Manifest, atomic_write_table, atomic_write_text, embedded_schema,
-                          to_fp16_list)
+from reco.errors import FormatError, MismatchError
+from reco.formats import (EMBEDDED_FORMAT, STATUSES, Manifest, atomic_write_table, atomic_write_text,
+                          check_embedded_format, embedded_schema, encode_vectors)
 
 log = logging.getLogger(__name__)
 PART = re.compile(r"part-(\d{5,})\.parquet$")
@@ -54,13 +54,13 @@ def rows_to_table(rows: list[dict], dim: int, model: str = "", pretrained: str =
 
 
 def _embedding_column(vectors: list, dim: int) -> pa.Array:
-    """Zero vectors where there is no embedding (status != success), not nulls: pyarrow <= 25
-    writes null FixedSizeList entries but cannot read them back (apache/arrow#35692)."""
+    """Zero vectors where there is no embedding (status != success), not nulls: the convention of
+    ``embedded_schema`` (a whole column decodes without a validity mask)."""
     dense = np.zeros((len(vectors), dim), dtype=np.float32)
     for i, v in enumerate(vectors):
         if v is not None:
             dense[i] = v
-    return to_fp16_list(dense, dim)
+    return encode_vectors(dense, dim)
 
 
 def write_shard(output_dir: str, shard: int, rows: list[dict], dim: int, model: str = "",
@@ -98,10 +98,13 @@ class WriteShards(beam.PTransform):
 
 
 def check_model(output_dir: str, model: str, pretrained: str | None) -> None:
-    """Refuse to resume into a folder whose shards were embedded with another model."""
+    """Refuse to resume into a folder whose shards are of another format (``embedded/1``:
+    FormatError saying to rerun with --force) or were embedded with another model."""
     for path in list(complete_shards(output_dir).values())[:1]:
         with fsspec.open(path, "rb") as f:
-            meta = pq.read_schema(f).metadata or {}
+            schema = pq.read_schema(f)
+        check_embedded_format(schema, path)
+        meta = schema.metadata or {}
         got = (meta.get(b"reco.model", b"").decode(), meta.get(b"reco.pretrained", b"").decode())
         if got != (model, pretrained or ""):
             raise MismatchError(f"{path}: embedded with model {got[0]}|{got[1]}, not "
@@ -111,15 +114,31 @@ def check_model(output_dir: str, model: str, pretrained: str | None) -> None:
 JOB_FILE = "job.json"
 
 
+def clear_output(output_dir: str) -> list[str]:
+    """``--force``: delete the manifest, every complete shard and ``job.json`` of ``output_dir``
+    (manifest first: none may list a deleted shard); returns the shard paths deleted."""
+    fs, root = fsspec.core.url_to_fs(str(output_dir))
+    shards = list(complete_shards(output_dir).values())
+    for target in [f"{root.rstrip('/')}/{Manifest.FILE}", *(fsspec.core.url_to_fs(p)[1] for p in shards),
+                   f"{root.rstrip('/')}/{JOB_FILE}"]:
+        if fs.exists(target):
+            fs.rm(target)
+    return shards
+
+
 def check_job(output_dir: str, job: dict) -> None:
-    """Record what the shards of ``output_dir`` are (``job.json``: model, shard size, input
-    rows); a rerun with a different layout would mix shards, so it is a MismatchError."""
+    """Record what the shards of ``output_dir`` are (``job.json``: model, shard size, input rows,
+    shard format); a rerun with a different layout would mix shards, so it is a MismatchError
+    (another format: a FormatError saying to rerun with --force)."""
     path = f"{str(output_dir).rstrip('/')}/{JOB_FILE}"
     fs, fs_path = fsspec.core.url_to_fs(path)
     if fs.exists(fs_path):
         with fs.open(fs_path, "r") as f:
             old = json.load(f)
         diff = sorted(k for k in job if old.get(k) != job[k])
+        if "format" in diff and complete_shards(output_dir):
+            raise FormatError(f"{path}: the shards here are of format {old.get('format') or 'embedded/1'}"
+                              f", not {job['format']}; rerun `reco embed-memory --force` to re-embed")
         if diff and complete_shards(output_dir):
             raise MismatchError(f"{path}: existing shards were made with other "
                                 f"{', '.join(diff)} ({ {k: old.get(k) for k in diff} }); "
@@ -140,7 +159,7 @@ def write_manifest(output_dir: str, model_id: str, dim: int, info: dict | None =
         counts.update(status)
         rows += len(status)
     manifest = Manifest(kind="embedded", shards=[p.rsplit("/", 1)[-1] for p in shards.values()],
-                        counts=dict(counts),
-                        info={**(info or {}), "model_id": model_id, "dim": dim, "rows": rows})
+                        counts=dict(counts), info={**(info or {}), "model_id": model_id, "dim": dim,
+                                                   "rows": rows, "format": EMBEDDED_FORMAT})
     manifest.write(output_dir)
     return manifest

@@ -4,20 +4,22 @@ Artefacts and where they are described:
 
 * URL lists: Parquet/CSV/TSV with (by default) ``url`` and ``caption`` columns, like LAION/CC12M
   metadata; an optional ``label`` (int) column for class-labelled evaluation sets.
-* Embedded shards (:func:`embedded_schema`): one row per URL-list row, whatever happened to it.
+* Embedded shards (:func:`embedded_schema`, format ``embedded/2``): one row per URL-list row,
+  whatever happened to it; embeddings as float16 fixed-size binary (:func:`encode_vectors` /
+  :func:`decode_vectors`).
 * Neighbour shards (:func:`neighbours_schema`) and trainer tensors (:func:`tensors_schema`, format
   ``tensors/2``: float16 blocks as fixed-size binary, :func:`encode_block` / :func:`decode_block`);
   written by ``reco.pipelines.neighbours``.
 * Manifests (:class:`Manifest`): JSON beside a shard folder listing only complete shards.
 
 Every writer goes through :func:`atomic_write_table` / :func:`atomic_write_text`: data is written
-to a temporary name in the same folder and renamed, so a reader never sees a half-written file.
+to a temporary name in the same folder and renamed, so a reader never sees a half-written file
+(those and the safe file names live in :mod:`reco.storage` and are re-exported here).
 """
 from __future__ import annotations
 
 import json
 import os
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,107 +30,111 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from reco.errors import FormatError
+from reco.storage import (atomic_save_npy, atomic_write_bytes, atomic_write_table,  # noqa: F401
+                          atomic_write_text, remove_temporaries, safe_join, safe_name)
 
 # Status of a URL after the download/embed job.
 STATUS_OK = "success"
 STATUSES = (STATUS_OK, "failed_to_download", "failed_to_resize", "refused", "failed_to_embed")
 
 
-def embedding_type(dim: int) -> pa.DataType:
-    """Embeddings are stored as fixed-size lists of float16 (L2-normalised before the cast)."""
-    return pa.list_(pa.float16(), dim)
+# ---------------------------------------------------------------------------------------------
+# embedded shards
+# ---------------------------------------------------------------------------------------------
+# Embedded shards, format 2 (``reco.format`` = ``embedded/2`` in the schema metadata).
+#
+#   column              Arrow type                  value of one row (one row of the URL list(s))
+#   id                  int64 (not null)            row number in the URL list(s)
+#   url, caption        string
+#   label               int64                       class id, null when unlabelled
+#   status              string (not null)           one of STATUSES
+#   error_message       string                      why the row failed, null on success
+#   image_emb, text_emb fixed_size_binary(2 * dim)  the L2-normalised embedding: dim IEEE 754
+#                                                   binary16 values, little-endian, no padding
+#
+# The vector columns have the layout of the trainer tensors' ``v``/``t`` (:func:`block_type`,
+# k = 1): :func:`encode_vectors` / :func:`decode_vectors`. Rows whose status is not ``success``
+# hold all-zero vectors, not nulls (a whole column decodes without a validity mask); readers filter
+# on ``status``. Metadata: ``reco.dim`` (= byte width / 2, checked), ``reco.model``,
+# ``reco.pretrained``. Without reco (pandas), a column decodes as
+#     emb = np.frombuffer(b"".join(df["image_emb"]), dtype="<f2").reshape(len(df), -1)
+# Format 1 (``embedded/1``) stored FixedSizeList<float16>, which pyarrow decodes value by value
+# (100k rows x 64-d, both columns: ~0.33 s vs ~0.05 s as fixed-size binary); format-1 shards are
+# refused with a FormatError that says to rerun ``reco embed-memory --force``.
+EMBEDDED_FORMAT = "embedded/2"
+VECTOR_COLUMNS = ("image_emb", "text_emb")
+OLD_EMBEDDED_HINT = ("embedded shard of format embedded/1 (float16 lists), which this version no "
+                     "longer reads: rerun `reco embed-memory --force` (same inputs and output)")
 
 
 def embedded_schema(dim: int, model: str = "", pretrained: str = "") -> pa.Schema:
-    """Schema of an embedded shard. ``image_emb``/``text_emb`` are all-zero unless status == success (pyarrow cannot read back
-    null fixed-size-list entries, apache/arrow#35692); readers filter on ``status``."""
+    """Schema of an embedded shard (format ``embedded/2``, layout above). Rows whose status is
+    not ``success`` hold all-zero vectors, not nulls; readers filter on ``status``."""
     return pa.schema(
         [
-            pa.field("id", pa.int64(), nullable=False),       # row number in the URL list(s)
+            pa.field("id", pa.int64(), nullable=False),
             pa.field("url", pa.string()),
             pa.field("caption", pa.string()),
-            pa.field("label", pa.int64()),                    # class id, null when unlabelled
+            pa.field("label", pa.int64()),
             pa.field("status", pa.string(), nullable=False),
             pa.field("error_message", pa.string()),
-            pa.field("image_emb", embedding_type(dim)),
-            pa.field("text_emb", embedding_type(dim)),
+            pa.field("image_emb", block_type(dim)),
+            pa.field("text_emb", block_type(dim)),
         ],
-        metadata={b"reco.format": b"embedded/1", b"reco.model": model.encode(),
+        metadata={b"reco.format": EMBEDDED_FORMAT.encode(), b"reco.model": model.encode(),
                   b"reco.pretrained": pretrained.encode(), b"reco.dim": str(dim).encode()},
     )
 
 
-def to_fp16_list(vectors: np.ndarray, dim: int) -> pa.Array:
-    """(n, dim) float array -> FixedSizeList<float16> array (pyarrow refuses float32 -> f16)."""
-    vectors = np.ascontiguousarray(vectors, dtype=np.float16)
+def encode_vectors(vectors: np.ndarray, dim: int) -> pa.FixedSizeBinaryArray:
+    """(n, dim) float array -> an embedded vector column (float16 bytes, :func:`encode_block`)."""
+    vectors = np.asarray(vectors)
     if vectors.ndim != 2 or vectors.shape[1] != dim:
         raise FormatError(f"expected embeddings of shape (n, {dim}), got {vectors.shape}")
-    return pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), type=pa.float16()), dim)
+    return encode_block(vectors, dim)
 
 
-def from_fp16_list(column: pa.Array | pa.ChunkedArray, dim: int, dtype=np.float32) -> np.ndarray:
-    """FixedSizeList<float16> column (no nulls) -> (n, dim) numpy array."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-    if column.null_count:
-        raise FormatError("embedding column has null rows; filter on status first")
-    flat = column.flatten().to_numpy(zero_copy_only=False)
-    return flat.reshape(-1, dim).astype(dtype, copy=False)
+def decode_vectors(column: pa.Array | pa.ChunkedArray, dim: int, dtype=np.float32,
+                   where: str = "embedding column") -> np.ndarray:
+    """An embedded vector column (no nulls: filter on status first) -> (n, dim) array of
+    ``dtype`` (float16: a read-only view of the Arrow buffer). Another type (an ``embedded/1``
+    float16 list: with the rerun advice) is a FormatError naming ``where``."""
+    half = decode_block(column, dim, 1, where, hint=OLD_EMBEDDED_HINT)[:, 0]
+    return half if np.dtype(dtype) == FP16_LE else to_float32(half).astype(dtype, copy=False)
 
 
-# ---------------------------------------------------------------------------------------------
-# atomic writes
-# ---------------------------------------------------------------------------------------------
-
-def _tmp_name(path: str) -> str:
-    head, tail = os.path.split(path)
-    return os.path.join(head, f".{tail}.tmp-{uuid.uuid4().hex[:8]}")
+def check_embedded_format(schema: pa.Schema, where: str) -> None:
+    """FormatError naming ``where`` unless ``schema`` is of format ``embedded/2``: format 1 (by
+    its metadata, or float16 list vector columns) says to rerun embed-memory --force."""
+    _check_format(schema, where, EMBEDDED_FORMAT, "embedded/1", OLD_EMBEDDED_HINT,
+                  "an embedded shard", VECTOR_COLUMNS)
 
 
-def atomic_write_table(table: pa.Table, path: str | Path, **parquet_kwargs: Any) -> None:
-    """Write a Parquet file so that ``path`` either does not exist or is complete."""
-    path = str(path)
-    fs, fs_path = fsspec.core.url_to_fs(path)
-    fs.makedirs(os.path.dirname(fs_path) or ".", exist_ok=True)
-    tmp = _tmp_name(fs_path)
-    try:
-        with fs.open(tmp, "wb") as f:
-            pq.write_table(table, f, **parquet_kwargs)
-        fs.mv(tmp, fs_path)
-    finally:
-        if fs.exists(tmp):
-            fs.rm(tmp)
-
-
-def atomic_write_bytes(data: bytes, path: str | Path) -> None:
-    path = str(path)
-    fs, fs_path = fsspec.core.url_to_fs(path)
-    fs.makedirs(os.path.dirname(fs_path) or ".", exist_ok=True)
-    tmp = _tmp_name(fs_path)
-    try:
-        with fs.open(tmp, "wb") as f:
-            f.write(data)
-        fs.mv(tmp, fs_path)
-    finally:
-        if fs.exists(tmp):
-            fs.rm(tmp)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(text.encode("utf-8"), path)
-
-
-def atomic_save_npy(array: np.ndarray, path: str | Path) -> None:
-    """np.save through a temporary file (local paths; for memory-mapped reading)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def embedded_dim(schema: pa.Schema, where: str) -> int:
+    """The dimension of an embedded shard, from its ``reco.dim`` metadata and the byte width of
+    its vector columns, which must agree (2 * dim); 0 when neither says. The format is checked
+    first (:func:`check_embedded_format`); FormatError naming ``where`` on any disagreement."""
+    check_embedded_format(schema, where)
+    raw = (schema.metadata or {}).get(b"reco.dim")
+    dim = 0
+    if raw is not None:
+        try:
+            dim = int(raw.decode())
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise FormatError(f"{where}: bad reco.dim metadata {raw!r}") from exc
+        if dim < 1:
+            raise FormatError(f"{where}: bad reco.dim metadata {raw!r}")
+    for name in VECTOR_COLUMNS:
+        i = schema.get_field_index(name)
+        typ = schema.field(i).type if i >= 0 else None
+        if typ is None or not pa.types.is_fixed_size_binary(typ):
+            continue                                    # missing or another type: check_columns
+        if typ.byte_width % 2 or (dim and typ.byte_width != 2 * dim):
+            raise FormatError(f"{where}: column {name!r} has type {typ}, expected "
+                              f"{block_type(dim) if dim else 'an even byte width'} "
+                              f"(reco.dim = {dim or 'absent'}: 2 bytes per float16 value)")
+        dim = dim or typ.byte_width // 2
+    return dim
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,11 +173,14 @@ def check_columns(schema: pa.Schema, required: pa.Schema | list[str], where: str
             raise FormatError(f"{where}: missing column(s) {missing} (has {schema.names})")
 
 
-def check_finite(vectors: np.ndarray, where: str) -> None:
+def check_finite(vectors: np.ndarray, where: str, rows: np.ndarray | None = None) -> None:
+    """FormatError naming ``where`` and the first row (``rows[i]`` for vector i when given: the
+    vectors' rows in the file) of any vector holding a NaN/inf."""
     bad = ~np.isfinite(vectors).all(axis=1)
     if bad.any():
+        first = int(np.argmax(bad))
         raise FormatError(f"{where}: {int(bad.sum())} vector(s) contain NaN/inf, first at row "
-                          f"{int(np.argmax(bad))}")
+                          f"{int(rows[first]) if rows is not None else first}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,6 +219,22 @@ class Manifest:
 
     def shard_paths(self, folder: str | Path) -> list[str]:
         return [safe_join(folder, s, f"{folder}/{self.FILE}: shard") for s in self.shards]
+
+
+def _validate_manifest(manifest: "Manifest", path: str) -> "Manifest":
+    if not isinstance(manifest.kind, str):
+        raise FormatError(f"{path}: manifest 'kind' must be a string, got {manifest.kind!r}")
+    if not isinstance(manifest.shards, list):
+        raise FormatError(f"{path}: manifest 'shards' must be a list of file names")
+    for name in manifest.shards:
+        safe_name(name, f"{path}: shard")
+    if not isinstance(manifest.counts, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+            for k, v in manifest.counts.items()):
+        raise FormatError(f"{path}: manifest 'counts' must map names to integers")
+    if not isinstance(manifest.info, dict):
+        raise FormatError(f"{path}: manifest 'info' must be an object")
+    return manifest
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,20 +325,20 @@ def encode_block(values: np.ndarray, dim: int, k: int = 1) -> pa.FixedSizeBinary
 
 
 def decode_block(column: pa.Array | pa.ChunkedArray, dim: int, k: int = 1,
-                 where: str = "tensors column") -> np.ndarray:
+                 where: str = "tensors column", hint: str | None = None) -> np.ndarray:
     """A :func:`block_type` column -> read-only (n, k, dim) ``<f2`` array viewing its data buffer
-    (slices honoured; several chunks are concatenated). A column of another type (a format-1
-    float16 list included) or with nulls is a FormatError naming ``where``."""
+    (slices honoured; several chunks are concatenated). A column of another type or with nulls
+    is a FormatError naming ``where``; for a float16 list (a format-1 column) it ends with
+    ``hint`` (default :data:`OLD_TENSORS_HINT`)."""
     if isinstance(column, pa.ChunkedArray):
         if column.num_chunks != 1:
-            parts = [decode_block(c, dim, k, where) for c in column.chunks]
+            parts = [decode_block(c, dim, k, where, hint) for c in column.chunks]
             return _read_only(np.concatenate(parts) if parts else np.zeros((0, k, dim), FP16_LE))
         column = column.chunk(0)
     want = block_type(dim, k)
     if not column.type.equals(want):
-        old = pa.types.is_fixed_size_list(column.type) and pa.types.is_float16(column.type.value_type)
         raise FormatError(f"{where} has type {column.type}, expected {want}"
-                          + (f"; {OLD_TENSORS_HINT}" if old else ""))
+                          + (f"; {hint or OLD_TENSORS_HINT}" if _is_fp16_list(column.type) else ""))
     if column.null_count:
         raise FormatError(f"{where} has {column.null_count} null row(s)")
     n = len(column)
@@ -332,6 +357,19 @@ def _read_only(a: np.ndarray) -> np.ndarray:
     return a
 
 
+def _is_fp16_list(typ: pa.DataType) -> bool:
+    return pa.types.is_fixed_size_list(typ) and pa.types.is_float16(typ.value_type)
+
+
+# float16 -> float32 through a 256 KiB table: exact, and ~2x faster than numpy's astype
+_F16_TO_F32 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+
+
+def to_float32(x: np.ndarray) -> np.ndarray:
+    """A float16 array as a new float32 array (exact); other dtypes through astype."""
+    return _F16_TO_F32[x.view(np.uint16)] if x.dtype == np.float16 else x.astype(np.float32)
+
+
 OLD_TENSORS_HINT = ("trainer tensors of format tensors/1 (float16 lists), which this version no "
                     "longer reads: rerun `reco precompute-neighbours --force`")
 
@@ -341,58 +379,19 @@ def check_tensors_format(schema: pa.Schema, where: str) -> None:
     its metadata, or float16 list columns) says to rerun precompute-neighbours; another
     ``reco.format`` is refused. Without ``reco.format`` the columns' types decide
     (:func:`check_columns`)."""
+    _check_format(schema, where, TENSORS_FORMAT, "tensors/1", OLD_TENSORS_HINT,
+                  "a trainer tensors shard", None)
+
+
+def _check_format(schema: pa.Schema, where: str, current: str, old: str, hint: str, what: str,
+                  vector_columns: tuple[str, ...] | None) -> None:
+    """``reco.format`` == ``old``, or absent with float16 list columns among ``vector_columns``
+    (None: any column): FormatError ``{where}: {hint}``; another format than ``current`` is
+    refused too."""
     raw = (schema.metadata or {}).get(b"reco.format")
-    list_cols = [f.name for f in schema if pa.types.is_fixed_size_list(f.type)
-                 and pa.types.is_float16(f.type.value_type)]
-    if raw == b"tensors/1" or (raw is None and list_cols):
-        raise FormatError(f"{where}: {OLD_TENSORS_HINT}")
-    if raw is not None and raw != TENSORS_FORMAT.encode():
-        raise FormatError(f"{where}: reco.format is {raw!r}, expected {TENSORS_FORMAT!r} "
-                          f"(not a trainer tensors shard?)")
-
-
-# ---------------------------------------------------------------------------------------------
-# file names read from artefacts or derived from data (validated readers: reco/validate.py)
-# ---------------------------------------------------------------------------------------------
-
-def safe_name(name: Any, where: str) -> str:
-    """A plain file name (no folder part, no ``..``, no NUL): what may be joined to an output or
-    shard folder. Names read from manifests or derived from URLs/captions go through this."""
-    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
-            or "\x00" in name or os.path.isabs(name)):
-        raise FormatError(f"{where}: {name!r} is not a plain file name (it could escape its folder)")
-    return name
-
-
-def safe_join(folder: str | Path, name: Any, where: str | None = None) -> str:
-    """``folder/name`` for a :func:`safe_name` ``name`` (FormatError otherwise)."""
-    return os.path.join(str(folder), safe_name(name, where or str(folder)))
-
-
-def _validate_manifest(manifest: "Manifest", path: str) -> "Manifest":
-    if not isinstance(manifest.kind, str):
-        raise FormatError(f"{path}: manifest 'kind' must be a string, got {manifest.kind!r}")
-    if not isinstance(manifest.shards, list):
-        raise FormatError(f"{path}: manifest 'shards' must be a list of file names")
-    for name in manifest.shards:
-        safe_name(name, f"{path}: shard")
-    if not isinstance(manifest.counts, dict) or not all(
-            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
-            for k, v in manifest.counts.items()):
-        raise FormatError(f"{path}: manifest 'counts' must map names to integers")
-    if not isinstance(manifest.info, dict):
-        raise FormatError(f"{path}: manifest 'info' must be an object")
-    return manifest
-
-
-def remove_temporaries(folder: str | Path) -> list[str]:
-    """Delete the temporaries (``.<name>.tmp-<hex>`` files or folders) that writers killed
-    before their rename left in ``folder`` (local, not recursive); returns their names. Call it
-    only when no writer of that folder can be running (a stage's driver, before it starts)."""
-    import shutil
-
-    removed = []
-    for path in sorted(Path(folder).glob(".*.tmp-*")) if Path(folder).is_dir() else []:
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-        removed.append(path.name)
-    return removed
+    lists = [f.name for f in schema if _is_fp16_list(f.type)
+             and (vector_columns is None or f.name in vector_columns)]
+    if raw == old.encode() or (raw is None and lists):
+        raise FormatError(f"{where}: {hint}")
+    if raw is not None and raw != current.encode():
+        raise FormatError(f"{where}: reco.format is {raw!r}, expected {current!r} (not {what}?)")

@@ -27,9 +27,10 @@ import numpy as np
 import pyarrow as pa
 
 from reco.errors import FormatError, MismatchError
-from reco.formats import (STATUS_OK, STATUSES, check_columns, check_finite, check_tensors_format,
-                          decode_block, embedded_schema, from_fp16_list, neighbours_schema,
-                          parse_field, read_parquet, tensors_schema)
+from reco.formats import (STATUS_OK, STATUSES, VECTOR_COLUMNS, check_columns, check_finite,
+                          check_tensors_format, decode_block, decode_vectors, embedded_dim,
+                          embedded_schema, neighbours_schema, parse_field, read_parquet,
+                          tensors_schema)
 
 READ_ERRORS = (OSError, EOFError, ValueError, TypeError, KeyError, IndexError, pa.ArrowException)
 INDEX_INFO_KEYS = {"model_id": str, "dim": int, "n": int}
@@ -130,27 +131,14 @@ def _check_ids(table: pa.Table, path: str) -> None:
         raise FormatError(f"{path}: duplicate ids")
 
 
-def _check_finite_column(table: pa.Table, name: str, size: int, path: str,
-                         rows: np.ndarray | None = None) -> None:
-    column = table.column(name)
-    if rows is not None:
-        column = column.take(pa.array(rows, pa.int64()))
-    if column.null_count:
-        raise FormatError(f"{path}: column {name!r} has null rows")
-    vectors = from_fp16_list(column, size) if len(column) else np.zeros((0, size), np.float32)
-    check_finite(vectors, f"{path}: column {name!r}")
-
-
 def read_embedded(path: str | Path, dim: int | None = None) -> pa.Table:
-    """An embedded shard, validated: schema (dimension from the file, checked against ``dim``),
-    ids unique and non-null, statuses known, success rows' embeddings finite."""
+    """An embedded shard, validated: format ``embedded/2`` (``embedded/1``: rerun embed-memory
+    --force), schema (dimension from the file's metadata and column widths, checked against
+    ``dim``), ids unique and non-null, statuses known, success rows' embeddings finite."""
     path = str(path)
     table = read_parquet(path)
-    found = _meta_int(table.schema, b"reco.dim", path)
-    if found is None and "image_emb" in table.schema.names:
-        typ = table.schema.field("image_emb").type
-        found = typ.list_size if pa.types.is_fixed_size_list(typ) else None
-    if found is None or found < 1:
+    found = embedded_dim(table.schema, path)
+    if found < 1:
         raise FormatError(f"{path}: no embedding dimension (not an embedded shard?)")
     if dim is not None:
         check_dim(found, dim, path)
@@ -161,8 +149,12 @@ def read_embedded(path: str | Path, dim: int | None = None) -> pa.Table:
     if unknown:
         raise FormatError(f"{path}: row {unknown[0]}: unknown status {status[unknown[0]]!r}")
     ok = np.flatnonzero(np.array([s == STATUS_OK for s in status], dtype=bool))
-    for name in ("image_emb", "text_emb"):
-        _check_finite_column(table, name, found, path, ok)
+    for name in VECTOR_COLUMNS:
+        column = table.column(name).take(pa.array(ok, pa.int64()))
+        if column.null_count:
+            raise FormatError(f"{path}: column {name!r} has null rows")
+        check_finite(decode_vectors(column, found, where=f"{path}: column {name!r}"),
+                     f"{path}: column {name!r}", rows=ok)
     return table
 
 

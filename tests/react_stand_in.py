@@ -15,7 +15,7 @@ import torch
 
 from reco import config as config_lib
 from reco.clip import encode_images, encode_texts
-from reco.formats import Manifest, atomic_write_table, embedded_schema, to_fp16_list
+from reco.formats import Manifest, atomic_write_table, embedded_schema, encode_vectors
 
 CLASSNAMES = ["red finch", "blue jay", "green parrot", "yellow warbler"]
 COLOURS = [(220, 40, 40), (40, 60, 220), (40, 200, 60), (230, 210, 30)]
@@ -100,7 +100,7 @@ def _write_embedded(cfg, clip, ids, urls, rows, img_emb, txt_emb):
         "id": pa.array(ids, pa.int64()), "url": urls, "caption": [c for _, c in rows],
         "label": pa.array([l for l, _ in rows], pa.int64()),
         "status": ["success"] * len(ids), "error_message": [None] * len(ids),
-        "image_emb": to_fp16_list(img_emb, dim), "text_emb": to_fp16_list(txt_emb, dim),
+        "image_emb": encode_vectors(img_emb, dim), "text_emb": encode_vectors(txt_emb, dim),
     }, schema=embedded_schema(dim))
     folder = cfg.paths.embedded("memory")
     half = len(ids) // 2                                       # two shards

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import shutil
 
 import apache_beam as beam
@@ -21,7 +22,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from reco import cli
 from reco.clip import encode_images, encode_texts, load_clip
 from reco.errors import ConfigError, FormatError, MismatchError
-from reco.formats import Manifest, check_columns, embedded_schema, from_fp16_list
+from reco.formats import Manifest, check_columns, decode_vectors, embedded_schema
 from reco.pipelines.config import EmbedConfig
 from reco.pipelines.download import IMAGE_KEY, resizer
 from reco.pipelines.embed import EmbedShards
@@ -90,8 +91,8 @@ def test_end_to_end_rows_statuses_and_manifest(embed_corpus, embedded, embed_mod
 def test_embeddings_equal_direct_open_clip(embed_corpus, embedded, clip):
     table = _read(embedded[2])
     ids = table.column("id").to_pylist()
-    image = from_fp16_list(table.column("image_emb"), 64)
-    text = from_fp16_list(table.column("text_emb"), 64)
+    image = decode_vectors(table.column("image_emb"), 64)
+    text = decode_vectors(table.column("text_emb"), 64)
     row = {i: k for k, i in enumerate(ids)}
     good = embed_corpus.good
     want_img = torch.stack([_expected_image_embedding(clip, embed_corpus.images[i]) for i in good])
@@ -126,6 +127,41 @@ def test_resume_after_kill_through_the_cli(embed_corpus, embedded, embed_model, 
     assert Manifest.read(out).counts == embedded[0].counts
     _, info = embed_urls(str(embed_corpus.urls), str(out), model=embed_model, embed_cfg=CFG)
     assert info["shards_run"] == 0 and info["shards_skipped"] == info["shards"] and info["metrics"] == {}
+
+
+def test_old_format_output_is_refused_then_reembedded_with_force(embed_corpus, embedded, embed_model,
+                                                                  tmp_path):
+    """Resuming over embedded/1 shards would mix formats: one FormatError naming a shard, with
+    the advice; --force (through the CLI) deletes them and embeds everything in embedded/2."""
+    from tests.fixtures.old_formats import rewrite_embedded_v1
+
+    out = tmp_path / "out"
+    shutil.copytree(embedded[2], out)
+    job = json.loads((out / "job.json").read_text())
+    assert job["format"] == "embedded/2" and embedded[0].info["format"] == "embedded/2"
+    (out / "job.json").write_text(json.dumps({k: v for k, v in job.items() if k != "format"}))
+    with pytest.raises(FormatError, match="job.json: the shards here are of format embedded/1, not "
+                                          "embedded/2; rerun `reco embed-memory --force`"):
+        embed_urls(str(embed_corpus.urls), str(out), model=embed_model, embed_cfg=CFG)
+    for path in sorted(out.glob("part-*.parquet")):
+        rewrite_embedded_v1(path)                       # as the previous version wrote them
+    (out / "part-00001.parquet").unlink()               # and a kill before shard 1
+    with pytest.raises(FormatError, match=rf"{out / 'part-00000.parquet'}: embedded shard of format "
+                                          rf"embedded/1 .*rerun `reco embed-memory --force`"):
+        embed_urls(str(embed_corpus.urls), str(out), model=embed_model, embed_cfg=CFG)
+    assert not (out / "part-00001.parquet").exists()     # refused before any work
+    argv = ["embed-memory", "--preset", "tiny", "--workdir", str(tmp_path / "w"), "--model", embed_model,
+            "--input", str(embed_corpus.urls), "--output", str(out), "--force",
+            *[f"--set=embed.{k}={getattr(CFG, k)}" for k in ("shard_size", "timeout", "allow_private")],
+            "--", "--direct_running_mode=in_memory"]
+    assert cli.main(argv) == 0
+    assert json.loads((out / "job.json").read_text())["format"] == "embedded/2"
+    assert Manifest.read(out).counts == embedded[0].counts
+    got, ref = _read(out), _read(embedded[2])
+    assert got.schema.metadata[b"reco.format"] == b"embedded/2" and got.num_rows == ref.num_rows
+    assert got.column("id").equals(ref.column("id")) and got.column("status").equals(ref.column("status"))
+    np.testing.assert_allclose(decode_vectors(got.column("image_emb"), 64),
+                               decode_vectors(ref.column("image_emb"), 64), atol=ATOL)
 
 
 def test_clear_errors_before_any_work(embed_corpus, embedded, embed_model, tmp_path):
@@ -205,7 +241,7 @@ def test_write_shards_atomic_fp16_and_manifest(tmp_path):
     table = pq.read_table(tmp_path / "part-00004.parquet")
     _check_schema(table.schema, embedded_schema(64, "m", "p"))
     assert table.column("label").to_pylist() == [0, None, 2]
-    got = from_fp16_list(table.column("image_emb"), 64)
+    got = decode_vectors(table.column("image_emb"), 64)
     np.testing.assert_allclose(got[[0, 2]], vec[[0, 2]], atol=ATOL)
     assert not got[1].any()
     manifest = write_manifest(str(tmp_path), "m|p", 64)

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from reco.clip import resolve_model_spec
-from reco.formats import STATUS_OK, Manifest, from_fp16_list
+from reco.formats import STATUS_OK, Manifest, decode_vectors
 
 
 def test_world_splits_embedded(tiny_embedded):
@@ -31,7 +31,7 @@ def test_world_splits_embedded(tiny_embedded):
         assert manifest.counts["refused"] == 0                 # loopback allowed for the world
         ok = table.filter(pa.compute.equal(table.column("status"), STATUS_OK))
         assert ok.num_rows >= 0.9 * urls.num_rows
-        emb = from_fp16_list(ok.column("image_emb"), manifest.info["dim"])
+        emb = decode_vectors(ok.column("image_emb"), manifest.info["dim"])
         assert abs(float((emb ** 2).sum(axis=1).mean()) - 1) < 1e-2
         failed = table.filter(pa.compute.not_equal(table.column("status"), STATUS_OK))
         assert all(failed.column("error_message").to_pylist())

@@ -14,7 +14,7 @@ from reco.evaluation.evaluate import EvalInputs, evaluate_model, markdown_report
 from reco.evaluation.retrieval import recall_at_k, retrieval_metrics
 from reco.evaluation.zeroshot import (class_embeddings, format_prompt, image_folder_inputs,
                                       zeroshot_metrics)
-from reco.formats import Manifest, atomic_write_table, embedded_schema, to_fp16_list
+from reco.formats import Manifest, atomic_write_table, embedded_schema, encode_vectors
 from reco.model import RecoModel
 from tests.test_model import ArrayMemory
 
@@ -184,7 +184,7 @@ def _write_embedded(folder, emb, labels, captions, status=None, model_id="m|"):
     ok = [s == "success" for s in status]
     schema = embedded_schema(d)
     # zero vectors, not nulls, where status != success (as the embed job writes them)
-    masked = to_fp16_list(np.where(np.array(ok)[:, None], emb, 0), d)
+    masked = encode_vectors(np.where(np.array(ok)[:, None], emb, 0), d)
     table = pa.Table.from_arrays([
         pa.array(np.arange(n), pa.int64()), pa.array([f"http://x/{i}.png" for i in range(n)]),
         pa.array(captions), pa.array(labels, pa.int64()), pa.array(status), pa.array([None] * n, pa.string()),

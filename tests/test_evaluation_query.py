@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from reco import config as config_lib
-from reco.formats import Manifest, atomic_write_table, embedded_schema, to_fp16_list
+from reco.formats import Manifest, atomic_write_table, embedded_schema, encode_vectors
 
 N_CLASSES, PER_CLASS = 4, 6
 COLOURS = [(220, 40, 40), (40, 200, 60), (40, 60, 220), (230, 220, 40)]
@@ -42,7 +42,7 @@ def _write_split(cfg, clip, split, labels, captions):
     table = pa.Table.from_arrays([
         pa.array(np.arange(n), pa.int64()), pa.array([f"http://127.0.0.1:9/{r}" for r in rels]),
         pa.array(captions), pa.array(labels, pa.int64()), pa.array(["success"] * n),
-        pa.nulls(n, pa.string()), to_fp16_list(img, d), to_fp16_list(txt, d)], schema=embedded_schema(d))
+        pa.nulls(n, pa.string()), encode_vectors(img, d), encode_vectors(txt, d)], schema=embedded_schema(d))
     folder = cfg.paths.embedded(split)
     atomic_write_table(table, folder / "part-00000.parquet")
     Manifest(kind="embedded", shards=["part-00000.parquet"], counts={"success": n},

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from reco.formats import decode_vectors, embedded_dim
 from tests.fault_tools import KillAt, check_tree, run_stage
 from tests.fixtures.index import ALL_FIELDS
 
@@ -153,7 +154,8 @@ def embed_case(cfg, tmp_path, seed, timed=False):
     for col in ("id", "url", "caption", "label", "status"):
         assert got.column(col).equals(ref.column(col)), col
     for col in ("image_emb", "text_emb"):
-        a, b = (np.asarray(t.column(col).to_pylist(), np.float32) for t in (got, ref))
+        dim = embedded_dim(ref.schema, "reference shards")
+        a, b = (decode_vectors(t.column(col), dim) for t in (got, ref))
         np.testing.assert_allclose(a, b, atol=FP16_ATOL)
     assert json.loads((out / "manifest.json").read_text())["counts"] == \
         json.loads((cfg.paths.embedded("memory") / "manifest.json").read_text())["counts"]

@@ -22,6 +22,7 @@ from reco import formats, validate
 from reco.errors import FormatError, MismatchError, RecoError
 from reco.pipelines.config import EmbedConfig
 from reco.pipelines.urls import inspect_url_files, read_rows
+from tests.fixtures.old_formats import fp16_lists
 
 DIM, K = 8, 3
 FIELDS = ("v_img_txt", "t_txt_img")
@@ -67,8 +68,8 @@ def embedded_table(n: int = 6) -> pa.Table:
         "id": pa.array(range(n), pa.int64()), "url": [f"http://h/{i}.png" for i in range(n)],
         "caption": [f"c {i}" for i in range(n)], "label": pa.array([i % 2 for i in range(n)], pa.int64()),
         "status": status, "error_message": [None if s == "success" else "404" for s in status],
-        "image_emb": formats.to_fp16_list(_unit(n, DIM), DIM),
-        "text_emb": formats.to_fp16_list(_unit(n, DIM, 1), DIM)}, schema=formats.embedded_schema(DIM, "m", "p"))
+        "image_emb": formats.encode_vectors(_unit(n, DIM), DIM),
+        "text_emb": formats.encode_vectors(_unit(n, DIM, 1), DIM)}, schema=formats.embedded_schema(DIM, "m", "p"))
 
 
 def neighbours_table(n: int = 5) -> pa.Table:
@@ -157,7 +158,8 @@ def _retyped(table: pa.Table, name: str, typ: pa.DataType) -> pa.Table:
 
 
 OTHER_TYPES = [pa.int32(), pa.float64(), pa.string(), pa.binary(), pa.bool_(), pa.list_(pa.float32()),
-               pa.list_(pa.float16(), DIM + 1), pa.binary(2 * DIM + 2), pa.null()]
+               pa.list_(pa.float16(), DIM), pa.list_(pa.float16(), DIM + 1), pa.binary(2 * DIM + 2),
+               pa.binary(2 * DIM + 1), pa.null()]
 
 
 @pytest.mark.parametrize("kind", SHARDS)
@@ -185,7 +187,7 @@ def test_nan_or_inf_vectors_are_refused(tmp_path, bad):
     emb = _unit(6, DIM)
     emb[2, 3] = bad                              # row 2 is a success row
     table = table.set_column(table.schema.get_field_index("image_emb"), table.schema.field("image_emb"),
-                             formats.to_fp16_list(emb, DIM))
+                             formats.encode_vectors(emb, DIM))
     path = _write(tmp_path, "part-00000.parquet", parquet_bytes(table))
     with pytest.raises(FormatError, match="NaN/inf.*row 1|NaN/inf"):
         validate.read_embedded(path)
@@ -230,9 +232,8 @@ def old_tensors_table(n: int = 4, metadata: bool = True) -> pa.Table:
     fields += [pa.field(f, pa.list_(pa.float16(), K * DIM)) for f in FIELDS]
     meta = {b"reco.format": b"tensors/1", b"reco.dim": str(DIM).encode(), b"reco.k": str(K).encode(),
             b"reco.fields": ",".join(FIELDS).encode()} if metadata else None
-    cols = [pa.array(range(n), pa.int64()), formats.to_fp16_list(_unit(n, DIM), DIM),
-            formats.to_fp16_list(_unit(n, DIM, 1), DIM)]
-    cols += [formats.to_fp16_list(_unit(n, K * DIM, 2 + j), K * DIM) for j in range(len(FIELDS))]
+    cols = [pa.array(range(n), pa.int64()), fp16_lists(_unit(n, DIM), DIM), fp16_lists(_unit(n, DIM, 1), DIM)]
+    cols += [fp16_lists(_unit(n, K * DIM, 2 + j), K * DIM) for j in range(len(FIELDS))]
     return pa.Table.from_arrays(cols, schema=pa.schema(fields, metadata=meta))
 
 

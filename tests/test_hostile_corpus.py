@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from reco.clip import resolve_model_spec
-from reco.formats import STATUS_OK, STATUSES, Manifest, from_fp16_list
+from reco.formats import STATUS_OK, STATUSES, Manifest, decode_vectors
 from reco.validate import read_embedded
 from reco.world.build import base_url
 from reco.world.hostile import BAD_CAPTIONS, KINDS, write_hostile_urls
@@ -79,7 +79,7 @@ def test_every_good_sample_is_embedded_exactly_once(hostile_run):
     assert manifest.counts[STATUS_OK] == info["metrics"]["embedded"] == len(corpus.good)
     dim = manifest.info["dim"]
     for name in ("image_emb", "text_emb"):
-        emb = from_fp16_list(ok.column(name), dim)
+        emb = decode_vectors(ok.column(name), dim)
         assert np.isfinite(emb).all() and np.allclose((emb ** 2).sum(axis=1), 1, atol=1e-2)
 
 
@@ -89,7 +89,8 @@ def test_duplicate_urls_are_separate_samples_with_the_same_image(hostile_run):
     for dup, first in corpus.duplicates.items():
         a, b = by_id[dup], by_id[first]
         assert a["url"] == b["url"] and a["status"] == b["status"] == STATUS_OK
-        assert np.allclose(a["image_emb"], b["image_emb"], atol=1e-3)
+        emb_a, emb_b = (np.frombuffer(r["image_emb"], "<f2").astype(np.float32) for r in (a, b))
+        assert emb_a.shape == (manifest.info["dim"],) and np.allclose(emb_a, emb_b, atol=1e-3)
 
 
 def test_bad_captions_are_kept_and_embedded(hostile_run):

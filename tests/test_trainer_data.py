@@ -131,6 +131,7 @@ def test_shard_of_the_old_format_is_one_error_with_the_rerun_advice(tensors, tmp
     import pyarrow.parquet as pq
 
     from reco import formats
+    from tests.fixtures.old_formats import fp16_lists
 
     folder = Path(shutil.copytree(tensors[0], tmp_path / "tensors"))
     path = folder / "part-00001.parquet"
@@ -139,7 +140,7 @@ def test_shard_of_the_old_format_is_one_error_with_the_rerun_advice(tensors, tmp
     for name in table.column_names[1:]:
         k = 1 if name in ("v", "t") else K
         values = formats.decode_block(table.column(name), D, k).reshape(table.num_rows, k * D)
-        cols.append(formats.to_fp16_list(values, k * D))
+        cols.append(fp16_lists(values, k * D))
         fields.append(pa.field(name, pa.list_(pa.float16(), k * D)))
     meta = {**table.schema.metadata, b"reco.format": b"tensors/1"}
     pq.write_table(pa.Table.from_arrays(cols, schema=pa.schema(fields, metadata=meta)), path)

@@ -10,7 +10,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from reco.errors import FormatError, MismatchError
-from reco.formats import STATUS_OK, Manifest, from_fp16_list, read_parquet
+from reco.formats import (STATUS_OK, VECTOR_COLUMNS, Manifest, block_type, check_columns,
+                          decode_vectors, embedded_dim, read_parquet)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -43,22 +44,30 @@ def load_embedded(folder: str | Path, model_id: str | None = None) -> EmbeddedSp
     got = str(manifest.info.get("model_id", ""))
     if model_id is not None and got and got != model_id:
         raise MismatchError(f"{folder}: embedded with {got!r}, but the model is {model_id!r}")
-    tables = [read_parquet(p, required=["id", "status", "image_emb", "text_emb"])
-              for p in manifest.shard_paths(folder)]
-    if not tables:
+    paths = manifest.shard_paths(folder)
+    if not paths:
         raise FormatError(f"{folder}: manifest lists no shards")
-    table = pa.concat_tables([t.select(_cols(t)) for t in tables], promote_options="default")
+    tables, dim = [], None
+    for path in paths:
+        table = read_parquet(path, required=["id", "status", *VECTOR_COLUMNS])
+        found = embedded_dim(table.schema, path)        # format embedded/2, reco.dim vs widths
+        if found < 1:
+            raise FormatError(f"{path}: no embedding dimension (not an embedded shard?)")
+        dim = dim or found
+        check_columns(table.schema, pa.schema([pa.field(c, block_type(dim)) for c in VECTOR_COLUMNS]),
+                      f"{path} (dimension {dim} from {paths[0]})")
+        tables.append(table.select(_cols(table)))
+    table = pa.concat_tables(tables, promote_options="default")
     table = table.filter(pc.equal(table["status"], STATUS_OK))
     if table.num_rows == 0:
         raise FormatError(f"{folder}: no successfully embedded rows")
-    dim = table.schema.field("image_emb").type.list_size
     labels = (table["label"].to_numpy(zero_copy_only=False) if "label" in table.column_names
               else np.full(table.num_rows, -1))
     labels = np.where(pd_isnull(labels), -1, labels).astype(np.int64)
     return EmbeddedSplit(
         ids=table["id"].to_numpy().astype(np.int64),
-        image_emb=from_fp16_list(table["image_emb"], dim),
-        text_emb=from_fp16_list(table["text_emb"], dim),
+        image_emb=decode_vectors(table["image_emb"], dim, where=f"{folder}: image_emb"),
+        text_emb=decode_vectors(table["text_emb"], dim, where=f"{folder}: text_emb"),
         labels=labels,
         captions=_strings(table, "caption"),
         urls=_strings(table, "url"),
