@@ -8,6 +8,7 @@ or derived from data (URLs, captions) go through :func:`safe_name` / :func:`safe
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from pathlib import Path
@@ -30,33 +31,31 @@ def _tmp_name(path: str) -> str:
     return os.path.join(head, f".{tail}.tmp-{uuid.uuid4().hex[:8]}")
 
 
-def atomic_write_table(table: pa.Table, path: str | Path, **parquet_kwargs: Any) -> None:
-    """Write a Parquet file so that ``path`` either does not exist or is complete."""
-    path = str(path)
-    fs, fs_path = fsspec.core.url_to_fs(path)
+@contextlib.contextmanager
+def _atomic_open(path: str | Path):
+    """A binary file object on a temporary name beside ``path`` (any fsspec filesystem), renamed
+    to ``path`` once the block completes; removed if it raises."""
+    fs, fs_path = fsspec.core.url_to_fs(str(path))
     fs.makedirs(os.path.dirname(fs_path) or ".", exist_ok=True)
     tmp = _tmp_name(fs_path)
     try:
         with fs.open(tmp, "wb") as f:
-            pq.write_table(table, f, **parquet_kwargs)
+            yield f
         fs.mv(tmp, fs_path)
     finally:
         if fs.exists(tmp):
             fs.rm(tmp)
+
+
+def atomic_write_table(table: pa.Table, path: str | Path, **parquet_kwargs: Any) -> None:
+    """Write a Parquet file so that ``path`` either does not exist or is complete."""
+    with _atomic_open(path) as f:
+        pq.write_table(table, f, **parquet_kwargs)
 
 
 def atomic_write_bytes(data: bytes, path: str | Path) -> None:
-    path = str(path)
-    fs, fs_path = fsspec.core.url_to_fs(path)
-    fs.makedirs(os.path.dirname(fs_path) or ".", exist_ok=True)
-    tmp = _tmp_name(fs_path)
-    try:
-        with fs.open(tmp, "wb") as f:
-            f.write(data)
-        fs.mv(tmp, fs_path)
-    finally:
-        if fs.exists(tmp):
-            fs.rm(tmp)
+    with _atomic_open(path) as f:
+        f.write(data)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
