@@ -32,8 +32,8 @@ class EvalConfig:
     ablation_val_checkpoints: int = 10
 
 
-# tiny: 2000 training pairs of only 28 seen species (21 once the validation species are held
-# out); past ~100 steps the heads memorise them (seen top-1 ~90%) and unseen species lose most of
-# what retrieval gave them. How fast that happens depends on the world seed: the validation
-# species pick the step (see reco.evaluation.validation and seed_sweep's report).
+# tiny: 4000 training pairs of 56 seen species (42 once the validation species are held out).
+# Heads that train long on few species memorise them and drift the embeddings of the others;
+# how fast depends on the world seed, so the validation species pick the step (see
+# reco.evaluation.validation and seed_sweep's report).
 PRESETS = {"tiny": EvalConfig(ablation_steps=100), "demo": EvalConfig()}
