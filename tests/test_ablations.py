@@ -172,6 +172,17 @@ def test_filter_tensors_drops_the_held_out_rows(tmp_path):
     assert info.rows == 46 and info.fields == ("v_img_txt", "t_txt_img") and info.k == 3
 
 
+def test_one_standard_error_rule_prefers_the_earliest_step_within_noise():
+    from reco.evaluation.validation import pick_step
+
+    curve = {0: 40.6, 20: 32.8, 40: 41.7, 60: 36.0}            # +1.1 over step 0: noise on 1543
+    step, se = pick_step(curve, 1543)
+    assert step == 0 and se == pytest.approx(100 * (0.417 * 0.583 / 1543) ** 0.5, abs=1e-3)
+    assert pick_step({0: 40.6, 40: 89.6, 60: 91.2, 80: 83.8}, 1543)[0] == 60    # a real gain
+    assert pick_step({0: 40.6, 40: 89.6, 60: 91.2}, 50)[0] == 40                 # few images
+    assert pick_step({0: 50.0, 10: 50.0}, 10)[0] == 0                            # ties: earliest
+
+
 def test_variant_keeps_the_checkpoint_best_on_validation_species(world, clip, tmp_path):
     """With validation inputs a trained variant keeps its best checkpoint on them (step 0, the
     frozen CLIP, included); the selection is reported and reused."""
@@ -194,7 +205,8 @@ def test_variant_keeps_the_checkpoint_best_on_validation_species(world, clip, tm
         sel = rows[name]["train_info"]["selection"]
         curve = {int(k): x for k, x in sel["curve"].items()}
         assert sorted(curve) == list(range(0, cfg.train.steps + 1, cfg.train.steps // 10))
-        assert curve[sel["step"]] == max(curve.values()) == sel["val_top1"]
+        assert max(curve.values()) == sel["best_val_top1"] and curve[sel["step"]] == sel["val_top1"]
+        assert sel["step"] == min(s for s, x in curve.items() if x >= sel["best_val_top1"] - sel["standard_error"])
         if sel["step"] == 0:                                          # untrained heads = CLIP
             ev = rows[name]["eval"]
             assert ev["both"]["zeroshot"] == ev["off"]["zeroshot"]

@@ -12,8 +12,8 @@ tensors (which hold all 8 context fields) and is evaluated like ``reco evaluate`
 
 Model selection (``eval.ablation_val_fraction`` > 0, the default): a quarter of the seen species
 leave every variant's training set and serve as validation species; each trained variant keeps
-its checkpoint (step 0 = frozen CLIP included) that is best on them
-(:mod:`reco.evaluation.validation`). The unseen test species never take part in a choice.
+its checkpoint (step 0 = frozen CLIP included) that is best on them, by the one-standard-error
+rule (:mod:`reco.evaluation.validation`). The unseen test species never take part in a choice.
 
 ``--noise 0.1,0.5`` instead runs transformer vs mean fusion on worlds that differ only by the
 share of noisy memory captions (:func:`run_noise_study`; the paper finds mean fusion hurts on
@@ -279,9 +279,11 @@ def _already_trained(heads_dir: Path, tc, val_inputs=None) -> dict | None:
         return None
     same = meta.get("train") == json.loads(json.dumps(dataclasses.asdict(tc)))
     if val_inputs is not None:
+        from reco.evaluation.validation import RULE
+
         chosen = meta.get("selection") or {}
         same = same and chosen.get("val_species") == val_inputs.groups["val"].tolist() \
-            and chosen.get("val_images") == len(val_inputs.test)
+            and chosen.get("val_images") == len(val_inputs.test) and chosen.get("rule") == RULE
     elif "selection" in meta:
         same = False
     return meta if same else None

@@ -7,9 +7,10 @@ training (here: when to stop) is made on the validation classes, never on the te
 A fraction of the *seen* species (``eval.ablation_val_fraction``) is held out: their pairs are
 removed from the RECO training tensors, and their training-split images, classified among the
 validation species' names, become the validation set. Every variant saves checkpoints at
-``eval.ablation_val_checkpoints`` evenly spaced steps; the step with the best validation top-1
-(step 0, the untrained head = the frozen CLIP, included; ties go to the earlier step) becomes the
-variant's heads. The unseen test species play no part in it.
+``eval.ablation_val_checkpoints`` evenly spaced steps; of those (step 0, the untrained head = the
+frozen CLIP, included) the earliest whose validation top-1 is within one standard error of the
+best becomes the variant's heads (:func:`pick_step`: a head must beat the frozen CLIP by more
+than the validation set's noise). The unseen test species play no part in it.
 
 Why: the generated world's RECO training set holds few species (56 seen in the tiny preset,
 against millions of concepts in CC12M), so heads can memorise the seen species' names from the
@@ -37,6 +38,7 @@ from reco.formats import Manifest, atomic_write_table, atomic_write_text, read_p
 log = logging.getLogger(__name__)
 DONE = "validation.json"
 METRIC = "val_among_val"
+RULE = "one-standard-error"          # recorded in heads.json: heads selected by another rule are redone
 
 
 def validation_species(seen: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -142,11 +144,26 @@ def _heads_at(folder: Path | None, train_cfg, dim: int) -> dict:
     return heads
 
 
+def pick_step(curve: dict[int, float], n: int) -> tuple[int, float]:
+    """The one-standard-error rule (Hastie et al., *Elements of Statistical Learning*, 7.10):
+    the earliest step whose validation top-1 (%) is within one standard error of the best, the
+    error being that of a proportion measured on ``n`` images, ``100 * sqrt(p (1 - p) / n)`` at
+    the best. Earlier = closer to the frozen CLIP: a checkpoint must beat step 0 by more than
+    the noise of the validation set to be chosen. Returns (step, standard error)."""
+    best = max(curve.values())
+    p = best / 100.0
+    se = 100.0 * float(np.sqrt(p * (1.0 - p) / max(1, n)))
+    step = min(s for s, x in curve.items() if x >= best - se)
+    return step, round(se, 3)
+
+
 def select_checkpoint(heads_dir: str | Path, clip, memory, val_inputs) -> dict[str, Any]:
     """Evaluate step 0 and every checkpoint under ``heads_dir`` on the validation species; write
-    the best one's heads as ``heads_dir``'s heads (``heads.json`` gains ``selection``).
+    the heads of the step :func:`pick_step` chooses as ``heads_dir``'s heads (``heads.json``
+    gains ``selection``).
 
-    Returns the selection info: ``curve`` ({step: val top-1}), ``step``, ``val_top1``.
+    Returns the selection info: ``curve`` ({step: val top-1}), ``step``, ``val_top1``,
+    ``best_val_top1``, ``standard_error``.
     """
     import torch
 
@@ -160,19 +177,20 @@ def select_checkpoint(heads_dir: str | Path, clip, memory, val_inputs) -> dict[s
     points = [(0, None)] + sorted((int(p.name.split("-")[1]), p)
                                   for p in (heads_dir / ckpt_lib.CHECKPOINTS).glob("step-*")
                                   if (p / "state.json").is_file())
-    curve, best = {}, None
+    curve, heads_of = {}, {}
     t = val_inputs.test
     with torch.no_grad():
         for step, folder in points:
-            heads = _heads_at(folder, tc, int(meta["dim"]))
-            model = RecoModel(clip, memory, heads, meta, mode="off")
+            heads_of[step] = _heads_at(folder, tc, int(meta["dim"]))
+            model = RecoModel(clip, memory, heads_of[step], meta, mode="off")
             model.mode = "both" if "both" in model.available_modes() else model.available_modes()[-1]
             zs = evaluate_zeroshot(model, t.image_emb, t.labels, val_inputs.prompt_emb, val_inputs.groups)
             curve[step] = zs[METRIC]["top1"]
-            if best is None or curve[step] > curve[best[0]]:
-                best = (step, heads)
-    step, heads = best
-    selection = {"step": step, "val_top1": curve[step], "curve": {str(k): x for k, x in curve.items()},
+    step, se = pick_step(curve, len(t))
+    heads = heads_of[step]
+    selection = {"step": step, "val_top1": curve[step], "best_val_top1": max(curve.values()),
+                 "standard_error": se, "rule": RULE,
+                 "curve": {str(k): x for k, x in curve.items()},
                  "val_species": val_inputs.groups["val"].tolist(), "val_images": len(t)}
     ckpt_lib.save_heads(heads_dir, heads, {**{k: v for k, v in meta.items() if k != "sides"},
                                            "selection": selection})
