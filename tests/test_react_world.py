@@ -13,8 +13,10 @@ from reco.react.model import ReactModel
 from reco.react.retrieve import retrieve_customisation_set
 from reco.react.train import ReactTrainConfig, react_train
 
-FAST = ReactTrainConfig(steps=100, warmup_steps=10)     # ~10 s on one idle core
-SLOW = ReactTrainConfig()                                # the defaults: 300 steps
+# the defaults (600 steps, ~31 s on one idle core). On the 80-species tiny world, world seed 0,
+# zero-shot top-1 on all species gains +0 after 100 steps, +10 after 300, +19.6 after 600.
+FAST = ReactTrainConfig()
+SLOW = ReactTrainConfig()
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,7 @@ def test_customisation_set_from_the_real_index(indexed, customisation):
     assert info["min_count"] >= 1 and table.num_rows >= 10 * len(names)
     print(f"\ncustomisation set: {table.num_rows} pairs, species precision "
           f"{info['label_precision']:.3f}, per class {info['min_count']}..{info['max_count']}")
-    # retrieval finds the right species far above chance (1/40)
+    # retrieval finds the right species far above chance (1/80)
     assert info["label_precision"] > 0.4, info["label_precision"]
 
 
