@@ -9,7 +9,8 @@ evaluates each fine-grained data set among its own classes. The generalised prot
 pulls unseen images towards the 56 seen species it was trained on.
 
 Margins (percentage points), each variant trained ``eval.ablation_steps`` steps (keeping the
-checkpoint best on held-out validation species, never on the unseen test species):
+checkpoint chosen on held-out validation species by the one-standard-error rule, never on the
+unseen test species):
 * reco (both sides fused) beats frozen CLIP by >= 20;
 * an MLP head of equal capacity without retrieval stays within +-5 of frozen CLIP;
 * uni-modal search beats cross-modal search (both with cross-modal fusion) by >= 10;
@@ -21,7 +22,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-# Whole chain + 4 trained variants (reco, MLP and cross-modal search keep their checkpoint best
+# Whole chain + 4 trained variants (reco, MLP and cross-modal search keep the checkpoint chosen
 # on held-out validation species, reco.evaluation.validation; the small-memory variant keeps its
 # last step); the ablations themselves take ~35 s on 2 cores. The margins hold on world seeds
 # 0-4 (`python -m reco.evaluation.seed_sweep --root DIR --seeds 0,1,2,3,4`, figures in the

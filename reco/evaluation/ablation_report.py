@@ -97,8 +97,9 @@ def _selection(results: dict[str, Any]) -> list[str]:
         return []
     return [f"## Model selection on {len(val['species'])} validation species\n",
             f"Seen species {val['species']} were held out of the training set; each trained variant "
-            f"keeps the checkpoint (step 0 = frozen CLIP included) with the best zero-shot top-1 of "
-            f"their {val['images']} training-split images among their names.\n",
+            f"keeps the earliest checkpoint (step 0 = frozen CLIP included) whose zero-shot top-1 of "
+            f"their {val['images']} training-split images among their names is within one standard "
+            f"error of the best.\n",
             _table("variant | kept step | validation top-1 at step 0 | at the kept step | at the last step",
                    rows), ""]
 
