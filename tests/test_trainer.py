@@ -1,7 +1,11 @@
 """Training loop: outputs, exact resume, variants, convergence, DDP equivalence, CLI."""
+import gc
 import json
+import os
 import shutil
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -168,7 +172,9 @@ def _ddp_worker(rank, world, port, out_dir, mode):
             info = train(cfg, out_dir=f"{out_dir}/heads")
             with open(f"{out_dir}/losses-{rank}.json", "w") as f:
                 json.dump(info["losses"], f)
+        dist.barrier()                 # tear down together, after rank 0 has written its files
     finally:
+        gc.collect()                   # the DDP wrapper holds the group (see trainer.process_group)
         dist.destroy_process_group()
 
 
@@ -208,3 +214,19 @@ def test_cli_train(workdir, tmp_path, capsys):
     summary = json.loads(out[out.rindex("\n{") + 1:])
     assert summary["steps"] == 2 and summary["out_dir"] == str(tmp_path)
     assert (tmp_path / "heads.json").exists()
+
+
+def test_torchrun_cli_train_owns_its_process_group(workdir, tmp_path):
+    """The user's multi-process path: torchrun starts 2 ranks, ``reco train`` initialises Gloo,
+    trains on split batches, and tears the group down itself (trainer.process_group)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), "-m", "reco.cli", "train", "--preset", "tiny",
+           "--workdir", str(workdir), "--out", str(tmp_path), *[a for s in BASE for a in ("--set", s)],
+           "--set", "train.steps=4", "--set", "train.checkpoint_every=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout[proc.stdout.rindex("\n{") + 1:])
+    assert summary["world_size"] == 2 and summary["steps"] == 4
+    assert load_heads(tmp_path)[1]["train"]["steps"] == 4
+    assert latest_checkpoint(tmp_path).name == "step-000004"

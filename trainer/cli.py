@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 
@@ -25,6 +26,7 @@ def main(cfg, args) -> int:
     out = Path(args.out) if args.out else None
     info = train(cfg, out_dir=out, resume=bool(args.resume))
     summary = {k: info[k] for k in ("out_dir", "steps", "start_step", "first_loss", "final_loss",
-                                    "samples_per_s", "head_params_per_side", "logit_scale")}
-    print(json.dumps(summary, indent=2))
+                                    "samples_per_s", "head_params_per_side", "logit_scale", "world_size")}
+    if int(os.environ.get("RANK", "0")) == 0:          # under torchrun, one summary
+        print(json.dumps(summary, indent=2))
     return 0

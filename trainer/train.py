@@ -8,7 +8,9 @@ optimiser, step (hence learning rate and data position), RNG states and the loss
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import io
 import json
 import logging
@@ -106,12 +108,29 @@ def unwrap(model: nn.Module) -> RecoTrainModel:
     return model.module if hasattr(model, "module") else model
 
 
-def _distributed(device: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device); initialises the process group under torchrun."""
+@contextlib.contextmanager
+def process_group(device: str):
+    """Initialise the default process group under ``torchrun`` (WORLD_SIZE > 1) and destroy it on
+    the way out, after collecting the DDP wrapper that holds it: a Gloo group left to interpreter
+    shutdown can abort the process ("terminate called without an active exception"). A group the
+    caller initialised stays the caller's."""
     import torch.distributed as dist
 
-    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    owned = not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if owned:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    try:
+        yield
+    finally:
+        if owned:
+            gc.collect()
+            dist.destroy_process_group()
+
+
+def _distributed(device: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this process."""
+    import torch.distributed as dist
+
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     dev = torch.device(device)
     if dev.type == "cuda":
@@ -193,6 +212,11 @@ def train(cfg, *, out_dir: str | Path | None = None, resume: bool = False) -> di
             as an uninterrupted run); starts fresh when there is none.
     Returns: info dict (steps, losses, throughput, parameter counts, output paths).
     """
+    with process_group(cfg.clip.device):
+        return _train(cfg, out_dir, resume)
+
+
+def _train(cfg, out_dir: str | Path | None, resume: bool) -> dict[str, Any]:
     tc = cfg.train
     out = Path(out_dir) if out_dir is not None else Path(cfg.paths.heads)
     rank, world, device = _distributed(cfg.clip.device)
