@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:        # faiss logs its AVX2 probe ("No module named ...") as INFO
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     try:
         cfg = config_from_args(args)
