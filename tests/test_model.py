@@ -200,27 +200,21 @@ def test_missing_head_limits_modes(clip, batch):
 
 
 @torch.no_grad()
-def test_clip_benchmark_style_zeroshot_loop(model):
-    """The few lines of clip_benchmark's zeroshot_classification, run on the reco model."""
+def test_clip_benchmark_zeroshot_functions_run_on_the_reco_model(model):
+    """CLIP_benchmark's own classifier and classification loop, unchanged, on a RecoModel (the
+    generated-world version with its numbers: tests/test_clip_benchmark.py)."""
+    from clip_benchmark.metrics.zeroshot_classification import run_classification, zero_shot_classifier
     from PIL import Image
 
-    tokenizer, preprocess = model.tokenizer, model.preprocess
     classnames, templates = ["circle", "square", "star"], ["a photo of a {c}.", "a {c}."]
-    weights = []
-    for name in classnames:
-        texts = tokenizer([t.format(c=name) for t in templates])
-        emb = F.normalize(model.encode_text(texts), dim=-1).mean(dim=0)
-        weights.append(emb / emb.norm())
-    classifier = torch.stack(weights, dim=1)
     rng = np.random.default_rng(0)
     pil = [Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)) for _ in range(5)]
-    images = torch.stack([preprocess(im) for im in pil])
-    target = torch.tensor([0, 1, 2, 0, 1])
-    feats = F.normalize(model.encode_image(images), dim=-1)
-    logits = 100.0 * feats @ classifier
-    assert logits.shape == (5, 3)
-    acc = (logits.argmax(1) == target).float().mean().item()
-    assert 0.0 <= acc <= 1.0
-    model.mode = "off"
-    plain = F.normalize(model.encode_image(images), dim=-1)
-    assert not torch.allclose(plain, feats, atol=1e-4)
+    loader = [(torch.stack([model.preprocess(im) for im in pil]), torch.tensor([0, 1, 2, 0, 1]))]
+    outputs = {}
+    for mode in ("both", "off"):
+        model.mode = mode
+        classifier = zero_shot_classifier(model, model.tokenizer, classnames, templates, "cpu", amp=False)
+        logits, target = run_classification(model, classifier, loader, "cpu", amp=False)
+        assert classifier.shape[1] == 3 and logits.shape == (5, 3)
+        outputs[mode] = logits
+    assert not torch.allclose(outputs["both"], outputs["off"], atol=1e-3)
