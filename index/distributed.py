@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from reco.errors import ConfigError
 from reco.formats import atomic_save_npy, atomic_write_table, atomic_write_text

@@ -57,7 +57,7 @@ def _clip_row(variants: dict) -> dict | None:
 def markdown_report(results: dict[str, Any]) -> str:
     v = results["variants"]
     clip = _clip_row(v)
-    parts = [f"# reco ablations on the generated world\n",
+    parts = ["# reco ablations on the generated world\n",
              f"model `{results['model_id']}`; {results['steps']} training steps per variant; "
              f"memory sizes {results['memory_sizes']}; {results['n_test']} test images. "
              f"Zero-shot top-1 and retrieval recall in %; reco rows in mode "

@@ -148,7 +148,7 @@ def write_outputs(folder: str | Path, results: dict[str, Any]) -> None:
 
 def markdown_report(results: dict[str, Any]) -> str:
     """Markdown: one row per mode (zero-shot all/seen/unseen, retrieval R@1)."""
-    lines = [f"# reco evaluation\n",
+    lines = ["# reco evaluation\n",
              f"model `{results['model_id']}`, memory `{results['memory']}` "
              f"({results['memory_size']} items), k={results['k']} (trained with "
              f"{results['train_k']}), fusion {results['fusion']}, {results['n_test']} test pairs, "
