@@ -23,12 +23,13 @@ class WorldTestImages(Dataset):
 
     def __init__(self, cfg, preprocess, species):
         from reco.evaluation.data import read_classnames
+        from reco.react.images import world_file
 
         rows = pq.read_table(cfg.paths.urls("test")).to_pydict()
         names = read_classnames(cfg.paths.world / "classnames.txt")
         index = {int(s): i for i, s in enumerate(species)}
         keep = [i for i, label in enumerate(rows["label"]) if label in index]
-        self.files = [cfg.paths.world / rows["url"][i].split("/", 3)[3] for i in keep]
+        self.files = [world_file(cfg.paths.world, rows["url"][i]) for i in keep]
         self.labels = [index[rows["label"][i]] for i in keep]
         self.captions = [rows["caption"][i] for i in keep]
         self.classes = [names[int(s)] for s in species]
