@@ -1,6 +1,6 @@
 """Typed run configuration: one dataclass per stage, composed here, with named presets.
 
-Each stage owns its config dataclass in its own package (``reco.world.config``,
+Each stage owns its config dataclass in its own package (``reco.fixture_config`` for the world,
 ``reco.pipelines.config``, ``reco.index.config``, ``reco.trainer.config``,
 ``reco.evaluation.config``) and a ``PRESETS`` dict of named instances. This module composes them
 into :class:`RecoConfig`, applies ``--set section.field=value`` overrides, and fixes the layout
@@ -21,8 +21,8 @@ from reco.index.config import PRESETS as INDEX_PRESETS, IndexConfig, NeighboursC
 from reco.index.config import NEIGHBOUR_PRESETS
 from reco.pipelines.config import PRESETS as EMBED_PRESETS, EmbedConfig
 from reco.trainer.config import PRESETS as TRAIN_PRESETS, TrainConfig
-from reco.world.config import PRESETS as WORLD_PRESETS, WorldConfig
-from reco.world.config import BASE_CLIP_PRESETS, BaseClipConfig
+from reco.fixture_config import PRESETS as WORLD_PRESETS, WorldConfig
+from reco.fixture_config import BASE_CLIP_PRESETS, BaseClipConfig
 
 PRESET_NAMES = ("tiny", "demo")
 
