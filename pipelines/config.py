@@ -25,6 +25,9 @@ class EmbedConfig:
     device: str | None = None         # torch device of the workers' encoder: cpu, cuda, auto
                                       # (None: the run's clip.device); GPU workers use cuda/auto
     precision: str | None = None      # open_clip precision (fp32, fp16, amp...; None: clip.precision)
+    input_format: str = "auto"        # urls | webdataset | parquet-images (reco.pipelines.inputs);
+                                      # auto: from the files (.tar, image-bytes column, else urls)
+    image_col: str | None = None      # parquet-images: column of image bytes (None: jpg/png/webp)
 
 
 PRESETS = {"tiny": EmbedConfig(shard_size=500), "demo": EmbedConfig()}

@@ -61,7 +61,10 @@ class _Model:
         self.clip = clip
 
 
-class _EmbedShardFn(beam.DoFn):
+class ClipDoFn(beam.DoFn):
+    """A DoFn holding one open_clip model per worker process (``self.clip`` after ``setup``),
+    shared by its threads through :class:`apache_beam.utils.shared.Shared`."""
+
     def __init__(self, model: str, pretrained: str | None, batch_size: int, torch_threads: int,
                  device: str = "cpu", precision: str = "fp32"):
         self.model = model
@@ -86,12 +89,23 @@ class _EmbedShardFn(beam.DoFn):
             lambda: _Model(load_clip(self.model, self.pretrained, device=device, precision=self.precision)),
             tag=f"{self.model}|{self.pretrained}|{device}|{self.precision}")
 
+    @property
+    def clip(self):
+        return self._holder.clip
+
+    def count(self, rows: list[dict]) -> int:
+        """Update the embedded/failed counters from embedded rows; returns the embedded count."""
+        done = sum("image_emb" in r for r in rows)
+        self.embedded.inc(done)
+        self.failed.inc(sum(r["status"] == "failed_to_embed" for r in rows))
+        return done
+
+
+class _EmbedShardFn(ClipDoFn):
     def process(self, element):
         shard, rows = element
-        out = embed_rows(self._holder.clip, rows, self.batch_size)
-        done = sum("image_emb" in r for r in out)
-        self.embedded.inc(done)
-        self.failed.inc(sum(r["status"] == "failed_to_embed" for r in out))
+        out = embed_rows(self.clip, rows, self.batch_size)
+        done = self.count(out)
         log.info("shard %05d: embedded %d rows", shard, done)
         yield shard, out
 

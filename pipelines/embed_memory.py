@@ -1,6 +1,10 @@
-"""``reco embed-memory``: Beam job from URL lists to embedded Parquet shards.
+"""``reco embed-memory``: Beam job from URL lists (or img2dataset outputs) to embedded Parquet shards.
 
     ReadUrls -> SafetyFilter -> Download (img2dataset) -> Embed (open_clip) -> Write (Parquet)
+
+The input kind is chosen by what the input is (:mod:`reco.pipelines.inputs`: URL lists,
+img2dataset webdataset tars, img2dataset parquet with image bytes; ``--input-format`` forces
+one); img2dataset outputs are streamed and embedded without any network access.
 
 Everything that can be checked is checked before the pipeline starts (URL list columns, model
 name, writable output, model and shard format of an existing output). Resume: shards whose file
@@ -36,12 +40,9 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from reco.errors import ConfigError, FormatError, RecoError
 from reco.formats import EMBEDDED_FORMAT, Manifest
-from reco.pipelines import runners
+from reco.pipelines import inputs as input_kinds, runners
 from reco.pipelines.config import EmbedConfig
-from reco.pipelines.download import DownloadShards
-from reco.pipelines.embed import EmbedShards
-from reco.pipelines.urls import (FilterUnsafeUrls, ReadUrlShards, UrlFile, inspect_url_files,
-                                 list_url_files, num_shards)
+from reco.pipelines.foreign import KEY_COLUMN
 from reco.pipelines.write import (WriteShards, check_job, check_model, clear_output,
                                   complete_shards, write_manifest)
 
@@ -54,7 +55,7 @@ RUNNING_MODES = runners.RUNNING_MODES
 class EmbedJob:
     """Everything the pipeline needs, resolved and checked on the driver."""
 
-    files: tuple[UrlFile, ...]
+    files: tuple              # UrlFile (urls) or ShardFile (foreign kinds), inspected
     output_dir: str
     model: str
     pretrained: str | None
@@ -64,6 +65,7 @@ class EmbedJob:
     shards: int
     skip: tuple[int, ...]
     cfg: EmbedConfig
+    kind: str = "urls"        # input kind (reco.pipelines.inputs.KINDS)
 
 
 class EmbedMemory(beam.PTransform):
@@ -74,15 +76,12 @@ class EmbedMemory(beam.PTransform):
         self.job = job
 
     def expand(self, pbegin):
-        job, cfg = self.job, self.job.cfg
-        return (pbegin
-                | "ReadUrls" >> ReadUrlShards(job.files, cfg.shard_size, job.skip)
-                | "SafetyFilter" >> FilterUnsafeUrls(cfg.allow_private)
-                | "Download" >> DownloadShards(job.image_size, cfg)
-                | "Embed" >> EmbedShards(job.model, job.pretrained, batch_size=cfg.batch_size,
-                                         torch_threads=cfg.torch_threads,
-                                         device=cfg.device or "cpu", precision=cfg.precision or "fp32")
-                | "Write" >> WriteShards(job.output_dir, job.dim, job.model, job.pretrained or ""))
+        job = self.job
+        # the kind's steps are applied here, so their labels stay EmbedMemory/ReadUrls, ...
+        shards = input_kinds.source(job.kind, job).expand(pbegin)
+        extra = () if job.kind == "urls" else (KEY_COLUMN,)
+        return shards | "Write" >> WriteShards(job.output_dir, job.dim, job.model,
+                                               job.pretrained or "", extra)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,7 +109,7 @@ def plan_job(inputs, output_dir: str, *, model: str, pretrained: str | None,
 
     if embed_cfg.shard_size < 1 or embed_cfg.batch_size < 1:
         raise ConfigError("embed.shard_size and embed.batch_size must be >= 1")
-    files = inspect_url_files(list_url_files(inputs), embed_cfg)
+    kind, files = input_kinds.resolve_inputs(inputs, embed_cfg)
     check_writable(output_dir)
     if "://" not in output_dir:           # the driver, before any writer: drop a killed run's temporaries
         from reco.formats import remove_temporaries
@@ -123,11 +122,12 @@ def plan_job(inputs, output_dir: str, *, model: str, pretrained: str | None,
     check_model(output_dir, clip.name, clip.pretrained)       # and the format of existing shards
     check_job(output_dir, {"model_id": clip.model_id, "shard_size": embed_cfg.shard_size,
                            "files": [[f.path.rsplit("/", 1)[-1], f.rows] for f in files],
-                           "format": EMBEDDED_FORMAT})
-    shards = num_shards(files, embed_cfg.shard_size)
+                           "format": EMBEDDED_FORMAT,
+                           **({} if kind == "urls" else {"input_format": kind})})
+    shards = input_kinds.num_shards(kind, files, embed_cfg.shard_size)
     skip = tuple(s for s in complete_shards(output_dir) if s < shards)
     return EmbedJob(tuple(files), str(output_dir), clip.name, clip.pretrained or None, clip.model_id,
-                    clip.image_size, clip.embed_dim, shards, skip, embed_cfg)
+                    clip.image_size, clip.embed_dim, shards, skip, embed_cfg, kind)
 
 
 def pipeline_options(cfg: EmbedConfig, beam_options=None) -> PipelineOptions:
@@ -165,7 +165,9 @@ def embed_urls(inputs, output_dir: str, *, model: str, pretrained: str | None = 
     """Download, embed and write URL lists to ``output_dir`` (resuming what is there).
 
     Args:
-        inputs: a URL list path/URL, a folder or glob of them, or a list of those (sorted).
+        inputs: a URL list, img2dataset webdataset tar or img2dataset parquet with image bytes
+            (path/URL), a folder or glob of them, or a list of those (sorted); the kind from
+            ``embed_cfg.input_format`` (auto: from the files, :mod:`reco.pipelines.inputs`).
         output_dir: folder (local or fsspec URL) for ``part-*.parquet`` + ``manifest.json``.
         model, pretrained: open_clip model spec (see :func:`reco.clip.load_clip`).
         embed_cfg: columns, shard size, download and embedding settings.
@@ -186,7 +188,8 @@ def embed_urls(inputs, output_dir: str, *, model: str, pretrained: str | None = 
     metrics = run_job(job, options) if todo else {}
     rows = sum(f.rows for f in job.files)
     manifest = write_manifest(output_dir, job.model_id, job.dim, {
-        "inputs": [f.path for f in job.files], "shard_size": embed_cfg.shard_size,
+        "inputs": [f.path for f in job.files], "input_format": job.kind,
+        "shard_size": embed_cfg.shard_size,
         "input_rows": rows, "shards_expected": job.shards, "image_size": job.image_size})
     info = {"output_dir": str(output_dir), "rows": rows, "shards": job.shards,
             "shards_run": todo, "shards_skipped": len(job.skip), "counts": manifest.counts,
@@ -254,7 +257,11 @@ def embed_splits(cfg, splits=WORLD_SPLITS, *, beam_options=None, force: bool = F
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", action="append", default=[],
-                        help="URL list (Parquet/CSV/TSV, path/URL/folder/glob; repeatable)")
+                        help="URL list (Parquet/CSV/TSV), img2dataset webdataset tars or img2dataset "
+                        "parquet with image bytes (path/URL/folder/glob; repeatable)")
+    parser.add_argument("--input-format", dest="input_format", default=None,
+                        choices=input_kinds.FORMAT_CHOICES,
+                        help="what --input is (default: embed.input_format, auto = from the files)")
     parser.add_argument("--output", default=None, help="output folder (with --input)")
     parser.add_argument("--split", action="append", default=[], choices=WORLD_SPLITS,
                         help="world split to embed (repeatable; default: all three)")
@@ -283,8 +290,11 @@ def main(cfg, args) -> int:
         from reco.clip import resolve_model_spec
 
         model, pretrained = resolve_model_spec(cfg.clip.model, cfg.clip.pretrained, cfg.paths.base_clip)
+        embed_cfg = run_embed_config(cfg)
+        if getattr(args, "input_format", None):
+            embed_cfg = dataclasses.replace(embed_cfg, input_format=args.input_format)
         _, info = embed_urls(args.input, args.output, model=model, pretrained=pretrained,
-                             embed_cfg=run_embed_config(cfg), beam_options=beam_args,
+                             embed_cfg=embed_cfg, beam_options=beam_args,
                              force=bool(getattr(args, "force", False)))
         _print_info(info, "embedded")
         return 0

@@ -42,14 +42,19 @@ def complete_shards(output_dir: str) -> dict[int, str]:
     return dict(sorted(found.items()))
 
 
-def rows_to_table(rows: list[dict], dim: int, model: str = "", pretrained: str = "") -> pa.Table:
+def rows_to_table(rows: list[dict], dim: int, model: str = "", pretrained: str = "",
+                  extra: tuple[str, ...] = ()) -> pa.Table:
     """Rows (with float32 ``image_emb``/``text_emb`` on success) -> a table of embedded_schema.
-    Rows without embeddings get all-zero vectors: filter on ``status == "success"``."""
+    Rows without embeddings get all-zero vectors: filter on ``status == "success"``. ``extra``:
+    string columns appended after the schema's (foreign inputs carry their sample ``key``)."""
     schema = embedded_schema(dim, model, pretrained)
+    for name in extra:
+        schema = schema.append(pa.field(name, pa.string()))
     columns = {name: pa.array([r.get(name) for r in rows], type=schema.field(name).type)
                for name in ("id", "url", "caption", "label", "status", "error_message")}
     for name in ("image_emb", "text_emb"):
         columns[name] = _embedding_column([r.get(name) for r in rows], dim)
+    columns.update({name: pa.array([r.get(name) for r in rows], pa.string()) for name in extra})
     return pa.Table.from_pydict(columns, schema=schema)
 
 
@@ -64,22 +69,21 @@ def _embedding_column(vectors: list, dim: int) -> pa.Array:
 
 
 def write_shard(output_dir: str, shard: int, rows: list[dict], dim: int, model: str = "",
-                pretrained: str = "") -> dict[str, int]:
+                pretrained: str = "", extra: tuple[str, ...] = ()) -> dict[str, int]:
     """Write one shard atomically; returns counts by status."""
-    atomic_write_table(rows_to_table(rows, dim, model, pretrained), shard_path(output_dir, shard))
+    atomic_write_table(rows_to_table(rows, dim, model, pretrained, extra), shard_path(output_dir, shard))
     return dict(Counter(r["status"] for r in rows))
 
 
 class _WriteShardFn(beam.DoFn):
-    def __init__(self, output_dir: str, dim: int, model: str, pretrained: str):
-        self.args = (str(output_dir), dim, model, pretrained)
+    def __init__(self, output_dir: str, dim: int, model: str, pretrained: str, extra=()):
+        self.args = (str(output_dir), dim, model, pretrained, tuple(extra))
         self.written = beam.metrics.Metrics.counter("reco.embed", "shards_written")
         self.rows = beam.metrics.Metrics.counter("reco.embed", "rows_written")
 
     def process(self, element):
         shard, rows = element
-        output_dir, dim, model, pretrained = self.args
-        counts = write_shard(output_dir, shard, rows, dim, model, pretrained)
+        counts = write_shard(self.args[0], shard, rows, *self.args[1:])
         self.written.inc()
         self.rows.inc(len(rows))
         log.info("shard %05d: wrote %d rows %s", shard, len(rows), counts)
@@ -89,9 +93,10 @@ class _WriteShardFn(beam.DoFn):
 class WriteShards(beam.PTransform):
     """(shard, embedded rows) -> (shard, counts by status), one Parquet file per shard."""
 
-    def __init__(self, output_dir: str, dim: int, model: str = "", pretrained: str = ""):
+    def __init__(self, output_dir: str, dim: int, model: str = "", pretrained: str = "",
+                 extra: tuple[str, ...] = ()):
         super().__init__()
-        self.fn = _WriteShardFn(output_dir, dim, model, pretrained or "")
+        self.fn = _WriteShardFn(output_dir, dim, model, pretrained or "", extra)
 
     def expand(self, shards):
         return shards | "AtomicParquet" >> beam.ParDo(self.fn)
