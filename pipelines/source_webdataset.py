@@ -9,8 +9,8 @@ caption, status, error_message) and ``{shard}_stats.json``. One tar is one outpu
   download keeps img2dataset's status and message, a downloaded sample is embedded from the tar;
 * without it, one row per sample of the tar, in tar order (the driver counts the samples).
 
-Members are streamed (webdataset's ``tar_file_iterator`` + ``group_by_keys``, a batch of images
-in memory at most). A sample without an image or without a caption member, or the samples a
+Members are streamed (tarfile's stream mode grouped by webdataset's ``group_by_keys``, a batch
+of images in memory at most). A sample without an image or without a caption member, or the samples a
 truncated tar no longer holds, are rows with status ``failed_to_embed`` and a message naming
 the tar and key; the job goes on. A tar the driver cannot read through is a FormatError.
 """
@@ -42,7 +42,8 @@ def sidecar_of(path: str) -> str | None:
 
 
 def count_samples(path: str) -> int:
-    """Samples (distinct keys) in a tar, reading member headers only where the file seeks."""
+    """Samples (distinct keys) in a tar, reading member headers only where the file seeks; a
+    tar that ends before its end-of-archive blocks is a FormatError naming it."""
     keys, last = 0, None
     try:
         with fsspec.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:*") as tar:
@@ -50,9 +51,21 @@ def count_samples(path: str) -> int:
                 key = _key(member.name) if member.isreg() else None
                 if key is not None and key != last:
                     keys, last = keys + 1, key
+            _check_end(path, tar)
     except TAR_ERRORS as exc:
         raise FormatError(f"{path}: not a readable tar ({type(exc).__name__}: {exc})") from exc
     return keys
+
+
+def _check_end(path: str, tar: tarfile.TarFile) -> None:
+    """tarfile stops quietly at a truncated header: a complete archive has its end-of-archive
+    block (512 zero bytes) after the last member."""
+    if path.lower().endswith(".tar"):           # compressed: offsets are not file positions
+        fs, fs_path = fsspec.core.url_to_fs(path)
+        size = fs.size(fs_path)
+        if size is not None and size < tar.offset + tarfile.BLOCKSIZE:
+            raise tarfile.ReadError(f"truncated: it ends at byte {size}, inside the header or "
+                                    f"data that starts at byte {tar.offset}")
 
 
 def _key(name: str) -> str | None:
@@ -86,14 +99,22 @@ def inspect(files: list[str], cfg) -> list[ShardFile]:
     return out
 
 
-def _samples(path: str):
-    """(key, {suffix: bytes}) of each sample of the tar, streamed."""
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
+def _members(path: str):
+    """Regular members of a tar as webdataset file samples, streamed; truncation raises."""
+    with fsspec.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        for info in tar:
+            if info.isreg():
+                yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": path}
+            tar.members = []                    # stream mode: keep no member list
+        _check_end(path, tar)
 
-    with fsspec.open(path, "rb") as f:
-        members = ({**m, "__url__": path} for m in tar_file_iterator(f))
-        for sample in group_by_keys(members):
-            yield sample["__key__"].rsplit("/", 1)[-1], sample
+
+def _samples(path: str):
+    """(key, {suffix: bytes}) of each sample of the tar (webdataset's ``group_by_keys``)."""
+    from webdataset.tariterators import group_by_keys
+
+    for sample in group_by_keys(_members(path)):
+        yield sample["__key__"].rsplit("/", 1)[-1], sample
 
 
 def _text(value) -> str | None:
