@@ -77,6 +77,9 @@ def _readers(release: Release):
     if unknown:
         raise ConfigError(f"{release.root}/img_emb: {unknown[0]} is not an img_emb_N.npy part; "
                           f"move other .npy files out of the folder")
+    if names != [p.image.rsplit("/", 1)[-1] for p in release.parts if p.rows]:
+        raise ConfigError(f"{release.root}/img_emb: embedding-reader orders the parts {names}, "
+                          f"not as inspected")
     # pair each image part with its own metadata part (embedding-reader pairs by sort order)
     headers["metadata_path"] = [_reader_path(by_name[n].metadata, f) for n, f in
                                 zip(names, headers["filename"])]

@@ -136,7 +136,9 @@ def _sides(root: str, text_from_captions: bool) -> dict[str, dict[int, str]]:
 
 
 def _check_parts(found: dict[str, dict[int, str]], root: str) -> list[int]:
-    numbers = sorted(found["image"])
+    """Part numbers in the order of their image file names (embedding-reader's and autofaiss's
+    order, so ids are the row numbers those tools give: img_emb_10 before img_emb_2)."""
+    numbers = sorted(found["image"], key=lambda n: found["image"][n])
     for side in ("metadata", "text"):
         if side == "text" and not found["text"]:
             continue

@@ -19,6 +19,7 @@ BENCHES = {
     "embed": "reco.bench.embed:bench_embed",
     "index": "reco.bench.index:bench_index",
     "train": "reco.bench.train:bench_train",
+    "import": "reco.bench.importer:bench_import",
 }
 
 
