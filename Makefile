@@ -21,15 +21,20 @@ REGION ?=
 TEMP ?=
 JOB_ENDPOINT ?=
 BEAM_ARGS ?=
+# import-embeddings: the release folder (img_emb/, text_emb/, metadata/), e.g.
+#   make import-embeddings INPUT=laion400m-embeddings WORKDIR=runs/laion \
+#        ARGS="--model ViT-B-32 --pretrained openai"
+INPUT ?=
 BEAM_FLAGS = $(if $(RUNNER),--runner=$(RUNNER) $(if $(PROJECT),--project=$(PROJECT)) \
              $(if $(REGION),--region=$(REGION)) $(if $(TEMP),--temp_location=$(TEMP))) \
              $(if $(JOB_ENDPOINT),--job_endpoint=$(JOB_ENDPOINT)) $(BEAM_ARGS)
 STAGE_BEAM =
+STAGE_INPUT =
 export NO_ALBUMENTATIONS_UPDATE := 1
 RECO = $(VENV)/bin/reco
-STAGE = $(RECO) $@ --preset $(PRESET) --workdir $(WORKDIR) $(STAGE_BEAM) $(ARGS)
+STAGE = $(RECO) $@ --preset $(PRESET) --workdir $(WORKDIR) $(STAGE_BEAM) $(STAGE_INPUT) $(ARGS)
 
-.PHONY: install world embed-memory build-index precompute-neighbours train evaluate ablations \
+.PHONY: install world embed-memory import-embeddings build-index precompute-neighbours train evaluate ablations \
         query demo react-retrieve react-train compare bench test test-slow clean
 
 install: $(VENV)/.installed
@@ -40,11 +45,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(VENV)/bin/python -m pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
-world embed-memory build-index precompute-neighbours train evaluate ablations query demo \
-react-retrieve react-train compare bench: install
+world embed-memory import-embeddings build-index precompute-neighbours train evaluate ablations \
+query demo react-retrieve react-train compare bench: install
 	$(STAGE)
 
 embed-memory precompute-neighbours: STAGE_BEAM = $(foreach f,$(BEAM_FLAGS),--beam-option=$(f))
+import-embeddings: STAGE_INPUT = $(if $(INPUT),--input $(INPUT))
 
 test: install
 	@$(VENV)/bin/python -m pytest -q $(ARGS); rc=$$?; \
