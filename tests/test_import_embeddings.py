@@ -156,3 +156,20 @@ def test_cli_names_the_file(tmp_path, capsys):
                "--model", MODEL, "--input", str(tmp_path / "rel")])
     err = capsys.readouterr().err
     assert rc == 2 and "img_emb_1.npy: part 1 has no metadata/metadata_1.parquet" in err
+
+
+def test_release_and_output_on_a_bucket(tmp_path):
+    """fsspec end to end: a release on ``memory://`` (the tests' stand-in for a bucket)."""
+    import fsspec
+
+    release(tmp_path / "rel", sizes=(6, 9))
+    fs = fsspec.filesystem("memory")
+    fs.put(str(tmp_path / "rel"), "/byod-bucket/rel", recursive=True)
+    _, info = import_embeddings("memory://byod-bucket/rel", "memory://byod-bucket/out",
+                                model=MODEL, shard_size=4)
+    local, _ = import_embeddings(str(tmp_path / "rel"), str(tmp_path / "out"), model=MODEL, shard_size=4)
+    remote = Manifest.read("memory://byod-bucket/out", kind="embedded")
+    assert info["rows"] == 15 and remote.shards == local.shards and remote.counts == local.counts
+    with fs.open("/byod-bucket/out/part-00002.parquet", "rb") as f:
+        assert pq.read_table(f).equals(pq.read_table(tmp_path / "out" / "part-00002.parquet"))
+    fs.rm("/byod-bucket", recursive=True)
