@@ -20,11 +20,19 @@ from reco.pipelines.download import IMAGE_KEY
 log = logging.getLogger(__name__)
 
 
+MAX_PIXELS = 64_000_000      # as img2dataset's decoder is limited (OPENCV_IO_MAX_IMAGE_PIXELS)
+
+
 def decode(clip, data: bytes):
-    """Image bytes -> preprocessed (3, H, W) tensor with the model's eval transform."""
+    """Image bytes -> preprocessed (3, H, W) tensor with the model's eval transform. An image
+    of more than :data:`MAX_PIXELS` pixels (a decompression bomb in foreign bytes: img2dataset
+    outputs are not resized by reco) is refused from its header, before it is decoded."""
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as img:
+        if img.width * img.height > MAX_PIXELS:
+            raise ValueError(f"image of {img.width}x{img.height} pixels is larger than "
+                             f"{MAX_PIXELS} pixels (decompression bomb?)")
         return clip.preprocess(img.convert("RGB"))
 
 

@@ -79,9 +79,9 @@ def image_column(names: Iterable[str], types: dict | None = None, wanted: str | 
     return None
 
 
-def _suffix_kind(path: str) -> str | None:
+def _suffix_kind(path: str, listing: bool = True) -> str | None:
     name = path.rsplit("/", 1)[-1].lower()
-    if name.startswith((".", "_")):            # hidden files, temporaries, img2dataset's _stats.json
+    if listing and name.startswith((".", "_")):   # in folders: hidden files, temporaries
         return None
     if name.endswith(TAR_SUFFIXES):
         return "webdataset"
@@ -121,7 +121,7 @@ def stem(path: str) -> str:
 
 def detect_kind(path: str, cfg: EmbedConfig) -> str:
     """The kind of one file: by suffix, and for Parquet by its columns (image bytes or not)."""
-    kind = _suffix_kind(path)
+    kind = _suffix_kind(path, listing=False)
     if kind != "parquet":
         if kind is None:
             raise FormatError(f"{path}: unknown input; expected a URL list (.parquet/.csv/.tsv), "

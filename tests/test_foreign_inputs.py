@@ -127,7 +127,19 @@ def small_samples(tmp_path_factory) -> list[dict]:
                for i, n in enumerate(names)]
     samples[2].update(image=None, status="failed_to_download", error_message="HTTP 404")
     samples[4]["image"] = b"\x89PNG\r\n\x1a\n not an image"                 # undecodable
+    samples[11]["image"] = _bomb()
     return samples
+
+
+def _bomb() -> bytes:
+    """A small PNG of 10000 x 7000 pixels (more than the decoder's 64 M pixel limit)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("1", (10000, 7000)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _embed(inputs, out: Path, model: str, **cfg):
@@ -154,10 +166,11 @@ def test_corrupt_tar_members_are_recorded_per_row(small_samples, embed_model, tm
     assert by_key["000000006"]["status"] == "failed_to_embed"
     assert "no caption member (000000006.txt)" in by_key["000000006"]["error_message"]
     assert "no image member" in by_key["000000009"]["error_message"]
+    assert "larger than 64000000 pixels" in by_key["000000011"]["error_message"]
     if sidecar:
         assert by_key["000000002"]["status"] == "failed_to_download"
     ok = [r for r in rows.values() if r["status"] == "success"]
-    assert len(ok) == 10 and all(abs(np.linalg.norm(r["image"]) - 1) < 1e-2 for r in ok)
+    assert len(ok) == 9 and all(abs(np.linalg.norm(r["image"]) - 1) < 1e-2 for r in ok)
 
 
 def test_truncated_tar(small_samples, embed_model, tmp_path):
