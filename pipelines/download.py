@@ -55,7 +55,7 @@ def resizer(image_size: int, cfg: EmbedConfig):
 
 def policy(cfg: EmbedConfig) -> NetPolicy:
     """The network policy of the download step (see :mod:`reco.pipelines.safe_http`)."""
-    return NetPolicy(allow_private=bool(cfg.allow_private), max_bytes=MAX_BYTES)
+    return NetPolicy(allow_networks=tuple(cfg.allow_networks), max_bytes=MAX_BYTES)
 
 
 def _downloader(reader, out: str, n: int, image_size: int, cfg: EmbedConfig):

@@ -37,7 +37,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from reco.errors import ConfigError, FormatError, RecoError
 from reco.formats import EMBEDDED_FORMAT, Manifest
 from reco.pipelines import runners
-from reco.pipelines.config import EmbedConfig
+from reco.pipelines.config import LOOPBACK, EmbedConfig
 from reco.pipelines.download import DownloadShards
 from reco.pipelines.embed import EmbedShards
 from reco.pipelines.urls import (FilterUnsafeUrls, ReadUrlShards, UrlFile, inspect_url_files,
@@ -77,7 +77,7 @@ class EmbedMemory(beam.PTransform):
         job, cfg = self.job, self.job.cfg
         return (pbegin
                 | "ReadUrls" >> ReadUrlShards(job.files, cfg.shard_size, job.skip)
-                | "SafetyFilter" >> FilterUnsafeUrls(cfg.allow_private)
+                | "SafetyFilter" >> FilterUnsafeUrls(cfg.allow_networks)
                 | "Download" >> DownloadShards(job.image_size, cfg)
                 | "Embed" >> EmbedShards(job.model, job.pretrained, batch_size=cfg.batch_size,
                                          torch_threads=cfg.torch_threads,
@@ -102,6 +102,22 @@ def check_writable(output_dir: str) -> None:
         raise ConfigError(f"output {output_dir}: not writable ({exc})") from exc
 
 
+def check_net_options(cfg: EmbedConfig) -> None:
+    """ConfigError for a bad ``embed.allow_networks`` or memory bound, before any work."""
+    from reco.pipelines.addresses import check_networks
+
+    try:
+        check_networks(cfg.allow_networks)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    for name in ("max_image_mb", "decode_budget_mb", "timeout"):
+        if not getattr(cfg, name) > 0:
+            raise ConfigError(f"embed.{name}={getattr(cfg, name)!r}: must be > 0")
+    if cfg.max_image_mb > cfg.decode_budget_mb:
+        raise ConfigError(f"embed.max_image_mb={cfg.max_image_mb} is larger than "
+                          f"embed.decode_budget_mb={cfg.decode_budget_mb}")
+
+
 def plan_job(inputs, output_dir: str, *, model: str, pretrained: str | None,
              embed_cfg: EmbedConfig, force: bool = False) -> EmbedJob:
     """Check inputs, model and output; find the shards still to do (``force``: none done, the
@@ -110,6 +126,7 @@ def plan_job(inputs, output_dir: str, *, model: str, pretrained: str | None,
 
     if embed_cfg.shard_size < 1 or embed_cfg.batch_size < 1:
         raise ConfigError("embed.shard_size and embed.batch_size must be >= 1")
+    check_net_options(embed_cfg)
     files = inspect_url_files(list_url_files(inputs), embed_cfg)
     check_writable(output_dir)
     if "://" not in output_dir:           # the driver, before any writer: drop a killed run's temporaries
@@ -238,7 +255,7 @@ def embed_splits(cfg, splits=WORLD_SPLITS, *, beam_options=None, force: bool = F
     if missing:
         raise FormatError(f"no URL list {missing}; run `reco world` first")
     model, pretrained = resolve_model_spec(cfg.clip.model, cfg.clip.pretrained, cfg.paths.base_clip)
-    embed_cfg = dataclasses.replace(run_embed_config(cfg), allow_private=True)   # world on 127.0.0.1
+    embed_cfg = dataclasses.replace(run_embed_config(cfg), allow_networks=LOOPBACK)   # world on 127.0.0.1
     info = {}
     with world_server(cfg):
         for split in splits:

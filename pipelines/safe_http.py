@@ -9,9 +9,10 @@ answer that changes between two look-ups) may point at ``169.254.169.254`` (clou
 * address: the host is resolved ONCE per connection, every resolved address is checked, and the
   socket connects to a checked address (never re-resolving), so DNS rebinding cannot slip a
   private address in between check and connect; the peer of the connected socket is checked
-  again. Private, loopback, link-local, reserved, multicast and unspecified addresses (IPv4-mapped
-  IPv6 included) are refused before any connection unless ``allow_private`` (or the address is
-  in ``allow_networks``). Redirects go through the same connection code, so each hop is checked;
+  again. Only globally reachable addresses pass (:mod:`reco.pipelines.addresses`: IANA
+  special-purpose registries, wrapped IPv4 forms unwrapped), unless the address is in
+  ``allow_networks``; link-local and metadata addresses never pass. Redirects go through the
+  same connection code, so each hop is checked;
 * proxies from the environment are not used (they would hide the real peer);
 * size: a response declaring or delivering more than ``max_bytes`` is refused (memory).
 
@@ -30,6 +31,8 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import urljoin, urlsplit
+
+from reco.pipelines.addresses import refusal as address_refusal
 
 SCHEMES = ("http", "https")
 REFUSED_PREFIX = "refused: "
@@ -50,14 +53,13 @@ class NetPolicy:
     """What may be fetched.
 
     Args:
-        allow_private: allow private/loopback/link-local... addresses (the loopback world server).
-        allow_networks: CIDR networks allowed even when ``allow_private`` is false.
+        allow_networks: CIDR networks allowed although not globally reachable (e.g.
+            ``("127.0.0.0/8",)`` for the loopback world server); never link-local/metadata.
         max_bytes: largest response body accepted.
         max_redirects: most redirect hops followed.
         resolver: ``host -> [ip, ...]`` (default: the system resolver); for tests.
     """
 
-    allow_private: bool = False
     allow_networks: tuple[str, ...] = ()
     max_bytes: int = MAX_BYTES
     max_redirects: int = MAX_REDIRECTS
@@ -65,12 +67,8 @@ class NetPolicy:
 
 
 def is_internal(ip: str) -> bool:
-    """True for private, loopback, link-local, reserved, multicast and unspecified addresses."""
-    addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    if getattr(addr, "ipv4_mapped", None):
-        addr = addr.ipv4_mapped
-    return (addr.is_private or addr.is_loopback or addr.is_link_local or addr.is_reserved
-            or addr.is_multicast or addr.is_unspecified)
+    """True for every address that is not globally reachable (:mod:`reco.pipelines.addresses`)."""
+    return address_refusal(ip) is not None
 
 
 def resolve(host: str) -> list[str]:
@@ -81,11 +79,9 @@ def resolve(host: str) -> list[str]:
         return sorted({info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)})
 
 
-def blocked(ip: str, policy: NetPolicy) -> bool:
-    if policy.allow_private or not is_internal(ip):
-        return False
-    addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    return not any(addr in ipaddress.ip_network(n, strict=False) for n in policy.allow_networks)
+def blocked(ip: str, policy: NetPolicy) -> str | None:
+    """Why ``ip`` is refused under ``policy``, or None."""
+    return address_refusal(ip, policy.allow_networks)
 
 
 def check_host(host: str, policy: NetPolicy, unresolved: type[OSError] = Refused) -> list[str]:
@@ -97,10 +93,11 @@ def check_host(host: str, policy: NetPolicy, unresolved: type[OSError] = Refused
         raise unresolved(f"cannot resolve host {host!r} ({exc})") from exc
     if not addresses:
         raise Refused(f"host {host!r} has no address")
-    bad = [a for a in addresses if blocked(a, policy)]
-    if bad:
-        raise Refused(f"host {host!r} resolves to a private/loopback/link-local address {bad[0]} "
-                      f"(set embed.allow_private=true to allow)")
+    for ip in addresses:
+        why = blocked(ip, policy)
+        if why:
+            raise Refused(f"host {host!r} resolves to a non-global (private/loopback/link-local/"
+                          f"reserved) address {ip}: {why} (embed.allow_networks allows a network)")
     return addresses
 
 
@@ -117,7 +114,7 @@ def check_url(url: str, policy: NetPolicy, *, resolve_host: bool = True) -> None
         raise Refused(f"scheme {parts.scheme or '(none)'!r} not allowed (only http, https)")
     if not host:
         raise Refused("url has no host")
-    if resolve_host and not policy.allow_private:
+    if resolve_host:
         check_host(host, policy)
 
 
@@ -142,9 +139,10 @@ def guarded_connection(address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_a
             last = exc
             continue
         peer = sock.getpeername()[0]
-        if blocked(peer, policy):
+        why = blocked(peer, policy)
+        if why:
             sock.close()
-            raise Refused(f"connected peer {peer} of {host!r} is a private address")
+            raise Refused(f"connected peer {peer} of {host!r} is a private address: {why}")
         return sock
     raise last or OSError(f"cannot connect to {host!r}")
 

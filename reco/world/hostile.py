@@ -16,8 +16,8 @@ RELIABILITY.md):
 * bad captions: empty -> embedded as the empty text; very long -> stored whole, truncated by the
   tokenizer to the model's context; invalid UTF-8 -> decoded with U+FFFD, row kept.
 
-The corpus is served with ``allow_private`` (the world is on loopback), so it holds no redirect
-to a private address: those are refused only without ``allow_private`` (tests/test_safety.py).
+The corpus is served with ``allow_networks=127.0.0.0/8`` (the world is on loopback), so it holds no
+redirect to a private address: tests/test_safety.py and tests/attacks test those.
 """
 from __future__ import annotations
 
