@@ -14,7 +14,9 @@ answer that changes between two look-ups) may point at ``169.254.169.254`` (clou
   ``allow_networks``; link-local and metadata addresses never pass. Redirects go through the
   same connection code, so each hop is checked;
 * proxies from the environment are not used (they would hide the real peer);
-* size: a response declaring or delivering more than ``max_bytes`` is refused (memory).
+* size: a response declaring or delivering more than ``max_bytes`` is refused (memory);
+* time: one deadline per URL (connect + headers + body, redirects included), not per read; a
+  body shorter than its Content-Length is a download failure, not a truncated image.
 
 Refusals raise :class:`Refused`; :func:`download_image` (img2dataset's signature) turns every
 failure into an error message, refusals prefixed with ``"refused: "``.
@@ -33,6 +35,7 @@ from typing import Callable
 from urllib.parse import urljoin, urlsplit
 
 from reco.pipelines.addresses import refusal as address_refusal
+from reco.pipelines.deadline import Deadline, connect_timeout, watch
 
 SCHEMES = ("http", "https")
 REFUSED_PREFIX = "refused: "
@@ -134,7 +137,7 @@ def guarded_connection(address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_a
     last: OSError | None = None
     for ip in check_host(host, policy, unresolved=OSError):   # a DNS failure: a download failure
         try:
-            sock = _connect((ip, port), timeout, source_address)
+            sock = _connect((ip, port), connect_timeout(timeout), source_address)
         except OSError as exc:
             last = exc
             continue
@@ -143,6 +146,7 @@ def guarded_connection(address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_a
         if why:
             sock.close()
             raise Refused(f"connected peer {peer} of {host!r} is a private address: {why}")
+        watch(sock)                           # reads bounded by, and cut at, the URL's deadline
         return sock
     raise last or OSError(f"cannot connect to {host!r}")
 
@@ -206,26 +210,63 @@ def opener(policy: NetPolicy) -> urllib.request.OpenerDirector:
 
 def fetch(url: str, policy: NetPolicy, timeout: float = 10.0, headers: dict | None = None,
           accept: Callable | None = None) -> bytes:
-    """The body of ``url`` under ``policy``; ``accept(response) -> error or None`` may veto a
-    response before its body is read. Raises :class:`Refused` or the urllib/socket error."""
+    """The body of ``url`` under ``policy``, within ONE deadline of ``timeout`` seconds for the
+    whole request (connect, headers, body, every redirect hop; :mod:`reco.pipelines.deadline`).
+    ``accept(response) -> error or None`` may veto a response before its body is read. Raises
+    :class:`Refused`, :class:`~reco.pipelines.deadline.DeadlineExceeded` ("timed out ..."),
+    :class:`ShortBody` or the urllib/socket error."""
     check_url(url, policy, resolve_host=False)
     request = urllib.request.Request(url.strip(), headers={"User-Agent": USER_AGENT, **(headers or {})})
+    with Deadline(timeout) as dl:
+        try:
+            data = _get(request, policy, timeout, accept)
+        except Refused:
+            raise
+        except Exception as exc:  # noqa: BLE001 - anything cut short by the deadline is a timeout
+            if dl.expired or dl.remaining() <= 0:
+                raise dl.error() from exc
+            raise
+        if dl.expired:                      # the timer shut the socket: what was read is partial
+            raise dl.error()
+    return data
+
+
+class ShortBody(OSError):
+    """The body ended before the length its Content-Length header declared."""
+
+
+def _get(request, policy: NetPolicy, timeout: float, accept: Callable | None) -> bytes:
     try:
         with opener(policy).open(request, timeout=timeout) as response:
             error = accept(response) if accept else None
             if error:
                 raise OSError(error)
-            declared = response.headers.get("Content-Length")
-            if declared and declared.strip().isdigit() and int(declared) > policy.max_bytes:
-                raise Refused(f"response of {int(declared)} bytes is larger than {policy.max_bytes}")
-            data = response.read(policy.max_bytes + 1)
+            return _read_body(response, policy.max_bytes)
     except urllib.error.URLError as exc:
         if isinstance(exc.reason, Refused):
             raise exc.reason from None
         raise
-    if len(data) > policy.max_bytes:
-        raise Refused(f"response is larger than {policy.max_bytes} bytes")
-    return data
+
+
+def _read_body(response, max_bytes: int) -> bytes:
+    """The whole body, refused over ``max_bytes``; :class:`ShortBody` if it ends before its
+    Content-Length (http.client's ``read(n)`` returns a truncated body without complaint)."""
+    raw = (response.headers.get("Content-Length") or "").strip()
+    declared = int(raw) if raw.isdigit() else None
+    if declared is not None and declared > max_bytes:
+        raise Refused(f"response of {declared} bytes is larger than {max_bytes}")
+    data = bytearray()
+    while True:
+        chunk = response.read(min(1 << 16, max_bytes + 1 - len(data)) or 1)
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > max_bytes:
+            raise Refused(f"response is larger than {max_bytes} bytes")
+    if declared is not None and len(data) < declared:
+        raise ShortBody(f"download failed: the body ended after {len(data)} of the {declared} "
+                        f"bytes its Content-Length declared")
+    return bytes(data)
 
 
 # ---------------------------------------------------------------------------------------------
