@@ -19,11 +19,9 @@ Beam flags pass through (``--runner``, ``--direct_num_workers``...); default Dir
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import logging
 import os
-import socket
 import sys
 import time
 import uuid
@@ -214,29 +212,8 @@ def embed_urls(inputs, output_dir: str, *, model: str, pretrained: str | None = 
 
 
 # ---------------------------------------------------------------------------------------------
-# the generated world
+# the world's splits (served by the caller)
 # ---------------------------------------------------------------------------------------------
-
-def _listening(host: str, port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
-        return True
-    return False
-
-
-@contextlib.contextmanager
-def world_server(cfg):
-    """Serve the world over loopback unless something already listens on its address."""
-    if _listening(cfg.world.host, cfg.world.port):
-        yield None
-        return
-    try:
-        from reco.world.server import WorldServer
-    except ImportError as exc:
-        raise ConfigError(f"nothing serves the world on {cfg.world.host}:{cfg.world.port} and "
-                          f"reco.world.server is unavailable; run `reco serve-world`") from exc
-    with WorldServer(cfg.paths.world, cfg.world.host, cfg.world.port) as server:
-        yield server
-
 
 def run_embed_config(cfg) -> EmbedConfig:
     """The run's embed options, with the encoder's device/precision defaulting to ``cfg.clip``'s
@@ -248,7 +225,9 @@ def run_embed_config(cfg) -> EmbedConfig:
 
 def embed_splits(cfg, splits=WORLD_SPLITS, *, beam_options=None, force: bool = False) -> dict:
     """Embed the world's URL lists (``cfg.paths.urls(split)``) into ``cfg.paths.embedded(split)``
-    with the pipeline's model (:func:`reco.clip.resolve_model_spec`). Returns info per split."""
+    with the pipeline's model (:func:`reco.clip.resolve_model_spec`), loopback allowed. The
+    caller serves the world (``reco.world.serving.serve_world``: the CLI and demo layers).
+    Returns info per split."""
     from reco.clip import resolve_model_spec
 
     missing = [str(cfg.paths.urls(s)) for s in splits if not cfg.paths.urls(s).is_file()]
@@ -257,11 +236,10 @@ def embed_splits(cfg, splits=WORLD_SPLITS, *, beam_options=None, force: bool = F
     model, pretrained = resolve_model_spec(cfg.clip.model, cfg.clip.pretrained, cfg.paths.base_clip)
     embed_cfg = dataclasses.replace(run_embed_config(cfg), allow_networks=LOOPBACK)   # world on 127.0.0.1
     info = {}
-    with world_server(cfg):
-        for split in splits:
-            _, info[split] = embed_urls(str(cfg.paths.urls(split)), str(cfg.paths.embedded(split)),
-                                        model=model, pretrained=pretrained, embed_cfg=embed_cfg,
-                                        beam_options=beam_options, force=force)
+    for split in splits:
+        _, info[split] = embed_urls(str(cfg.paths.urls(split)), str(cfg.paths.embedded(split)),
+                                    model=model, pretrained=pretrained, embed_cfg=embed_cfg,
+                                    beam_options=beam_options, force=force)
     return info
 
 

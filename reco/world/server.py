@@ -30,6 +30,8 @@ import functools
 import ipaddress
 import io
 import logging
+import os
+import secrets
 import socket
 import threading
 import time
@@ -43,6 +45,7 @@ from reco.world.bombs import bpp_bomb, pixel_bomb, valid_png
 log = logging.getLogger(__name__)
 MAX_SLOW_SECONDS = 60.0
 TRICKLE_STEP = 0.2              # seconds between two trickled bytes
+IDENTITY_PATH = "/_reco/identity"   # serves the server's per-run token (reco.world.serving)
 MAX_HUGE_MB = 256
 
 
@@ -51,6 +54,16 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """True when nothing is bound to ``host:port`` (a listener anywhere on the port included)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def check_loopback(host: str) -> str:
@@ -85,6 +98,7 @@ class _Handler(SimpleHTTPRequestHandler):
     server_version = "reco-world/1"
     stopping: threading.Event          # set per server class
     requests: collections.deque        # last paths served, per server (append is thread-safe)
+    token: str                         # this server's identity, served at IDENTITY_PATH
 
     def log_message(self, format, *args):  # noqa: A002 (http.server's signature)
         log.debug("%s %s", self.address_string(), format % args)
@@ -92,12 +106,27 @@ class _Handler(SimpleHTTPRequestHandler):
     def do_GET(self):  # noqa: N802
         self.requests.append(self.path)
         parts = urlsplit(self.path)
+        if parts.path == IDENTITY_PATH:
+            return self._send(self.token.encode(), "text/plain")
         if parts.path.startswith("/_hostile/"):
             try:
                 return self._hostile(parts.path.split("/")[2], parse_qs(parts.query))
             except (BrokenPipeError, ConnectionResetError):
                 return None
         return super().do_GET()
+
+    def send_head(self):
+        """Files under the served folder only: a symlink that leads out of it is not followed."""
+        real = os.path.realpath(self.translate_path(self.path))
+        root = os.path.realpath(self.directory)
+        if real != root and not real.startswith(root + os.sep):
+            self.send_error(404, "File not found")
+            return None
+        return super().send_head()
+
+    def list_directory(self, path):
+        self.send_error(404, "File not found")           # no folder listings
+        return None
 
     def _hostile(self, kind: str, query: dict) -> None:
         handler = {
@@ -246,6 +275,7 @@ class WorldServer:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self.requests: collections.deque[str] = collections.deque(maxlen=100_000)
+        self.token = secrets.token_hex(16)          # per run: who answers on the port is checked
 
     @property
     def port(self) -> int:
@@ -261,7 +291,8 @@ class WorldServer:
         if self._server is not None:
             return self
         self._stopping.clear()
-        handler = type("Handler", (_Handler,), {"stopping": self._stopping, "requests": self.requests})
+        handler = type("Handler", (_Handler,), {"stopping": self._stopping, "requests": self.requests,
+                                                "token": self.token})
         factory = functools.partial(handler, directory=str(self.root))
         try:
             self._server = _Server((self.address, self._requested_port), factory)
