@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import io
+import os
 import struct
 import threading
 import warnings
@@ -138,6 +139,10 @@ class BoundedResizer(Resizer):
     def check(self, data: bytes) -> int:
         """Bytes to reserve for decoding ``data``; :class:`ImageRefused` over the bound."""
         cost = decode_cost(data)
+        pixel_cap = int(os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", 1 << 30))
+        if cost.width * cost.height > pixel_cap:          # what OpenCV would refuse, said first
+            raise ImageRefused(f"Image decoding refused: {cost.describe()}, over the pixel cap "
+                               f"CV_IO_MAX_IMAGE_PIXELS={pixel_cap}")
         limit = min(self.max_image_bytes, self.budget_bytes)
         if cost.bytes > limit:
             raise ImageRefused(f"Image decoding refused: {cost.describe()} needs about "
