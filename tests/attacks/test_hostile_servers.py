@@ -128,3 +128,14 @@ def test_peak_memory_stays_flat_on_a_list_of_bombs(server):
     got = lines[-1]
     assert [s for s, _ in got["rows"]] == ["failed_to_resize"] * len(bombs)
     assert got["peak_mb"] - got["warm_mb"] < 300, got
+
+
+@pytest.mark.slow
+def test_embed_memory_peak_rss_on_a_hostile_list_is_under_2_gb():
+    """The whole CLI (Beam, img2dataset, open_clip) on 200 good rows and 16 rows of each hostile
+    kind (RELIABILITY.md records the figure of ``python -m tests.attacks.hostile_embed_rss``)."""
+    from tests.attacks.hostile_embed_rss import measure
+
+    got = measure(n_good=200, each=16, threads=16)
+    assert got["peak_rss_mb"] < 2048, got
+    assert got["counts"]["success"] == 200, got
