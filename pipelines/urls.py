@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from reco.errors import FormatError
 from reco.pipelines import safe_http
 from reco.pipelines.config import EmbedConfig
-from reco.pipelines.safe_http import NetPolicy, Refused, check_url, is_internal
+from reco.pipelines.safe_http import NetPolicy, Refused, check_url
 
 REFUSED = "refused"
 SCHEMES = safe_http.SCHEMES
@@ -267,10 +267,6 @@ class ReadUrlShards(beam.PTransform):
 # ---------------------------------------------------------------------------------------------
 # URL safety
 # ---------------------------------------------------------------------------------------------
-
-def _private(ip: str) -> bool:
-    return is_internal(ip)
-
 
 def _resolve(host: str) -> list[str]:
     return safe_http.resolve(host)

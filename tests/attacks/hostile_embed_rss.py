@@ -4,7 +4,7 @@ The list mixes good images with bytes-per-pixel bombs (7999 x 7999 16-bit RGBA, 
 pixel bombs (30000 x 30000), trickled headers, trickled bodies, endless bodies, bodies shorter
 than their Content-Length, oversized bodies and dead links. ``reco embed-memory`` (the real CLI,
 DirectRunner, img2dataset, a random reco-tiny CLIP) runs in a child process; its peak RSS is
-the child's ``ru_maxrss``.
+that child's ``ru_maxrss``.
 
     .venv/bin/python -m tests.attacks.hostile_embed_rss [--good 200] [--each 16] [--threads 16]
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,12 @@ REPO = Path(__file__).resolve().parents[2]
 HOSTILE = ("bpp-bomb/h{i}.png", "bomb/h{i}.png", "trickle-headers/h{i}.png?s=8",
            "trickle-body/h{i}.png?s=8", "endless/h{i}.png?s=8", "short/h{i}.png", "404/h{i}.png",
            "huge/h{i}.png?mb=40")
+
+
+# runs the command as its only child and reports that child's peak RSS
+_PEAK = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
+         "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+         "sys.exit(rc)")
 
 
 def hostile_list(base: str, good: list[str], each: int) -> list[str]:
@@ -61,10 +66,11 @@ def measure(n_good: int = 200, each: int = 16, threads: int = 16, timeout: int =
                "--set", f"embed.timeout={timeout}", "--set", f"embed.threads={threads}",
                "--set", "embed.shard_size=1000", "--set", "embed.torch_threads=1"]
         start = time.monotonic()
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200,
-                              env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
+        proc = subprocess.run([sys.executable, "-c", _PEAK, *cmd], cwd=REPO, capture_output=True,
+                              text=True, timeout=1200, env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
         seconds = time.monotonic() - start
-    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    peak = [line for line in proc.stderr.splitlines() if line.startswith("PEAK_RSS_KB ")]
+    peak_mb = int(peak[-1].split()[1]) / 1024 if peak else float("nan")
     if proc.returncode != 0:
         raise RuntimeError(f"reco embed-memory failed ({proc.returncode}): {proc.stderr[-3000:]}")
     counts = json.loads((work / "out" / "manifest.json").read_text())["counts"]
