@@ -108,7 +108,7 @@ def check_net_options(cfg: EmbedConfig) -> None:
         check_networks(cfg.allow_networks)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    for name in ("max_image_mb", "decode_budget_mb", "timeout"):
+    for name in ("max_image_mb", "decode_budget_mb"):
         if not getattr(cfg, name) > 0:
             raise ConfigError(f"embed.{name}={getattr(cfg, name)!r}: must be > 0")
     if cfg.max_image_mb > cfg.decode_budget_mb:

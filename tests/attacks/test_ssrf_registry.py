@@ -149,3 +149,18 @@ def test_allow_networks_opens_only_the_chosen_networks():
 def test_bad_networks_are_named():
     with pytest.raises(ValueError, match="embed.allow_networks: 'nonsense'"):
         addresses.check_networks(["127.0.0.0/8", "nonsense"])
+
+
+def test_bad_net_options_are_config_errors_before_any_work(tmp_path):
+    import dataclasses
+
+    from reco.errors import ConfigError
+    from reco.pipelines.config import EmbedConfig
+    from reco.pipelines.embed_memory import check_net_options
+
+    check_net_options(EmbedConfig(allow_networks=("127.0.0.0/8", "::1/128")))
+    for bad, match in ((dict(allow_networks=("10.0.0.0/33",)), "allow_networks"),
+                       (dict(max_image_mb=0), "max_image_mb"),
+                       (dict(max_image_mb=1024, decode_budget_mb=512), "larger than")):
+        with pytest.raises(ConfigError, match=match):
+            check_net_options(dataclasses.replace(EmbedConfig(), **bad))
