@@ -13,9 +13,12 @@ class EmbedConfig:
     batch_size: int = 256             # open_clip forward batch
     processes: int = 1                # img2dataset processes per shard (1: in the worker, no spawn)
     threads: int = 16                 # img2dataset download threads per process
-    timeout: int = 10                 # seconds per URL
+    timeout: int = 10                 # seconds per URL: one deadline for connect + headers + body
     retries: int = 0
-    allow_private: bool = False       # refuse loopback/private/link-local hosts unless set
+    allow_networks: tuple[str, ...] = ()   # CIDRs allowed although not global (127.0.0.0/8 for
+                                      # the loopback world); link-local/metadata never allowed
+    max_image_mb: int = 256           # most memory one image may take to decode (from its header)
+    decode_budget_mb: int = 512       # most memory all download threads of a process decode at once
     resize_mode: str = "center_crop"  # img2dataset resize mode (to the model's input size)
     encode_format: str = "png"        # how img2dataset re-encodes resized images (png: lossless)
     runner: str = "DirectRunner"
@@ -31,3 +34,4 @@ class EmbedConfig:
 
 
 PRESETS = {"tiny": EmbedConfig(shard_size=500), "demo": EmbedConfig()}
+LOOPBACK = ("127.0.0.0/8",)           # embed.allow_networks of the loopback world server

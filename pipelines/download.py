@@ -10,9 +10,10 @@ redirect hop and every resolved address checked, no proxies, bounded size). With
 thread; with ``processes > 1`` the Reader's sub-shards go to a ``spawn`` pool of the same
 downloader (img2dataset's multiprocessing distributor, without its signal handler and logger).
 
-Statuses (reco.formats.STATUSES): success, failed_to_download (HTTP error, timeout, redirect
-loop, refused connection: img2dataset's message), failed_to_resize (decode error, decompression
-bomb), refused (the policy refused the URL, a redirect or an address: message ``refused: ...``);
+Statuses (reco.formats.STATUSES): success, failed_to_download (HTTP error, timeout (one
+deadline per URL), body shorter than its Content-Length, redirect loop, refused connection),
+failed_to_resize (decode error, decompression bomb, an image whose decoded size is over the
+memory bound: :mod:`reco.pipelines.image_bounds`), refused (the policy refused the URL, a redirect or an address: message ``refused: ...``);
 rows already marked (refused by :class:`~reco.pipelines.urls.FilterUnsafeUrls`) pass through.
 """
 from __future__ import annotations
@@ -43,19 +44,21 @@ def _quality(encode_format: str) -> int:
 
 
 def resizer(image_size: int, cfg: EmbedConfig):
-    """img2dataset Resizer to the model input size, as the pipeline uses it."""
-    from img2dataset.resizer import Resizer
+    """img2dataset Resizer to the model input size, as the pipeline uses it, bounded in memory
+    per image and per process (:mod:`reco.pipelines.image_bounds`)."""
+    from reco.pipelines.image_bounds import MB, BoundedResizer
 
-    return Resizer(image_size=image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=False,
-                   upscale_interpolation="lanczos", downscale_interpolation="area",
-                   encode_quality=_quality(cfg.encode_format), encode_format=cfg.encode_format,
-                   skip_reencode=False, disable_all_reencoding=False, min_image_size=0,
-                   max_image_area=float("inf"), max_aspect_ratio=float("inf"), blurrer=None)
+    return BoundedResizer(max_image_bytes=cfg.max_image_mb * MB, budget_bytes=cfg.decode_budget_mb * MB,
+                          image_size=image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=False,
+                          upscale_interpolation="lanczos", downscale_interpolation="area",
+                          encode_quality=_quality(cfg.encode_format), encode_format=cfg.encode_format,
+                          skip_reencode=False, disable_all_reencoding=False, min_image_size=0,
+                          max_image_area=float("inf"), max_aspect_ratio=float("inf"), blurrer=None)
 
 
 def policy(cfg: EmbedConfig) -> NetPolicy:
     """The network policy of the download step (see :mod:`reco.pipelines.safe_http`)."""
-    return NetPolicy(allow_private=bool(cfg.allow_private), max_bytes=MAX_BYTES)
+    return NetPolicy(allow_networks=tuple(cfg.allow_networks), max_bytes=MAX_BYTES)
 
 
 def _downloader(reader, out: str, n: int, image_size: int, cfg: EmbedConfig):

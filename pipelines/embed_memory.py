@@ -23,11 +23,9 @@ Beam flags pass through (``--runner``, ``--direct_num_workers``...); default Dir
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import logging
 import os
-import socket
 import sys
 import time
 import uuid
@@ -41,7 +39,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from reco.errors import ConfigError, FormatError, RecoError
 from reco.formats import EMBEDDED_FORMAT, Manifest
 from reco.pipelines import inputs as input_kinds, runners
-from reco.pipelines.config import EmbedConfig
+from reco.pipelines.config import LOOPBACK, EmbedConfig
 from reco.pipelines.foreign import KEY_COLUMN
 from reco.pipelines.write import (WriteShards, check_job, check_model, clear_output,
                                   complete_shards, write_manifest)
@@ -101,6 +99,22 @@ def check_writable(output_dir: str) -> None:
         raise ConfigError(f"output {output_dir}: not writable ({exc})") from exc
 
 
+def check_net_options(cfg: EmbedConfig) -> None:
+    """ConfigError for a bad ``embed.allow_networks`` or memory bound, before any work."""
+    from reco.pipelines.addresses import check_networks
+
+    try:
+        check_networks(cfg.allow_networks)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    for name in ("max_image_mb", "decode_budget_mb"):
+        if not getattr(cfg, name) > 0:
+            raise ConfigError(f"embed.{name}={getattr(cfg, name)!r}: must be > 0")
+    if cfg.max_image_mb > cfg.decode_budget_mb:
+        raise ConfigError(f"embed.max_image_mb={cfg.max_image_mb} is larger than "
+                          f"embed.decode_budget_mb={cfg.decode_budget_mb}")
+
+
 def plan_job(inputs, output_dir: str, *, model: str, pretrained: str | None,
              embed_cfg: EmbedConfig, force: bool = False) -> EmbedJob:
     """Check inputs, model and output; find the shards still to do (``force``: none done, the
@@ -109,6 +123,7 @@ def plan_job(inputs, output_dir: str, *, model: str, pretrained: str | None,
 
     if embed_cfg.shard_size < 1 or embed_cfg.batch_size < 1:
         raise ConfigError("embed.shard_size and embed.batch_size must be >= 1")
+    check_net_options(embed_cfg)
     kind, files = input_kinds.resolve_inputs(inputs, embed_cfg)
     check_writable(output_dir)
     if "://" not in output_dir:           # the driver, before any writer: drop a killed run's temporaries
@@ -200,29 +215,8 @@ def embed_urls(inputs, output_dir: str, *, model: str, pretrained: str | None = 
 
 
 # ---------------------------------------------------------------------------------------------
-# the generated world
+# the world's splits (served by the caller)
 # ---------------------------------------------------------------------------------------------
-
-def _listening(host: str, port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
-        return True
-    return False
-
-
-@contextlib.contextmanager
-def world_server(cfg):
-    """Serve the world over loopback unless something already listens on its address."""
-    if _listening(cfg.world.host, cfg.world.port):
-        yield None
-        return
-    try:
-        from reco.world.server import WorldServer
-    except ImportError as exc:
-        raise ConfigError(f"nothing serves the world on {cfg.world.host}:{cfg.world.port} and "
-                          f"reco.world.server is unavailable; run `reco serve-world`") from exc
-    with WorldServer(cfg.paths.world, cfg.world.host, cfg.world.port) as server:
-        yield server
-
 
 def run_embed_config(cfg) -> EmbedConfig:
     """The run's embed options, with the encoder's device/precision defaulting to ``cfg.clip``'s
@@ -234,20 +228,21 @@ def run_embed_config(cfg) -> EmbedConfig:
 
 def embed_splits(cfg, splits=WORLD_SPLITS, *, beam_options=None, force: bool = False) -> dict:
     """Embed the world's URL lists (``cfg.paths.urls(split)``) into ``cfg.paths.embedded(split)``
-    with the pipeline's model (:func:`reco.clip.resolve_model_spec`). Returns info per split."""
+    with the pipeline's model (:func:`reco.clip.resolve_model_spec`), loopback allowed. The
+    caller serves the world (``reco.world.serving.serve_world``: the CLI and demo layers).
+    Returns info per split."""
     from reco.clip import resolve_model_spec
 
     missing = [str(cfg.paths.urls(s)) for s in splits if not cfg.paths.urls(s).is_file()]
     if missing:
         raise FormatError(f"no URL list {missing}; run `reco world` first")
     model, pretrained = resolve_model_spec(cfg.clip.model, cfg.clip.pretrained, cfg.paths.base_clip)
-    embed_cfg = dataclasses.replace(run_embed_config(cfg), allow_private=True)   # world on 127.0.0.1
+    embed_cfg = dataclasses.replace(run_embed_config(cfg), allow_networks=LOOPBACK)   # world on 127.0.0.1
     info = {}
-    with world_server(cfg):
-        for split in splits:
-            _, info[split] = embed_urls(str(cfg.paths.urls(split)), str(cfg.paths.embedded(split)),
-                                        model=model, pretrained=pretrained, embed_cfg=embed_cfg,
-                                        beam_options=beam_options, force=force)
+    for split in splits:
+        _, info[split] = embed_urls(str(cfg.paths.urls(split)), str(cfg.paths.embedded(split)),
+                                    model=model, pretrained=pretrained, embed_cfg=embed_cfg,
+                                    beam_options=beam_options, force=force)
     return info
 
 

@@ -9,11 +9,14 @@ answer that changes between two look-ups) may point at ``169.254.169.254`` (clou
 * address: the host is resolved ONCE per connection, every resolved address is checked, and the
   socket connects to a checked address (never re-resolving), so DNS rebinding cannot slip a
   private address in between check and connect; the peer of the connected socket is checked
-  again. Private, loopback, link-local, reserved, multicast and unspecified addresses (IPv4-mapped
-  IPv6 included) are refused before any connection unless ``allow_private`` (or the address is
-  in ``allow_networks``). Redirects go through the same connection code, so each hop is checked;
+  again. Only globally reachable addresses pass (:mod:`reco.pipelines.addresses`: IANA
+  special-purpose registries, wrapped IPv4 forms unwrapped), unless the address is in
+  ``allow_networks``; link-local and metadata addresses never pass. Redirects go through the
+  same connection code, so each hop is checked;
 * proxies from the environment are not used (they would hide the real peer);
-* size: a response declaring or delivering more than ``max_bytes`` is refused (memory).
+* size: a response declaring or delivering more than ``max_bytes`` is refused (memory);
+* time: one deadline per URL (connect + headers + body, redirects included), not per read; a
+  body shorter than its Content-Length is a download failure, not a truncated image.
 
 Refusals raise :class:`Refused`; :func:`download_image` (img2dataset's signature) turns every
 failure into an error message, refusals prefixed with ``"refused: "``.
@@ -30,6 +33,9 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import urljoin, urlsplit
+
+from reco.pipelines.addresses import refusal as address_refusal
+from reco.pipelines.deadline import Deadline, connect_timeout, watch
 
 SCHEMES = ("http", "https")
 REFUSED_PREFIX = "refused: "
@@ -50,14 +56,13 @@ class NetPolicy:
     """What may be fetched.
 
     Args:
-        allow_private: allow private/loopback/link-local... addresses (the loopback world server).
-        allow_networks: CIDR networks allowed even when ``allow_private`` is false.
+        allow_networks: CIDR networks allowed although not globally reachable (e.g.
+            ``("127.0.0.0/8",)`` for the loopback world server); never link-local/metadata.
         max_bytes: largest response body accepted.
         max_redirects: most redirect hops followed.
         resolver: ``host -> [ip, ...]`` (default: the system resolver); for tests.
     """
 
-    allow_private: bool = False
     allow_networks: tuple[str, ...] = ()
     max_bytes: int = MAX_BYTES
     max_redirects: int = MAX_REDIRECTS
@@ -65,12 +70,8 @@ class NetPolicy:
 
 
 def is_internal(ip: str) -> bool:
-    """True for private, loopback, link-local, reserved, multicast and unspecified addresses."""
-    addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    if getattr(addr, "ipv4_mapped", None):
-        addr = addr.ipv4_mapped
-    return (addr.is_private or addr.is_loopback or addr.is_link_local or addr.is_reserved
-            or addr.is_multicast or addr.is_unspecified)
+    """True for every address that is not globally reachable (:mod:`reco.pipelines.addresses`)."""
+    return address_refusal(ip) is not None
 
 
 def resolve(host: str) -> list[str]:
@@ -81,11 +82,9 @@ def resolve(host: str) -> list[str]:
         return sorted({info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)})
 
 
-def blocked(ip: str, policy: NetPolicy) -> bool:
-    if policy.allow_private or not is_internal(ip):
-        return False
-    addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    return not any(addr in ipaddress.ip_network(n, strict=False) for n in policy.allow_networks)
+def blocked(ip: str, policy: NetPolicy) -> str | None:
+    """Why ``ip`` is refused under ``policy``, or None."""
+    return address_refusal(ip, policy.allow_networks)
 
 
 def check_host(host: str, policy: NetPolicy, unresolved: type[OSError] = Refused) -> list[str]:
@@ -97,10 +96,11 @@ def check_host(host: str, policy: NetPolicy, unresolved: type[OSError] = Refused
         raise unresolved(f"cannot resolve host {host!r} ({exc})") from exc
     if not addresses:
         raise Refused(f"host {host!r} has no address")
-    bad = [a for a in addresses if blocked(a, policy)]
-    if bad:
-        raise Refused(f"host {host!r} resolves to a private/loopback/link-local address {bad[0]} "
-                      f"(set embed.allow_private=true to allow)")
+    for ip in addresses:
+        why = blocked(ip, policy)
+        if why:
+            raise Refused(f"host {host!r} resolves to a non-global (private/loopback/link-local/"
+                          f"reserved) address {ip}: {why} (embed.allow_networks allows a network)")
     return addresses
 
 
@@ -117,7 +117,7 @@ def check_url(url: str, policy: NetPolicy, *, resolve_host: bool = True) -> None
         raise Refused(f"scheme {parts.scheme or '(none)'!r} not allowed (only http, https)")
     if not host:
         raise Refused("url has no host")
-    if resolve_host and not policy.allow_private:
+    if resolve_host:
         check_host(host, policy)
 
 
@@ -137,14 +137,16 @@ def guarded_connection(address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_a
     last: OSError | None = None
     for ip in check_host(host, policy, unresolved=OSError):   # a DNS failure: a download failure
         try:
-            sock = _connect((ip, port), timeout, source_address)
+            sock = _connect((ip, port), connect_timeout(timeout), source_address)
         except OSError as exc:
             last = exc
             continue
         peer = sock.getpeername()[0]
-        if blocked(peer, policy):
+        why = blocked(peer, policy)
+        if why:
             sock.close()
-            raise Refused(f"connected peer {peer} of {host!r} is a private address")
+            raise Refused(f"connected peer {peer} of {host!r} is a private address: {why}")
+        watch(sock)                           # reads bounded by, and cut at, the URL's deadline
         return sock
     raise last or OSError(f"cannot connect to {host!r}")
 
@@ -208,26 +210,63 @@ def opener(policy: NetPolicy) -> urllib.request.OpenerDirector:
 
 def fetch(url: str, policy: NetPolicy, timeout: float = 10.0, headers: dict | None = None,
           accept: Callable | None = None) -> bytes:
-    """The body of ``url`` under ``policy``; ``accept(response) -> error or None`` may veto a
-    response before its body is read. Raises :class:`Refused` or the urllib/socket error."""
+    """The body of ``url`` under ``policy``, within ONE deadline of ``timeout`` seconds for the
+    whole request (connect, headers, body, every redirect hop; :mod:`reco.pipelines.deadline`).
+    ``accept(response) -> error or None`` may veto a response before its body is read. Raises
+    :class:`Refused`, :class:`~reco.pipelines.deadline.DeadlineExceeded` ("timed out ..."),
+    :class:`ShortBody` or the urllib/socket error."""
     check_url(url, policy, resolve_host=False)
     request = urllib.request.Request(url.strip(), headers={"User-Agent": USER_AGENT, **(headers or {})})
+    with Deadline(timeout) as dl:
+        try:
+            data = _get(request, policy, timeout, accept)
+        except Refused:
+            raise
+        except Exception as exc:  # noqa: BLE001 - anything cut short by the deadline is a timeout
+            if dl.expired or dl.remaining() <= 0:
+                raise dl.error() from exc
+            raise
+        if dl.expired:                      # the timer shut the socket: what was read is partial
+            raise dl.error()
+    return data
+
+
+class ShortBody(OSError):
+    """The body ended before the length its Content-Length header declared."""
+
+
+def _get(request, policy: NetPolicy, timeout: float, accept: Callable | None) -> bytes:
     try:
         with opener(policy).open(request, timeout=timeout) as response:
             error = accept(response) if accept else None
             if error:
                 raise OSError(error)
-            declared = response.headers.get("Content-Length")
-            if declared and declared.strip().isdigit() and int(declared) > policy.max_bytes:
-                raise Refused(f"response of {int(declared)} bytes is larger than {policy.max_bytes}")
-            data = response.read(policy.max_bytes + 1)
+            return _read_body(response, policy.max_bytes)
     except urllib.error.URLError as exc:
         if isinstance(exc.reason, Refused):
             raise exc.reason from None
         raise
-    if len(data) > policy.max_bytes:
-        raise Refused(f"response is larger than {policy.max_bytes} bytes")
-    return data
+
+
+def _read_body(response, max_bytes: int) -> bytes:
+    """The whole body, refused over ``max_bytes``; :class:`ShortBody` if it ends before its
+    Content-Length (http.client's ``read(n)`` returns a truncated body without complaint)."""
+    raw = (response.headers.get("Content-Length") or "").strip()
+    declared = int(raw) if raw.isdigit() else None
+    if declared is not None and declared > max_bytes:
+        raise Refused(f"response of {declared} bytes is larger than {max_bytes}")
+    data = bytearray()
+    while True:
+        chunk = response.read(min(1 << 16, max_bytes + 1 - len(data)) or 1)
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > max_bytes:
+            raise Refused(f"response is larger than {max_bytes} bytes")
+    if declared is not None and len(data) < declared:
+        raise ShortBody(f"download failed: the body ended after {len(data)} of the {declared} "
+                        f"bytes its Content-Length declared")
+    return bytes(data)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ class Source(beam.PTransform):
         job, cfg = self.job, self.job.cfg
         return (pbegin
                 | "ReadUrls" >> ReadUrlShards(job.files, cfg.shard_size, job.skip)
-                | "SafetyFilter" >> FilterUnsafeUrls(cfg.allow_private)
+                | "SafetyFilter" >> FilterUnsafeUrls(cfg.allow_networks)
                 | "Download" >> DownloadShards(job.image_size, cfg)
                 | "Embed" >> embed_transform(job))
 

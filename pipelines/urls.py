@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from reco.errors import FormatError
 from reco.pipelines import safe_http
 from reco.pipelines.config import EmbedConfig
-from reco.pipelines.safe_http import NetPolicy, Refused, check_url, is_internal
+from reco.pipelines.safe_http import NetPolicy, Refused, check_url
 
 REFUSED = "refused"
 SCHEMES = safe_http.SCHEMES
@@ -268,29 +268,27 @@ class ReadUrlShards(beam.PTransform):
 # URL safety
 # ---------------------------------------------------------------------------------------------
 
-def _private(ip: str) -> bool:
-    return is_internal(ip)
-
-
 def _resolve(host: str) -> list[str]:
     return safe_http.resolve(host)
 
 
-def refusal(url, allow_private: bool, resolve: Callable[[str], list[str]] = _resolve) -> str | None:
-    """Why ``url`` must not be fetched, or None. Hosts resolving to any private, loopback or
-    link-local address (cloud metadata 169.254.169.254 included) are refused unless allowed.
+def refusal(url, allow_networks: tuple[str, ...] = (),
+            resolve: Callable[[str], list[str]] = _resolve) -> str | None:
+    """Why ``url`` must not be fetched, or None. Hosts resolving to any address that is not
+    globally reachable (private, loopback, link-local, cloud metadata 169.254.169.254...) are
+    refused unless in ``allow_networks`` (link-local/metadata: always refused).
     This is the early, per-row check; the download step checks again when it connects (every
     redirect hop, the address actually connected to: :mod:`reco.pipelines.safe_http`)."""
     try:
-        check_url(url, NetPolicy(allow_private=allow_private, resolver=resolve))
+        check_url(url, NetPolicy(allow_networks=tuple(allow_networks), resolver=resolve))
     except Refused as exc:
         return exc.args[0]
     return None
 
 
 class _MarkRefused(beam.DoFn):
-    def __init__(self, allow_private: bool):
-        self.allow_private = allow_private
+    def __init__(self, allow_networks: tuple[str, ...]):
+        self.allow_networks = tuple(allow_networks)
         self.refused = beam.metrics.Metrics.counter("reco.embed", "refused")
 
     def process(self, element):
@@ -309,7 +307,7 @@ class _MarkRefused(beam.DoFn):
 
         out = []
         for row in rows:
-            reason = None if row["status"] else refusal(row["url"], self.allow_private, resolve)
+            reason = None if row["status"] else refusal(row["url"], self.allow_networks, resolve)
             if reason:
                 row = {**row, "status": REFUSED, "error_message": reason}
                 self.refused.inc()
@@ -320,9 +318,9 @@ class _MarkRefused(beam.DoFn):
 class FilterUnsafeUrls(beam.PTransform):
     """Shards -> same shards with unsafe rows marked ``refused`` (they are never fetched)."""
 
-    def __init__(self, allow_private: bool = False):
+    def __init__(self, allow_networks: tuple[str, ...] = ()):
         super().__init__()
-        self.allow_private = allow_private
+        self.allow_networks = tuple(allow_networks)
 
     def expand(self, shards):
-        return shards | "MarkRefused" >> beam.ParDo(_MarkRefused(self.allow_private))
+        return shards | "MarkRefused" >> beam.ParDo(_MarkRefused(self.allow_networks))

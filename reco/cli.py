@@ -20,7 +20,7 @@ from reco.errors import RecoError
 COMMANDS: dict[str, tuple[str, str]] = {
     "world": ("reco.world.cli", "generate the fine-grained world and train its frozen base CLIP"),
     "serve-world": ("reco.world.serve_cli", "serve the world's images over loopback HTTP"),
-    "embed-memory": ("reco.pipelines.embed_memory", "Beam: download URL lists and embed them to Parquet"),
+    "embed-memory": ("reco.embed_cli", "Beam: download URL lists and embed them to Parquet"),
     "import-embeddings": ("reco.pipelines.import_embeddings",
                           "a memory from released embeddings (clip-retrieval layout)"),
     "build-index": ("reco.index.cli", "build one faiss index per modality over the memory"),

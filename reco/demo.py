@@ -27,7 +27,10 @@ def _world(cfg):
 
 def _embed(cfg):
     from reco.pipelines.embed_memory import embed_splits
-    return embed_splits(cfg)
+    from reco.world.serving import serve_world
+
+    with serve_world(cfg):                  # the world's own port, its server's identity checked
+        return embed_splits(cfg)
 
 
 def _index(cfg):

@@ -27,7 +27,8 @@ class WorldConfig:
     noise: float = 0.1               # wrong names / generic captions in the memory (noise knob)
     dead_link_rate: float = 0.05     # memory URLs that 404
     host: str = "127.0.0.1"
-    port: int = 18734
+    port: int = 0                    # 0: a port free when the world is built, kept in world.json
+                                     # (moved to another free one if taken when `reco world` runs)
 
 
 @dataclass(frozen=True)

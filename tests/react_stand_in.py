@@ -80,6 +80,11 @@ def make_world(tmp_path, clip, *, per_class_memory: int = 12, generic: int = 8,
     img_emb = encode_images(clip, pixels).numpy()
     txt_emb = encode_texts(clip, [c for _, c in rows]).numpy()
     _write_embedded(cfg, clip, ids, urls, rows, img_emb, txt_emb)
+    # the world's memory URL list, as `reco world` lays it out: row r is images/memory/<r>.png
+    # (rows that are not memory ids have no file, like dead links)
+    listed = [f"{base}images/memory/{r:06d}.png" for r in range(int(ids.max()) + 1)]
+    atomic_write_table(pa.table({"url": listed, "caption": [""] * len(listed),
+                                 "label": pa.array([-1] * len(listed), pa.int64())}), cfg.paths.urls("memory"))
     _write_test_split(cfg, rng, base, per_class_test)
     (world / "classnames.txt").write_text("\n".join(CLASSNAMES) + "\n")
     memory = ArrayMemory(img_emb, txt_emb, clip.model_id, ids)

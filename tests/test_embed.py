@@ -29,7 +29,7 @@ from reco.pipelines.embed import EmbedShards
 from reco.pipelines.embed_memory import embed_urls, pipeline_options
 from reco.pipelines.write import WriteShards, complete_shards, write_manifest
 
-CFG = EmbedConfig(shard_size=8, batch_size=5, timeout=2, threads=8, allow_private=True)
+CFG = EmbedConfig(shard_size=8, batch_size=5, timeout=2, threads=8, allow_networks=("127.0.0.0/8",))
 ATOL = 2e-3          # fp16 storage of unit vectors
 
 
@@ -117,7 +117,7 @@ def test_resume_after_kill_through_the_cli(embed_corpus, embedded, embed_model, 
     assert 1 not in complete_shards(str(out)) and 3 not in complete_shards(str(out))
     argv = ["embed-memory", "--preset", "tiny", "--workdir", str(tmp_path / "w"), "--model", embed_model,
             "--input", str(embed_corpus.urls), "--output", str(out),
-            *[f"--set=embed.{k}={getattr(CFG, k)}" for k in ("shard_size", "timeout", "allow_private")],
+            *[f"--set=embed.{k}={getattr(CFG, k)}" for k in ("shard_size", "timeout")], "--set=embed.allow_networks=127.0.0.0/8",
             "--", "--direct_running_mode=in_memory"]
     assert cli.main(argv) == 0
     table = _read(out)
@@ -152,7 +152,7 @@ def test_old_format_output_is_refused_then_reembedded_with_force(embed_corpus, e
     assert not (out / "part-00001.parquet").exists()     # refused before any work
     argv = ["embed-memory", "--preset", "tiny", "--workdir", str(tmp_path / "w"), "--model", embed_model,
             "--input", str(embed_corpus.urls), "--output", str(out), "--force",
-            *[f"--set=embed.{k}={getattr(CFG, k)}" for k in ("shard_size", "timeout", "allow_private")],
+            *[f"--set=embed.{k}={getattr(CFG, k)}" for k in ("shard_size", "timeout")], "--set=embed.allow_networks=127.0.0.0/8",
             "--", "--direct_running_mode=in_memory"]
     assert cli.main(argv) == 0
     assert json.loads((out / "job.json").read_text())["format"] == "embedded/2"

@@ -16,7 +16,7 @@ from reco.pipelines.download import IMAGE_KEY, DownloadShards, fetch_shard
 from reco.pipelines.embed_memory import pipeline_options
 from reco.pipelines.urls import FilterUnsafeUrls
 
-CFG = EmbedConfig(timeout=2, threads=8, allow_private=True)
+CFG = EmbedConfig(timeout=2, threads=8, allow_networks=("127.0.0.0/8",))
 SIZE = 32
 
 
@@ -54,7 +54,7 @@ def test_download_transform_statuses(embed_corpus):
 
     with test_pipeline.TestPipeline(options=pipeline_options(CFG)) as p:
         fetched = (p | beam.Create([(0, rows[:half]), (1, rows[half:])])
-                   | FilterUnsafeUrls(CFG.allow_private) | DownloadShards(SIZE, CFG))
+                   | FilterUnsafeUrls(CFG.allow_networks) | DownloadShards(SIZE, CFG))
         assert_that(fetched | beam.Map(_summary), equal_to(want), label="Statuses")
         assert_that(fetched, check_messages, label="Messages")
 

@@ -91,7 +91,7 @@ def test_read_url_shards_spans_files_and_skips_done_shards(url_files):
     ("https://93.184.216.34/a.jpg", None),
 ])
 def test_refusal(url, reason):
-    got = refusal(url, allow_private=False)
+    got = refusal(url)
     assert got is None if reason is None else reason in got
 
 
@@ -99,11 +99,11 @@ def test_refusal_of_names_that_resolve_to_private_addresses():
     # the resolver is the part replaced here (no DNS on the test machine); the logic is real
     resolve = {"metadata.internal": ["169.254.169.254"], "cdn.example": ["93.184.216.34"],
                "mixed.example": ["93.184.216.34", "10.0.0.7"]}.__getitem__
-    assert "link-local" in refusal("http://metadata.internal/x", False, resolve)
-    assert refusal("https://cdn.example/x.jpg", False, resolve) is None
-    assert "private" in refusal("https://mixed.example/x.jpg", False, resolve)
-    assert refusal("http://127.0.0.1/x.jpg", allow_private=True) is None
-    assert "scheme" in refusal("gopher://127.0.0.1/x", allow_private=True)
+    assert "link-local" in refusal("http://metadata.internal/x", (), resolve)
+    assert refusal("https://cdn.example/x.jpg", (), resolve) is None
+    assert "private" in refusal("https://mixed.example/x.jpg", (), resolve)
+    assert refusal("http://127.0.0.1/x.jpg", ("127.0.0.0/8",)) is None
+    assert "scheme" in refusal("gopher://127.0.0.1/x", ("127.0.0.0/8",))
 
 
 def test_filter_unsafe_urls_transform():
@@ -117,11 +117,12 @@ def test_filter_unsafe_urls_transform():
 
     with _pipeline() as p:
         shards = p | beam.Create([(0, rows)])
-        strict = shards | "Strict" >> FilterUnsafeUrls(False) | "S1" >> beam.Map(statuses)
-        loose = shards | "Loose" >> FilterUnsafeUrls(True) | "S2" >> beam.Map(statuses)
+        strict = shards | "Strict" >> FilterUnsafeUrls(()) | "S1" >> beam.Map(statuses)
+        loose = shards | "Loose" >> FilterUnsafeUrls(("127.0.0.0/8",)) | "S2" >> beam.Map(statuses)
         assert_that(strict, equal_to([(0, [(0, None), (1, "refused"), (2, "refused"), (3, "refused")])]),
                     label="CheckStrict")
-        assert_that(loose, equal_to([(0, [(0, None), (1, None), (2, "refused"), (3, None)])]),
+        # metadata (row 1) stays refused even with a network allowed
+        assert_that(loose, equal_to([(0, [(0, None), (1, "refused"), (2, "refused"), (3, None)])]),
                     label="CheckLoose")
 
 

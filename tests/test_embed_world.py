@@ -43,7 +43,7 @@ def test_rerun_after_a_real_kill_resumes_without_duplicates(embed_corpus, embed_
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "reco.pipelines.embed_memory", "--input", str(embed_corpus.urls),
            "--output", str(out), "--model", embed_model, "--set", "embed.shard_size=3",
-           "--set", "embed.timeout=2", "--set", "embed.allow_private=true"]
+           "--set", "embed.timeout=2", "--set", "embed.allow_networks=127.0.0.0/8"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
     try:

@@ -39,8 +39,11 @@ def _write_split(cfg, clip, split, labels, captions):
     pix = torch.stack([clip.preprocess(Image.open(world / r).convert("RGB")) for r in rels])
     img, txt = encode_images(clip, pix).numpy(), encode_texts(clip, captions).numpy()
     n, d = img.shape
+    urls = [f"http://127.0.0.1:9/{r}" for r in rels]           # the world's URL list, as `reco world` writes it
+    atomic_write_table(pa.table({"url": urls, "caption": captions, "label": pa.array(labels, pa.int64())}),
+                       world / "urls" / f"{split}.parquet")
     table = pa.Table.from_arrays([
-        pa.array(np.arange(n), pa.int64()), pa.array([f"http://127.0.0.1:9/{r}" for r in rels]),
+        pa.array(np.arange(n), pa.int64()), pa.array(urls),
         pa.array(captions), pa.array(labels, pa.int64()), pa.array(["success"] * n),
         pa.nulls(n, pa.string()), encode_vectors(img, d), encode_vectors(txt, d)], schema=embedded_schema(d))
     folder = cfg.paths.embedded(split)

@@ -141,7 +141,9 @@ def _commit_kills(pattern: str, n: int) -> list[KillAt]:
 def embed_case(cfg, tmp_path, seed, timed=False):
     work = tmp_path / "w"
     (work / "world").mkdir(parents=True)
-    shutil.copytree(cfg.paths.world / "urls", work / "world" / "urls")      # served by the fixture
+    shutil.copytree(cfg.paths.world / "urls", work / "world" / "urls")      # served by the fixture,
+    for name in ("world.json", ".server.json"):                             # whose token is checked
+        shutil.copy(cfg.paths.world / name, work / "world" / name)
     out = work / "embeddings" / "memory"
     args = _args("embed-memory", work, f"world.port={cfg.world.port}", "embed.torch_threads=1",
                  extra=[*_model(cfg), "--split", "memory"])

@@ -32,7 +32,7 @@ def hostile_run(tiny_world, tmp_path_factory):
                                 n_good=150, hostile_rate=0.25, slow_seconds=SLOW)
     model, pretrained = resolve_model_spec(cfg.clip.model, cfg.clip.pretrained, cfg.paths.base_clip)
     embed_cfg = dataclasses.replace(cfg.embed, shard_size=64, batch_size=64, timeout=2, retries=0,
-                                    threads=16, torch_threads=1, allow_private=True)
+                                    threads=16, torch_threads=1, allow_networks=("127.0.0.0/8",))
     run = dict(model=model, pretrained=pretrained, embed_cfg=embed_cfg)
     manifest, info = embed_urls(str(corpus.path), str(out / "embedded"), **run)
     table = pa.concat_tables([read_embedded(p) for p in manifest.shard_paths(out / "embedded")])

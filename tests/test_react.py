@@ -120,7 +120,13 @@ def test_save_load_round_trip(tmp_path, clip):
 # --------------------------------------------------------------------------------------------
 
 def test_world_urls_map_to_world_files(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     root = tmp_path / "world"
+    (root / "urls").mkdir(parents=True)
+    urls = [f"http://127.0.0.1:5/images/memory/{i:06d}.png" for i in range(124)]
+    pq.write_table(pa.table({"url": urls}), root / "urls" / "memory.parquet")
     assert images.world_file(root, "http://127.0.0.1:5/images/memory/000123.png") == \
         (root / "images/memory/000123.png").resolve()
     with pytest.raises(FormatError, match="not name a file under the world"):

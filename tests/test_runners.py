@@ -126,7 +126,7 @@ def embed_runs(tiny_world, tmp_path_factory, job_service):
     urls = root / "urls.parquet"
     pq.write_table(pq.read_table(cfg.paths.urls("memory")).slice(0, N_URLS), urls)
     model, pretrained = resolve_model_spec(cfg.clip.model, cfg.clip.pretrained, cfg.paths.base_clip)
-    embed_cfg = dataclasses.replace(cfg.embed, allow_private=True, shard_size=SHARD, torch_threads=1)
+    embed_cfg = dataclasses.replace(cfg.embed, allow_networks=("127.0.0.0/8",), shard_size=SHARD, torch_threads=1)
     runs = {}
     for name, flags in (("direct", DIRECT), ("multi_processing", MULTI),
                         ("portable", _portable(job_service))):

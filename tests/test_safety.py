@@ -90,9 +90,9 @@ def test_loopback_refused_by_default_allowed_by_option(server, connections, url)
     with pytest.raises(Refused):
         fetch(url, NetPolicy(), timeout=2)
     assert connections == [] and len(server.requests) == before   # refused before connecting
-    assert refusal(url, allow_private=False)                         # the early filter agrees
+    assert refusal(url)                         # the early filter agrees
     if "::1" not in url:                                             # the server binds IPv4
-        assert fetch(url, NetPolicy(allow_private=True), timeout=2).startswith(b"\x89PNG")
+        assert fetch(url, NetPolicy(allow_networks=("127.0.0.0/8",)), timeout=2).startswith(b"\x89PNG")
 
 
 @pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://example.com/x", "gopher://x/",
@@ -100,7 +100,7 @@ def test_loopback_refused_by_default_allowed_by_option(server, connections, url)
                                  "", "http://[::1/x"])
 def test_only_http_and_https_are_fetched(connections, url):
     with pytest.raises(Refused):
-        fetch(url, NetPolicy(allow_private=True), timeout=2)
+        fetch(url, NetPolicy(allow_networks=("127.0.0.0/8",)), timeout=2)
     assert connections == []
 
 
@@ -110,7 +110,7 @@ def test_dns_rebinding_is_refused_at_connect_time(server, connections):
     answers = iter([["93.184.216.34"], ["169.254.169.254"]])
     resolver = lambda host: next(answers)  # noqa: E731
     url = "http://rebind.example/latest/meta-data/"
-    assert refusal(url, allow_private=False, resolve=resolver) is None   # looked public
+    assert refusal(url, resolve=resolver) is None   # looked public
     with pytest.raises(Refused, match="169.254.169.254"):
         fetch(url, NetPolicy(resolver=resolver), timeout=2)
     assert connections == []
@@ -137,7 +137,7 @@ def test_the_connected_peer_is_checked_again(server, monkeypatch):
 
 def test_responses_over_the_size_cap_are_refused(server):
     with pytest.raises(Refused, match="larger than"):
-        fetch(f"{server.base_url}_hostile/huge/x.png?mb=2", NetPolicy(allow_private=True, max_bytes=1 << 20))
+        fetch(f"{server.base_url}_hostile/huge/x.png?mb=2", NetPolicy(allow_networks=("127.0.0.0/8",), max_bytes=1 << 20))
 
 
 def test_environment_proxies_are_not_used(server, monkeypatch):
@@ -148,7 +148,7 @@ def test_environment_proxies_are_not_used(server, monkeypatch):
 
 def test_img2dataset_downloads_go_through_the_guard(server, connections):
     """fetch_shard (img2dataset Reader + Downloader in process): loopback refused by default,
-    redirects to private addresses or other schemes refused even with allow_private."""
+    redirects to private addresses or other schemes refused even with loopback allowed."""
     rows = [{"id": i, "url": u, "caption": "c", "label": None, "status": None, "error_message": None}
             for i, u in enumerate([f"{server.base_url}ok.png",
                                    _redirect(server, "file:///etc/passwd"),
@@ -157,7 +157,7 @@ def test_img2dataset_downloads_go_through_the_guard(server, connections):
     strict = fetch_shard(rows[:1], 32, EmbedConfig(timeout=2, threads=2))
     assert strict[0]["status"] == "refused" and "private" in strict[0]["error_message"]
     assert len(server.requests) == before and connections == []
-    loose = fetch_shard(rows[1:], 32, EmbedConfig(timeout=2, threads=2, allow_private=True))
+    loose = fetch_shard(rows[1:], 32, EmbedConfig(timeout=2, threads=2, allow_networks=("127.0.0.0/8",)))
     assert [r["status"] for r in loose] == ["refused", "refused"]
     assert all("scheme" in r["error_message"] for r in loose)
     import img2dataset.downloader as i2d                 # nothing patched process-wide

@@ -102,7 +102,7 @@ def _pipeline_rate(clip, model, pretrained, names, captions, batch, threads, wor
     with WorldServer(work / "images") as server:
         urls = [server.base_url + name for name in names]
         pq.write_table(pa.table({"url": urls, "caption": captions}), work / "urls.parquet")
-        cfg = EmbedConfig(shard_size=max(1, len(names) // 2), batch_size=batch, allow_private=True,
+        cfg = EmbedConfig(shard_size=max(1, len(names) // 2), batch_size=batch, allow_networks=("127.0.0.0/8",),
                           torch_threads=threads, threads=16)
         start = time.perf_counter()
         _, info = embed_urls(str(work / "urls.parquet"), str(work / f"out-{time.time_ns()}"),

@@ -2,42 +2,32 @@
 
 For each test image: the image, its caption, what frozen CLIP and reco predict, and its k memory
 neighbours (searched in the index its context field names) with their captions. For each class
-name: the prompt's neighbours (text index by default) with their images. Images of the world are
-embedded as base64 data URIs (a self-contained file); images not found locally link to their URL.
+name: the prompt's neighbours (text index by default) with their images. Images reco stored (the
+world's own files, found by looking a URL up in the world's URL lists, never by turning it into
+a path) are embedded as base64 data URIs; other http(s) images link to their URL.
 """
 from __future__ import annotations
 
 import base64
 import html
 from pathlib import Path
-from typing import Any, Sequence
-from urllib.parse import urlparse
+from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 
 from reco.formats import atomic_write_text, parse_field
+from reco.stored_images import WorldImages
 
 
-def local_image(url: str | None, roots: Sequence[Path]) -> Path | None:
-    """The local file of a world URL (its path under one of ``roots``), or None."""
-    if not url:
-        return None
-    path = urlparse(url).path.lstrip("/")
-    parts = Path(path).parts
-    for root in roots:
-        for i in range(len(parts)):               # try the URL path and its suffixes
-            cand = Path(root, *parts[i:])
-            if cand.is_file():
-                return cand
-    return None
-
-
-def image_tag(url: str | None, roots: Sequence[Path], size: int = 64) -> str:
-    path = local_image(url, roots)
+def image_tag(url: str | None, store: WorldImages, size: int = 64) -> str:
+    """The image of ``url``: embedded when reco stored it (the world's own file for that URL,
+    :class:`reco.stored_images.WorldImages`), else a link to an http(s) URL, else a placeholder.
+    No path is ever derived from a URL."""
+    path = store.path(url)
     if path is not None:
-        mime = "image/png" if path.suffix.lower() == ".png" else "image/jpeg"
-        src = f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
-    elif url:
+        src = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+    elif url and urlsplit(url).scheme.lower() in ("http", "https"):
         src = html.escape(url, quote=True)
     else:
         return "<div class='missing'>?</div>"
@@ -63,7 +53,7 @@ def write_gallery(cfg, model, inputs, path: str | Path, *, n: int | None = None,
 
     n = n or cfg.eval.gallery_queries
     k = k or cfg.eval.gallery_k
-    roots = [Path(cfg.paths.world), Path(cfg.paths.world) / "images"]
+    store = WorldImages(cfg.paths.world)
     meta = memory_metadata(cfg.paths.embedded("memory"))
     test, names = inputs.test, inputs.classnames
     rows = pick_queries(test.labels, inputs.groups, n)
@@ -79,17 +69,17 @@ def write_gallery(cfg, model, inputs, path: str | Path, *, n: int | None = None,
     scores, pos = model.memory.search(np.ascontiguousarray(img_q, np.float32), img_index, k)
     for j, r in enumerate(rows):
         label = int(test.labels[r])
-        title = (f"{image_tag(test.urls[r], roots)}<div>{html.escape(test.captions[r])}<br>"
+        title = (f"{image_tag(test.urls[r], store)}<div>{html.escape(test.captions[r])}<br>"
                  f"true: <b>{html.escape(names[label])}</b>{_unseen(label, inputs.groups)}<br>"
                  f"CLIP: {html.escape(names[clip_pred[j]])}<br>reco: {html.escape(names[reco_pred[j]])}</div>")
-        parts.append(_row(title, model.memory, scores[j], pos[j], meta, roots))
+        parts.append(_row(title, model.memory, scores[j], pos[j], meta, store))
     parts.append(f"<h2>Class names &rarr; memory ({txt_index} index)</h2>")
     classes = [int(test.labels[r]) for r in rows]
     prompts = np.ascontiguousarray(inputs.prompt_emb[classes, 0], np.float32)
     scores, pos = model.memory.search(prompts, txt_index, k)
     for j, c in enumerate(classes):
         title = f"<div><b>{html.escape(names[c])}</b>{_unseen(c, inputs.groups)}</div>"
-        parts.append(_row(title, model.memory, scores[j], pos[j], meta, roots))
+        parts.append(_row(title, model.memory, scores[j], pos[j], meta, store))
     parts.append("</body></html>")
     atomic_write_text(path, "\n".join(parts))
     return {"path": str(path), "queries": len(rows), "k": k}
@@ -99,14 +89,14 @@ def _unseen(label: int, groups: dict[str, np.ndarray]) -> str:
     return " <i>(unseen)</i>" if "unseen" in groups and label in set(groups["unseen"].tolist()) else ""
 
 
-def _row(title: str, memory, scores, positions, meta, roots) -> str:
+def _row(title: str, memory, scores, positions, meta, store) -> str:
     cells = [f"<td class='q'>{title}</td>"]
     for s, p in zip(scores, positions):
         if p < 0:
             continue
         item = meta.get(int(memory.ids[p]), {})
         cap = html.escape(item.get("caption") or "")
-        cells.append(f"<td>{image_tag(item.get('url'), roots)}<div>{cap}<br><small>{s:.3f}"
+        cells.append(f"<td>{image_tag(item.get('url'), store)}<div>{cap}<br><small>{s:.3f}"
                      f"</small></div></td>")
     return "<table><tr>" + "".join(cells) + "</tr></table>"
 

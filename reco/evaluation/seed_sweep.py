@@ -44,8 +44,14 @@ def prepare_chain(cfg) -> dict[str, float]:
     from reco.pipelines.neighbours import precompute_neighbours
     from reco.world.build import run_world
 
+    from reco.world.serving import serve_world
+
+    def embed(cfg):
+        with serve_world(cfg):
+            return embed_splits(cfg)
+
     seconds = {}
-    for name, fn in (("world", run_world), ("embed", embed_splits), ("index", build_memory_index),
+    for name, fn in (("world", run_world), ("embed", embed), ("index", build_memory_index),
                      ("neighbours", precompute_neighbours)):
         t0 = time.perf_counter()
         fn(cfg)

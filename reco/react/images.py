@@ -3,9 +3,9 @@
 REACT trains vision blocks, so unlike RECO it needs the images of the customisation set (and of
 the evaluation set). They are never downloaded a second time:
 
-* ``world``: the generated world serves files from its own folder, so a URL's path maps to a file
-  under ``cfg.paths.world`` (``http://host:port/images/memory/000123.png`` ->
-  ``world/images/memory/000123.png``).
+* ``world``: the generated world's own files: a URL is looked up in the world's URL lists and
+  its file is named from the split and row it is listed at (:class:`reco.stored_images.WorldImages`;
+  a path is never derived from a URL).
 * ``embedded``: an ``image`` (bytes) column in the embedded shards of a split, for an embed job
   that stores the resized images it downloaded.
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 from pathlib import Path
 from typing import Callable
-from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pyarrow as pa
@@ -25,24 +24,21 @@ import torch
 
 from reco.config import RecoConfig
 from reco.errors import ConfigError, FormatError
+from reco.stored_images import WorldImages
 
 ImageSource = Callable[[RecoConfig, pa.Table], list[bytes]]
 
 
 def world_file(world_root: str | Path, url: str) -> Path:
-    """The file of the world that serves ``url`` (its path, relative to the world folder)."""
-    root = Path(world_root).resolve()
-    rel = unquote(urlparse(url).path).lstrip("/")
-    path = (root / rel).resolve()
-    if not rel or root not in path.parents:
-        raise FormatError(f"url {url!r} does not name a file under the world folder {root}")
-    return path
+    """The world's file for ``url`` (by the row that lists it in the world's URL lists)."""
+    return WorldImages(world_root).expected_path(url)
 
 
 def world_images(cfg: RecoConfig, rows: pa.Table) -> list[bytes]:
     out = []
+    store = WorldImages(cfg.paths.world)
     for i, url in enumerate(rows.column("url").to_pylist()):
-        path = world_file(cfg.paths.world, url)
+        path = store.expected_path(url)
         try:
             out.append(path.read_bytes())
         except OSError as exc:

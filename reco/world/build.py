@@ -15,6 +15,7 @@ rewritten) instead of rebuilt.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -261,11 +262,30 @@ def readdress_world(cfg: WorldConfig, world_dir: str | Path) -> dict[str, Any]:
     return info
 
 
+def choose_port(cfg: WorldConfig, info: dict | None, world_dir: str | Path) -> WorldConfig:
+    """``cfg`` with its serving port decided: ``port=0`` keeps the world's recorded port while
+    it is free (or served by this world's own ``reco serve-world``) and picks a free one
+    otherwise, so no two worlds (or users) share a fixed port."""
+    if cfg.port:
+        return cfg
+    from reco.world.server import free_port, port_is_free
+    from reco.world.serving import served_by_own_server, world_address
+
+    if info is not None:
+        with contextlib.suppress(ConfigError):
+            host, port = world_address(world_dir)
+            if host == cfg.host and (port_is_free(host, port) or served_by_own_server(world_dir, host, port)):
+                return dataclasses.replace(cfg, port=port)
+    return dataclasses.replace(cfg, port=free_port(cfg.host))
+
+
 def ensure_world(cfg: WorldConfig, world_dir: str | Path) -> dict[str, Any]:
     """Build the world unless ``world_dir`` already holds it (same key); re-address if only the
-    host/port changed. Returns world.json's content plus ``action`` and ``seconds``."""
+    host/port changed (``port=0``: see :func:`choose_port`). Returns world.json's content plus
+    ``action`` and ``seconds``."""
     start, cpu_start = time.perf_counter(), time.process_time()
     info = read_world_info(world_dir)
+    cfg = choose_port(cfg, info, world_dir)
     if info is not None and info.get("key") == world_key(cfg):
         if info.get("base_url") == base_url(cfg):
             action = "kept"

@@ -16,8 +16,8 @@ RELIABILITY.md):
 * bad captions: empty -> embedded as the empty text; very long -> stored whole, truncated by the
   tokenizer to the model's context; invalid UTF-8 -> decoded with U+FFFD, row kept.
 
-The corpus is served with ``allow_private`` (the world is on loopback), so it holds no redirect
-to a private address: those are refused only without ``allow_private`` (tests/test_safety.py).
+The corpus is served with ``allow_networks=127.0.0.0/8`` (the world is on loopback), so it holds no
+redirect to a private address: tests/test_safety.py and tests/attacks test those.
 """
 from __future__ import annotations
 
@@ -53,6 +53,17 @@ KINDS: dict[str, Kind] = {
     "not_image": Kind("{base}_hostile/garbage/h{i}.png", "failed_to_resize", "decod"),
     "truncated": Kind("{base}_hostile/truncated/h{i}.png", "failed_to_resize", "decod"),
     "bomb": Kind("{base}_hostile/bomb/h{i}.png", "failed_to_resize", "pixels"),
+    "bpp_bomb": Kind("{base}_hostile/bpp-bomb/h{i}.png", "failed_to_resize", "decoding refused"),
+    "trickle_headers": Kind("{base}_hostile/trickle-headers/h{i}.png?s={slow}", "failed_to_download",
+                            "timed out"),
+    "trickle_body": Kind("{base}_hostile/trickle-body/h{i}.png?s={slow}", "failed_to_download",
+                         "timed out"),
+    "endless_body": Kind("{base}_hostile/endless/h{i}.png?s={slow}", "failed_to_download", "timed out"),
+    "short_body": Kind("{base}_hostile/short/h{i}.png", "failed_to_download", "content-length"),
+    "redirect_to_metadata": Kind("{base}_hostile/redirect/h{i}?to=http://169.254.169.254/latest/",
+                                 "refused", "never allowed"),
+    "redirect_chain_to_private": Kind("{base}_hostile/redirect/h{i}?to={base}_hostile/redirect/x%3F"
+                                      "to%3Dhttp%253A%252F%252F10.0.0.1%252Fx.png", "refused", "non-global"),
     "oversized": Kind("{base}_hostile/huge/h{i}.png?mb=40", "refused", "larger than"),
     "scheme_file": Kind("file:///etc/passwd#h{i}", "refused", "scheme 'file'"),
     "scheme_ftp": Kind("ftp://{host}/h{i}.png", "refused", "scheme 'ftp'"),
@@ -85,12 +96,11 @@ class HostileCorpus:
 
 def good_rows(world_dir: Path, split: str = "memory") -> list[dict]:
     """Rows of a world split whose image exists on disk (the world's own dead links excluded)."""
+    from reco.stored_images import WorldImages
+
     rows = read_parquet(world_dir / "urls" / f"{split}.parquet", required=["url", "caption", "label"])
-    out = []
-    for row in rows.to_pylist():
-        if (world_dir / urlsplit(row["url"]).path.lstrip("/")).is_file():
-            out.append(row)
-    return out
+    store = WorldImages(world_dir)
+    return [row for row in rows.to_pylist() if store.path(row["url"]) is not None]
 
 
 def write_hostile_urls(world_dir: str | Path, out_path: str | Path, *, base_url: str,
