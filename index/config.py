@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from reco import options as o
+
 
 @dataclass(frozen=True)
 class IndexConfig:
@@ -22,6 +24,22 @@ class IndexConfig:
     max_nprobe: int = 512              # tuning stops here (or at nlist)
     nb_cores: int = 0                  # faiss/autofaiss threads; 0 = all cores
     seed: int = 0
+
+    SECTION = "index"
+    RULES = dict(index_key=o.NON_EMPTY, exact_below=o.Range(0, o.MAX_ROWS), max_index_memory_usage=o.SIZE,
+                 current_memory_available=o.SIZE, target_recall=o.Range(0, 1, lo_open=True),
+                 recall_k=o.Range(1, o.MAX_K), recall_sample=o.Range(1, o.MAX_ROWS),
+                 refine_k_factor=o.Range(1, 1024), min_nprobe=o.Range(1, 1 << 20),
+                 max_nprobe=o.Range(1, 1 << 20), nb_cores=o.Range(0, o.MAX_THREADS), seed=o.SEED)
+
+    def __post_init__(self):
+        o.check(self)
+
+
+# every {query}_{search}_{fuse} context field (reco.formats.parse_field), and the cosine
+# similarity range of a dedup threshold (above 1: nothing is a duplicate)
+CONTEXT_FIELDS = tuple(f"{q}_{s}_{f}" for q in "vt" for s in ("img", "txt") for f in ("img", "txt"))
+SIMILARITY = o.Range(-1, 2)
 
 
 @dataclass(frozen=True)
@@ -43,6 +61,17 @@ class NeighboursConfig:
     runner: str = "DirectRunner"
     direct_running_mode: str = "in_memory"   # or multi_processing (never multi_threading)
     direct_num_workers: int = 1
+
+    SECTION = "neighbours"
+    RULES = dict(k=o.Range(1, o.MAX_K), dedup_threshold=SIMILARITY, eval_dedup_threshold=SIMILARITY,
+                 batch_size=o.Range(1, 1 << 16), shard_size=o.Range(1, o.MAX_ROWS),
+                 fields=o.Items(o.Choice(CONTEXT_FIELDS), min_items=1),
+                 dedup_on=o.Items(o.Choice(("img", "txt"))), search_margin=o.Range(0, o.MAX_K),
+                 runner=o.NON_EMPTY, direct_running_mode=o.NON_EMPTY,
+                 direct_num_workers=o.Range(0, o.MAX_THREADS))
+
+    def __post_init__(self):
+        o.check(self)
 
 
 PRESETS = {"tiny": IndexConfig(), "demo": IndexConfig()}

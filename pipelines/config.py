@@ -3,6 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from reco import options as o
+
+RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")   # img2dataset
+ENCODE_FORMATS = ("png", "jpg", "webp")
+
 
 @dataclass(frozen=True)
 class EmbedConfig:
@@ -31,6 +36,21 @@ class EmbedConfig:
     input_format: str = "auto"        # urls | webdataset | parquet-images (reco.pipelines.inputs);
                                       # auto: from the files (.tar, image-bytes column, else urls)
     image_col: str | None = None      # parquet-images: column of image bytes (None: jpg/png/webp)
+
+    SECTION = "embed"
+    RULES = dict(url_col=o.NON_EMPTY, caption_col=o.NON_EMPTY, label_col=o.NON_EMPTY,
+                 shard_size=o.Range(1, o.MAX_ROWS), batch_size=o.Range(1, 65536),
+                 processes=o.Range(1, o.MAX_THREADS), threads=o.Range(1, o.MAX_THREADS),
+                 timeout=o.Range(1, 3600), retries=o.Range(0, 100), allow_networks=o.Items(o.NETWORK),
+                 max_image_mb=o.Range(1, 1 << 20), decode_budget_mb=o.Range(1, 1 << 20),
+                 resize_mode=o.Choice(RESIZE_MODES), encode_format=o.Choice(ENCODE_FORMATS),
+                 runner=o.NON_EMPTY, direct_running_mode=o.NON_EMPTY,
+                 direct_num_workers=o.Range(0, o.MAX_THREADS), torch_threads=o.Range(1, o.MAX_THREADS),
+                 device=o.Pattern(o.DEVICE, "cpu, cuda, cuda:1, auto"), precision=o.Choice(o.CLIP_PRECISIONS),
+                 input_format=o.NON_EMPTY, image_col=o.NON_EMPTY)    # input_format: reco.pipelines.inputs
+
+    def __post_init__(self):
+        o.check(self)
 
 
 PRESETS = {"tiny": EmbedConfig(shard_size=500), "demo": EmbedConfig()}

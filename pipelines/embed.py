@@ -92,7 +92,7 @@ class ClipDoFn(beam.DoFn):
 
         torch.set_num_threads(self.torch_threads)
         torch.manual_seed(0)          # a model without weights gets the same init in every worker
-        device = resolve_device(self.device)      # resolved on the worker: GPU workers say auto
+        device = resolve_device(self.device, "embed.device")   # resolved on the worker: GPU workers say auto
         self._holder = self._shared.acquire(
             lambda: _Model(load_clip(self.model, self.pretrained, device=device, precision=self.precision)),
             tag=f"{self.model}|{self.pretrained}|{device}|{self.precision}")

@@ -8,13 +8,14 @@ Every make target calls exactly one subcommand.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import logging
 import os
 import sys
 
 from reco import config as config_lib
-from reco.errors import RecoError
+from reco.errors import ConfigError, RecoError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -34,32 +35,103 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "react-train": ("reco.react.train", "REACT: train gated blocks on the customisation set"),
     "compare": ("reco.evaluation.compare", "frozen CLIP vs RECO vs REACT in one table"),
     "bench": ("reco.bench.cli", "benchmarks; results written to a file"),
+    "config": ("reco.config_cli", "show a run's config (show) or every option with its range (keys)"),
 }
 
 
+# one example per subcommand, shown at the end of its --help
+EXAMPLES: dict[str, str] = {
+    "world": "reco world --preset tiny --workdir runs/tiny",
+    "serve-world": "reco serve-world --workdir runs/tiny --port 8000",
+    "embed-memory": "reco embed-memory --workdir runs/tiny --set embed.threads=8",
+    "build-index": "reco build-index --workdir runs/tiny",
+    "precompute-neighbours": "reco precompute-neighbours --workdir runs/tiny --set neighbours.k=16",
+    "train": "reco train --workdir runs/tiny --set train.steps=200",
+    "evaluate": "reco evaluate --workdir runs/tiny --modes off,both",
+    "ablations": "reco ablations --workdir runs/tiny --noise 0.1,0.5",
+    "query": "reco query --workdir runs/tiny --text 'a photo of a azure thornwick.' --k 5",
+    "demo": "reco demo --preset tiny",
+    "react-retrieve": "reco react-retrieve --workdir runs/tiny --per-class 20",
+    "react-train": "reco react-train --workdir runs/tiny",
+    "compare": "reco compare --workdir runs/tiny",
+    "bench": "reco bench --only index",
+    "config": "reco config show --workdir runs/tiny      (or: reco config keys)",
+}
+# commands that run a stage of the run: they record its config (WORKDIR/config.yaml)
+RECORDS_CONFIG = frozenset({"world", "embed-memory", "build-index", "precompute-neighbours", "train",
+                            "evaluate", "ablations", "demo", "react-retrieve", "react-train"})
+# commands that run the CLIP on this machine (clip.device is checked before any work)
+LOCAL_DEVICE = frozenset(RECORDS_CONFIG - {"embed-memory"} | {"query"})
+CLIP_FLAGS = (("model", "--model"), ("pretrained", "--pretrained"), ("device", "--device"))
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Shows every option's default (unless None/False/empty) and keeps the example's layout."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("%(default)" not in text and action.default not in (None, False, [], argparse.SUPPRESS)
+                and action.option_strings):
+            text += " (default: %(default)s)"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with "did you mean" for unknown options and choices."""
+
+    def error(self, message):
+        flags = [s for s in self._option_string_actions if s.startswith("--")]
+        for word in message.replace(",", " ").split():
+            if word.startswith("-") and word not in flags:
+                close = difflib.get_close_matches(word.split("=")[0], flags, n=1)
+                if close:
+                    message += f" (did you mean {close[0]}?)"
+                    break
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="reco", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser = _Parser(prog="reco", description=__doc__.splitlines()[0], formatter_class=_Formatter,
+                     epilog="Each command's options: reco COMMAND --help. Every config option: "
+                            "reco config keys. A run's config: reco config show --workdir W.")
+    parser.add_argument("--version", action="version", version=f"reco {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_Formatter,
+                           epilog=f"example:\n  {EXAMPLES[name]}" if name in EXAMPLES else None)
+        p.set_defaults(_parser=p)
         _add_common(p)
         if name in sys.argv[1:2]:          # import only the module that runs
             _load(module).add_arguments(p)
     return parser
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("reco-clip")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("run configuration")
-    g.add_argument("--preset", default=os.environ.get("RECO_PRESET", "demo"),
-                   choices=config_lib.PRESET_NAMES, help="named configuration (tiny: tests/CI)")
-    g.add_argument("--workdir", default=None, help="work directory (default: runs/PRESET)")
-    g.add_argument("--config", default=None, help="JSON config file (overrides the preset)")
+    g = p.add_argument_group("run configuration (see `reco config keys`)")
+    g.add_argument("--preset", default=None, choices=config_lib.PRESET_NAMES,
+                   help="named configuration of a NEW run: tiny (tests/CI) or demo; default "
+                        "$RECO_PRESET, else demo. An existing run keeps the preset in WORKDIR/config.yaml")
+    g.add_argument("--workdir", default=None, help="run folder (default: runs/PRESET)")
+    g.add_argument("--config", dest="config_files", action="append", default=[], metavar="FILE",
+                   help="JSON or YAML file of options merged onto the run's config (or the preset), "
+                        "e.g. {\"train\": {\"steps\": 50}}; repeatable")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one option, e.g. --set train.steps=200 (repeatable)")
-    g.add_argument("--model", default=None, help="open_clip model name, e.g. ViT-B-32")
-    g.add_argument("--pretrained", default=None, help="open_clip pretrained tag or checkpoint path")
-    g.add_argument("--device", default=None, help="torch device (cpu, cuda)")
-    g.add_argument("-v", "--verbose", action="store_true")
+                   help="override one option, e.g. --set train.steps=200 (repeatable); "
+                        "`reco config keys` lists every KEY")
+    g.add_argument("--model", default=None, help="open_clip model name, e.g. ViT-B-32 (= --set clip.model=...)")
+    g.add_argument("--pretrained", default=None,
+                   help="open_clip pretrained tag or checkpoint path (= --set clip.pretrained=...)")
+    g.add_argument("--device", default=None, help="torch device: cpu, cuda, cuda:1 (= --set clip.device=...)")
+    g.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
 def _load(module: str):
@@ -72,18 +144,66 @@ def _load(module: str):
 
 
 def config_from_args(args: argparse.Namespace) -> config_lib.RecoConfig:
-    cfg = config_lib.load(args.config) if args.config else config_lib.preset(args.preset)
-    workdir = args.workdir or (cfg.workdir if args.config else f"runs/{args.preset}")
-    cfg = config_lib.override(cfg, [f"workdir={workdir}", *args.overrides])
-    clip_sets = [f"clip.{k}={v}" for k, v in
-                 (("model", args.model), ("pretrained", args.pretrained), ("device", args.device)) if v]
-    return config_lib.override(cfg, clip_sets)
+    """The command's config: the run's recorded config (or the preset), then --config files,
+    then --set and the CLIP flags (reco.config_tree.resolve); validated before any work."""
+    from reco import config_tree
+
+    cfg, _ = config_tree.resolve(workdir=args.workdir, preset_name=args.preset,
+                                 files=args.config_files, sets=args.overrides)
+    for key, flag in CLIP_FLAGS:
+        value = getattr(args, key, None)
+        if value:
+            cfg = config_tree.merge(cfg, {"clip": {key: value}}, f"{flag} {value}")
+    return cfg
+
+
+def check_before_work(cfg: config_lib.RecoConfig, command: str) -> None:
+    """What the config alone cannot tell: is clip.device there, is clip.pretrained a known tag."""
+    if command not in LOCAL_DEVICE:
+        return
+    if cfg.clip.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"clip.device={cfg.clip.device}: no CUDA device is visible on this "
+                              f"machine; use --set clip.device=cpu (or --device cpu)")
+    if cfg.clip.pretrained:
+        _check_pretrained(cfg.clip.model, cfg.clip.pretrained)
+
+
+def _check_pretrained(model: str, pretrained: str) -> None:
+    """clip.pretrained is a checkpoint file or one of the model's open_clip tags."""
+    from pathlib import Path
+
+    if model.startswith(("local-dir:", "hf-hub:")) or Path(pretrained).is_file():
+        return
+    import open_clip
+
+    from reco.clip import register_project_configs
+
+    register_project_configs()
+    if model not in open_clip.list_models():
+        return                                  # load_clip names the unknown model
+    tags = open_clip.list_pretrained_tags_by_model(model)
+    if pretrained not in tags:
+        close = difflib.get_close_matches(pretrained, tags, n=1)
+        hint = (f"did you mean {close[0]}?" if close else
+                f"its tags: {', '.join(tags[:8])}" if tags else "it has no pretrained tags")
+        raise ConfigError(f"clip.pretrained={pretrained!r} (--pretrained): not a file, nor an open_clip "
+                          f"tag of {model}; {hint}")
+
+
+def _unknown(args: argparse.Namespace, extras: list[str]) -> None:
+    """An unknown flag: the subcommand's usage and error (with "did you mean"), exit 2."""
+    args._parser.error(f"unrecognized arguments: {' '.join(extras)}")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     sys.argv = [sys.argv[0], *argv]
-    args = build_parser().parse_args(argv)
+    args, extras = build_parser().parse_known_args(argv)
+    if extras:
+        _unknown(args, extras)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.verbose:        # faiss logs its AVX2 probe ("No module named ...") as INFO
@@ -91,10 +211,24 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     try:
         cfg = config_from_args(args)
-        return int(_load(COMMANDS[args.command][0]).main(cfg, args) or 0)
+        check_before_work(cfg, args.command)
+        if args.command in RECORDS_CONFIG:
+            from reco.config_tree import record_new
+
+            record_new(cfg)      # the first stage of a run writes its config
+        rc = int(_load(COMMANDS[args.command][0]).main(cfg, args) or 0)
+        if rc == 0 and args.command in RECORDS_CONFIG:
+            from reco.config_tree import record
+
+            record(cfg)          # the run remembers the options its stages ran with
+        return rc
     except RecoError as exc:
-        print(f"reco {args.command}: error: {exc}", file=sys.stderr)
+        print(f"reco {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 
 if __name__ == "__main__":

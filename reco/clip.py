@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -74,9 +75,19 @@ def load_clip(model: str, pretrained: str | None = None, device: str = "cpu",
     _check_model_name(model)
     if model.startswith(LOCAL_DIR):
         pretrained = None
-    clip, _, preprocess = open_clip.create_model_and_transforms(
-        model, pretrained=pretrained, device=device, precision=precision,
-        pretrained_text=False, pretrained_image=False)
+    try:
+        clip, _, preprocess = open_clip.create_model_and_transforms(
+            model, pretrained=pretrained, device=device, precision=precision,
+            pretrained_text=False, pretrained_image=False)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except (RuntimeError, ValueError, OSError, pickle.UnpicklingError) as exc:
+        if not pretrained:
+            raise
+        # an unknown tag, a missing or unreadable checkpoint, weights that cannot download
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        raise ConfigError(f"clip.pretrained={pretrained!r} (--pretrained) for model {model}: "
+                          f"{first.split('. ')[0][:200]}") from None
     clip.eval()
     tokenizer = open_clip.get_tokenizer(model)
     cfg = open_clip.get_model_config(model) or {}
@@ -136,12 +147,13 @@ def resolve_model_spec(model: str, pretrained: str | None, base_clip_dir: str | 
     return model, pretrained
 
 
-def resolve_device(device: str | None) -> str:
-    """``auto`` (or None) -> ``cuda`` when a GPU is visible, else ``cpu``; anything else as given."""
+def resolve_device(device: str | None, option: str = "clip.device") -> str:
+    """``auto`` (or None) -> ``cuda`` when a GPU is visible, else ``cpu``; anything else as given
+    (``option``: the config option the device came from, named in the error)."""
     if device in (None, "", "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: no CUDA device is visible on this machine")
+        raise ConfigError(f"{option}={device}: no CUDA device is visible on this machine")
     return str(device)
 
 

@@ -9,12 +9,13 @@ of a work directory (:class:`Paths`). Nothing below ``main`` ever sees an argpar
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from reco import options as o
 from reco.errors import ConfigError
 from reco.evaluation.config import PRESETS as EVAL_PRESETS, EvalConfig
 from reco.index.config import PRESETS as INDEX_PRESETS, IndexConfig, NeighboursConfig
@@ -39,6 +40,13 @@ class ClipConfig:
     device: str = "cpu"
     precision: str = "fp32"
 
+    SECTION = "clip"
+    RULES = dict(model=o.NON_EMPTY, pretrained=o.NON_EMPTY, device=o.Pattern(o.DEVICE, "cpu, cuda, cuda:1, auto"),
+                 precision=o.Choice(o.CLIP_PRECISIONS))
+
+    def __post_init__(self):
+        o.check(self)
+
 
 @dataclass(frozen=True)
 class RecoConfig:
@@ -54,6 +62,12 @@ class RecoConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    SECTION = ""
+    RULES = dict(workdir=o.NON_EMPTY, preset=o.Choice(PRESET_NAMES), seed=o.SEED)
+
+    def __post_init__(self):
+        o.check(self)
+
     @property
     def paths(self) -> "Paths":
         return Paths(Path(self.workdir))
@@ -62,9 +76,14 @@ class RecoConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
+        """Write the whole config (JSON, or YAML for a .yaml/.yml path) atomically."""
+        from omegaconf import OmegaConf
+
         from reco.formats import atomic_write_text
 
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        text = (OmegaConf.to_yaml(OmegaConf.structured(self)) if Path(path).suffix in (".yaml", ".yml")
+                else json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        atomic_write_text(path, text)
 
 
 @dataclass(frozen=True)
@@ -113,84 +132,38 @@ def preset(name: str, **top: Any) -> RecoConfig:
 
 
 def load(path: str | Path) -> RecoConfig:
-    """Read a config saved with :meth:`RecoConfig.save` (validated: unknown keys are errors)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read config: {exc}") from exc
-    return from_dict(RecoConfig, data, where=str(path))
+    """Read a config saved with :meth:`RecoConfig.save` (JSON or YAML; validated: unknown keys,
+    wrong types and out-of-range values are ConfigErrors naming the file and option)."""
+    from reco import config_tree
+
+    data = config_tree.read_file(path)
+    config_tree.check_tree(data, str(path))
+    return config_tree.merge(preset(data.get("preset", "demo")), data, str(path))
 
 
 def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = set(data) - names
+    """A config dataclass from a (nested) dict; ConfigError for an unknown key, OptionError (a
+    ConfigError naming section.option) for a bad value."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of options for {cls.__name__}, got {data!r:.60}")
+    hints = o.hints(cls)
+    unknown = sorted(set(data) - set(hints))
     if unknown:
-        raise ConfigError(f"{where}: unknown option(s) {sorted(unknown)} for {cls.__name__}")
+        close = difflib.get_close_matches(str(unknown[0]), list(hints), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{where}: unknown option(s) {unknown} for {cls.__name__}{hint}")
     kwargs = {}
     for key, value in data.items():
         hint = hints[key]
         if dataclasses.is_dataclass(hint) and isinstance(value, dict):
             kwargs[key] = from_dict(hint, value, where=f"{where}.{key}")
-        elif isinstance(value, list):
-            kwargs[key] = tuple(value)
         else:
             kwargs[key] = value
     return cls(**kwargs)
 
 
 def override(cfg: RecoConfig, assignments: list[str]) -> RecoConfig:
-    """Apply ``section.field=value`` (or top-level ``field=value``) strings, with type coercion."""
-    for item in assignments:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.steps=200")
-        key, raw = item.split("=", 1)
-        cfg = _set_path(cfg, key.strip().split("."), raw, key)
-    return cfg
+    """Apply ``section.field=value`` strings (``--set``), with type coercion and validation."""
+    from reco import config_tree
 
-
-def _set_path(obj: Any, parts: list[str], raw: str, full: str) -> Any:
-    names = {f.name: f for f in dataclasses.fields(obj)}
-    head = parts[0]
-    if head not in names:
-        raise ConfigError(f"--set {full}: {type(obj).__name__} has no option {head!r}; "
-                          f"options are {sorted(names)}")
-    current = getattr(obj, head)
-    if len(parts) > 1:
-        if not dataclasses.is_dataclass(current):
-            raise ConfigError(f"--set {full}: {head!r} is not a section")
-        return dataclasses.replace(obj, **{head: _set_path(current, parts[1:], raw, full)})
-    hint = typing.get_type_hints(type(obj))[head]
-    return dataclasses.replace(obj, **{head: _coerce(raw, hint, full)})
-
-
-def _coerce(raw: str, hint: Any, full: str) -> Any:
-    if raw.lower() in ("none", "null") and _allows_none(hint):
-        return None
-    base = _strip_optional(hint)
-    try:
-        if base is bool:
-            if raw.lower() in ("1", "true", "yes", "on"):
-                return True
-            if raw.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(raw)
-        if base in (int, float, str):
-            return base(raw)
-        if typing.get_origin(base) is tuple:
-            inner = typing.get_args(base)[0]
-            return tuple(inner(x) for x in raw.split(",") if x != "")
-    except ValueError as exc:
-        raise ConfigError(f"--set {full}={raw}: not a valid {getattr(base, '__name__', base)}") from exc
-    return raw
-
-
-def _allows_none(hint: Any) -> bool:
-    return type(None) in typing.get_args(hint)
-
-
-def _strip_optional(hint: Any) -> Any:
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
-        return args[0]
-    return hint
+    return config_tree.apply_sets(cfg, assignments)

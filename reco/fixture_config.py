@@ -8,6 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from reco import options as o
+
+RATE = o.Range(0, 1)
+COUNT = o.Range(1, 10 ** 7)
+
 
 @dataclass(frozen=True)
 class WorldConfig:
@@ -30,6 +35,16 @@ class WorldConfig:
     port: int = 0                    # 0: a port free when the world is built, kept in world.json
                                      # (moved to another free one if taken when `reco world` runs)
 
+    SECTION = "world"
+    RULES = dict(seed=o.SEED, n_species=o.Range(2, 100000), image_size=o.Range(8, 1024),
+                 n_pretrain=COUNT, n_memory=COUNT, n_train=COUNT, n_test_per_species=COUNT,
+                 unseen_fraction=o.Range(0, 0.9), pretrain_name_rate=RATE, memory_name_rate=RATE,
+                 train_name_rate=RATE, noise=RATE, dead_link_rate=RATE, host=o.NON_EMPTY,
+                 port=o.Range(0, 65535))
+
+    def __post_init__(self):
+        o.check(self)
+
 
 @dataclass(frozen=True)
 class BaseClipConfig:
@@ -42,6 +57,14 @@ class BaseClipConfig:
     warmup: int = 60
     weight_decay: float = 0.1
     threads: int = 2
+
+    SECTION = "base_clip"
+    RULES = dict(model=o.NON_EMPTY, steps=o.Range(1, o.MAX_ROWS), batch_size=o.Range(2, 1 << 16),
+                 lr=o.Range(0, 10, lo_open=True), warmup=o.Range(0, o.MAX_ROWS), weight_decay=o.Range(0, 10),
+                 threads=o.Range(1, o.MAX_THREADS))
+
+    def __post_init__(self):
+        o.check(self)
 
 
 # tiny (tests/CI): 80 species (24 unseen), 18.8k images. 80 rather than 40: with 40 the RECO

@@ -18,7 +18,7 @@ def test_auto_picks_the_visible_device():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_a_gpu_is_one_clear_error():
-    with pytest.raises(ConfigError, match="--device cuda: no CUDA device"):
+    with pytest.raises(ConfigError, match="clip.device=cuda: no CUDA device"):
         resolve_device("cuda")
 
 

@@ -3,6 +3,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from reco import options as o
+from reco.index.config import CONTEXT_FIELDS
+
+FUSIONS = ("transformer", "mean", "mlp")         # reco.trainer.heads.HEADS
+PRECISIONS = ("fp32", "amp", "amp_bf16")         # reco.trainer.train.PRECISIONS
+
 
 @dataclass(frozen=True)
 class HeadConfig:
@@ -10,6 +16,13 @@ class HeadConfig:
     heads: int = 8
     mlp_ratio: float = 4.0
     dropout: float = 0.0
+
+    SECTION = "train.head"
+    RULES = dict(layers=o.Range(1, 64), heads=o.Range(1, 64), mlp_ratio=o.Range(0, 64, lo_open=True),
+                 dropout=o.Range(0, 1, lo_open=False))
+
+    def __post_init__(self):
+        o.check(self)
 
 
 @dataclass(frozen=True)
@@ -36,6 +49,18 @@ class TrainConfig:
     checkpoint_every: int = 200
     seed: int = 0
     precision: str = "fp32"           # amp_bf16 / amp on GPU
+
+    SECTION = "train"
+    RULES = dict(fusion=o.Choice(FUSIONS), image_context=o.Choice(CONTEXT_FIELDS),
+                 text_context=o.Choice(CONTEXT_FIELDS), k=o.Range(1, o.MAX_K),
+                 batch_size=o.Range(1, 1 << 16), lr=o.Range(0, 10, lo_open=True), weight_decay=o.Range(0, 10),
+                 warmup_steps=o.Range(0, o.MAX_ROWS), steps=o.Range(1, o.MAX_ROWS),
+                 init_temperature=o.Range(0, 10, lo_open=True), shuffle_buffer=o.Range(1, o.MAX_ROWS),
+                 num_workers=o.Range(0, 256), checkpoint_every=o.Range(1, o.MAX_ROWS), seed=o.SEED,
+                 precision=o.Choice(PRECISIONS))
+
+    def __post_init__(self):
+        o.check(self)
 
 
 # Steps of the generated worlds, chosen on held-out validation species (never the test species):

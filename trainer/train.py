@@ -135,7 +135,7 @@ def _distributed(device: str) -> tuple[int, int, torch.device]:
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: CUDA is not available")
+            raise ConfigError(f"clip.device={device}: CUDA is not available on this machine")
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dev.index or 0)))
         torch.cuda.set_device(dev)
     return rank, world, dev

@@ -3,7 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from reco import options as o
+
 INFERENCE_MODES = ("off", "image", "text", "both")
+# a zero-shot prompt: one class-name slot, "{}" or clip_benchmark's "{c}", and no other braces
+TEMPLATE = o.Pattern(r"[^{}]*(\{\}|\{c\})[^{}]*", "'a photo of a {}.'")
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,18 @@ class EvalConfig:
     # and the best of step 0 and ablation_val_checkpoints evenly spaced checkpoints is kept
     ablation_val_fraction: float = 0.25
     ablation_val_checkpoints: int = 10
+
+    SECTION = "eval"
+    RULES = dict(modes=o.Items(o.Choice(INFERENCE_MODES), min_items=1), k=o.Range(1, o.MAX_K),
+                 templates=o.Items(TEMPLATE, min_items=1), batch_size=o.Range(1, 1 << 16),
+                 retrieval_ks=o.Items(o.Range(1, 1 << 20)), gallery_queries=o.Range(0, 10000),
+                 gallery_k=o.Range(1, o.MAX_K), ablations=o.Items(o.Pattern(r"[a-z0-9_]+", "reco, mlp, k5")),
+                 ablation_steps=o.Range(1, o.MAX_ROWS), small_memory_fraction=o.Range(0, 1, lo_open=True),
+                 ablation_train_k=o.Items(o.Range(1, o.MAX_K)), ablation_eval_k=o.Items(o.Range(1, o.MAX_K)),
+                 ablation_val_fraction=o.Range(0, 0.9), ablation_val_checkpoints=o.Range(1, 1000))
+
+    def __post_init__(self):
+        o.check(self)
 
 
 # tiny: 4000 training pairs of 56 seen species (42 once the validation species are held out).
