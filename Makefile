@@ -32,7 +32,10 @@ STAGE_BEAM =
 STAGE_INPUT =
 export NO_ALBUMENTATIONS_UPDATE := 1
 RECO = $(VENV)/bin/reco
-STAGE = $(RECO) $@ --preset $(PRESET) --workdir $(WORKDIR) $(STAGE_BEAM) $(STAGE_INPUT) $(ARGS)
+# --preset only when PRESET is given (make train PRESET=tiny): an existing run keeps the preset
+# recorded in WORKDIR/config.yaml, and a different one given explicitly is refused
+PRESET_FLAG = $(if $(filter command line environment,$(origin PRESET)),--preset $(PRESET))
+STAGE = $(RECO) $@ $(PRESET_FLAG) --workdir $(WORKDIR) $(STAGE_BEAM) $(STAGE_INPUT) $(ARGS)
 
 .PHONY: install world embed-memory import-embeddings build-index precompute-neighbours train evaluate ablations \
         query demo react-retrieve react-train compare bench test test-slow clean

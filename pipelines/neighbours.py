@@ -64,6 +64,7 @@ from apache_beam.options.pipeline_options import StandardOptions
 
 from reco import formats
 from reco.config import RecoConfig
+from reco.index.config import NeighboursConfig
 from reco.errors import ConfigError, FormatError
 from reco.index import neighbour_shards as shards
 from reco.index.build import normalise
@@ -299,6 +300,36 @@ def make_settings(cfg: RecoConfig, dim: int, options=None) -> Settings:
                     threads=max(cores // workers, 1) if workers > 1 else 0)
 
 
+def shard_bytes(n: NeighboursConfig, dim: int) -> int:
+    """Rough peak bytes of one shard in a worker: hits (float32 + int64) per search and the
+    (k, dim) context blocks (float32 while built, float16 written) per field."""
+    searches = len(formats.search_keys(tuple(n.fields)))
+    return n.shard_size * (n.k + n.search_margin) * (12 * searches + 6 * dim * len(n.fields))
+
+
+def check_k_fits(n: NeighboursConfig, memory_n: int, dim: int, budget: int | None = None) -> None:
+    """Before any work: neighbours.k (range [1, 1024] in reco.index.config) must fit the
+    machine's memory with the shard size (``budget``: half the physical memory); k above the
+    memory's size pads every row with -1 (logged)."""
+    budget = budget or _physical_bytes() // 2
+    need = shard_bytes(n, dim)
+    if need > budget:
+        fit = max(1, budget // max(1, need // max(1, n.k + n.search_margin)) - n.search_margin)
+        raise ConfigError(f"neighbours.k={n.k}: a shard of {n.shard_size} pairs would need "
+                          f"{need / 2**30:.1f} GiB (budget {budget / 2**30:.1f} GiB); use "
+                          f"neighbours.k <= {fit} or a smaller neighbours.shard_size")
+    if n.k > memory_n:
+        log.warning("neighbours.k=%d exceeds the memory's %d items: the last %d of every row are "
+                    "padding (-1)", n.k, memory_n, n.k - memory_n)
+
+
+def _physical_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
 def pipeline_options(cfg: RecoConfig, beam_options=None):
     """PipelineOptions from ``cfg.neighbours`` (runner, direct running mode and workers), then
     ``beam_options`` (Beam flags such as ``--runner=portable``, or PipelineOptions), which win;
@@ -366,6 +397,7 @@ def precompute_neighbours(cfg: RecoConfig, force: bool = False,
     train = open_split(cfg.paths.embedded("train"))
     memory = Memory.load(cfg.paths.index, mmap=True, load_indices=False)
     memory.check_compatible(train.model_id, train.dim)          # before any work
+    check_k_fits(cfg.neighbours, memory.n, train.dim)
     options = pipeline_options(cfg, beam_options)
     settings = make_settings(cfg, train.dim, options)
     specs = shards.plan_shards(train, cfg.neighbours.shard_size)

@@ -158,6 +158,8 @@ def _check_rows(path: str, fmt: str, columns: list[str]) -> int:
         except READ_ERRORS as exc:
             raise FormatError(f"{path}: not a readable Parquet file ({exc})") from exc
         _check_types(path, schema, columns)
+        if len(columns) > 2 and schema.field(columns[2]).type == pa.uint64():    # may overflow int64
+            _labels(_read(path, fmt, columns[2:]).column(0), path)
         return rows
     table = _read(path, fmt, columns)
     _check_types(path, table.schema, columns)
@@ -216,13 +218,19 @@ def _labels(column: pa.ChunkedArray, path: str) -> list[int | None]:
     return [None if v is None else _label(v, path, i) for i, v in enumerate(column.to_pylist())]
 
 
+INT64 = (-2 ** 63, 2 ** 63 - 1)         # the embedded format's label column (int64)
+
+
 def _label(value, path: str, row: int) -> int:
     try:
         if isinstance(value, float) and not value.is_integer():
             raise ValueError(value)
-        return int(value)
+        label = int(value)
     except (TypeError, ValueError, OverflowError) as exc:
         raise FormatError(f"{path}: row {row}: label {value!r} is not an integer") from exc
+    if not INT64[0] <= label <= INT64[1]:
+        raise FormatError(f"{path}: row {row}: label {label} does not fit a 64-bit signed integer")
+    return label
 
 
 class _ShardPieces(beam.DoFn):

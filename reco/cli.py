@@ -12,6 +12,7 @@ import difflib
 import importlib
 import logging
 import os
+import re
 import sys
 
 from reco import config as config_lib
@@ -80,14 +81,41 @@ class _Parser(argparse.ArgumentParser):
     """argparse with "did you mean" for unknown options and choices."""
 
     def error(self, message):
-        flags = [s for s in self._option_string_actions if s.startswith("--")]
-        for word in message.replace(",", " ").split():
-            if word.startswith("-") and word not in flags:
-                close = difflib.get_close_matches(word.split("=")[0], flags, n=1)
-                if close:
-                    message += f" (did you mean {close[0]}?)"
-                    break
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if choice:
+            close = difflib.get_close_matches(choice[1], re.findall(r"'([^']*)'", choice[2]), n=1)
+            message += f" (did you mean {close[0]}?)" if close else ""
+        elif message.startswith("unrecognized arguments"):
+            flags = [s for s in self._option_string_actions if s.startswith("--")]
+            unknown = next((w for w in message.split()[2:] if w.startswith("--") and w not in flags), None)
+            hint = unknown and _flag_hint(unknown.split("=")[0], flags, self.prog.split()[-1])
+            message += f" (did you mean {hint}?)" if hint else ""
         super().error(message)
+
+
+# the config section a command's bare option name most likely means (``reco train --steps``)
+SECTION_OF = {"train": "train", "embed-memory": "embed", "build-index": "index", "world": "world",
+              "precompute-neighbours": "neighbours", "evaluate": "eval", "ablations": "eval"}
+
+
+def _flag_hint(flag: str, flags: list[str], command: str) -> str | None:
+    """A close flag of the command, else the config option the flag names (``--steps`` ->
+    ``--set train.steps=...``)."""
+    close = difflib.get_close_matches(flag, flags, n=1, cutoff=0.75)
+    if close:
+        return close[0]
+    from reco.config_tree import option_keys
+
+    name = flag.lstrip("-").replace("-", "_")
+    section = SECTION_OF.get(command, "") + "."
+    leaves: dict[str, str] = {}
+    for key in sorted(option_keys(), key=lambda k: not k.startswith(section)):
+        leaves.setdefault(key.rsplit(".", 1)[-1], key)
+    match = leaves.get(name) or next(iter(difflib.get_close_matches(name, list(leaves), n=1)), None)
+    if match:
+        return f"--set {leaves[match] if match in leaves else match}=..."
+    close = difflib.get_close_matches(flag, flags, n=1)
+    return close[0] if close else None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -58,7 +58,7 @@ def did_you_mean(key: str, known: typing.Iterable[str]) -> str:
 
 def unknown_key(key: str, where: str) -> ConfigError:
     section, _, name = key.rpartition(".")
-    return ConfigError(f"{where}: {section or 'the config'} has no option {name!r}"
+    return ConfigError(f"{where}: unknown option {key} ({section or 'the config'} has no option {name!r})"
                        f"{did_you_mean(key, option_keys())} (`reco config keys` lists them)")
 
 
@@ -67,8 +67,8 @@ def unknown_key(key: str, where: str) -> ConfigError:
 # ---------------------------------------------------------------------------------------------
 
 def read_file(path: str | Path) -> dict[str, Any]:
-    """A config file (JSON, or YAML with OmegaConf interpolations) as a plain dict; ConfigError
-    naming the file for a missing, unreadable or malformed one."""
+    """A config file (JSON or YAML) as a plain dict; ConfigError naming the file for a missing,
+    unreadable or malformed one."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -79,7 +79,7 @@ def read_file(path: str | Path) -> dict[str, Any]:
             tree = OmegaConf.create(json.loads(text) if text.strip() else {})
         else:
             tree = OmegaConf.create(text) if text.strip() else OmegaConf.create({})
-        data = OmegaConf.to_container(tree, resolve=True)
+        data = OmegaConf.to_container(tree)        # no ${...} interpolation: text stays text
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except (OSError, UnicodeDecodeError, ValueError, OmegaConfBaseException) as exc:
@@ -157,15 +157,20 @@ def _scalar(raw: str, kind: type, item: str, key: str) -> Any:
 
 
 def merge(cfg: RecoConfig, data: dict[str, Any], where: str) -> RecoConfig:
-    """``cfg`` with the (partial) tree ``data`` merged onto it by OmegaConf, validated."""
+    """``cfg`` with the (partial) tree ``data`` merged onto it by OmegaConf (in struct mode:
+    unknown keys refused), then built and validated as a RecoConfig."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    tree = OmegaConf.structured(cfg)
-    OmegaConf.set_readonly(tree, False)
+    current = cfg.to_dict()
+    unknown = [k for k in data if k not in current]
+    if unknown:
+        raise unknown_key(str(unknown[0]), where)
+    tree = OmegaConf.create({k: current[k] for k in data})       # only the sections touched
+    OmegaConf.set_struct(tree, True)
     try:
-        merged = OmegaConf.to_container(OmegaConf.merge(tree, OmegaConf.create(data)))
-    except OmegaConfBaseException as exc:
+        merged = {**current, **OmegaConf.to_container(OmegaConf.merge(tree, OmegaConf.create(data)))}
+    except (OmegaConfBaseException, TypeError) as exc:
         key = getattr(exc, "full_key", "") or ""
         raise ConfigError(f"{where}: {key + ': ' if key else ''}{_one_line(exc)}") from None
     try:

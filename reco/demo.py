@@ -65,8 +65,9 @@ STAGES = (
 
 def run_demo(cfg: RecoConfig, *, stages: tuple[Stage, ...] = STAGES, echo: Callable[[str], None] = print) -> dict:
     """Run every stage in order; returns {stage: (seconds, info)}."""
-    cfg.paths.root.mkdir(parents=True, exist_ok=True)
-    cfg.save(cfg.paths.root / "config.json")
+    from reco.config_tree import record
+
+    record(cfg)                     # WORKDIR/config.yaml: every later stage command reads it
     done: dict[str, Any] = {}
     start = time.perf_counter()
     for i, stage in enumerate(stages, 1):

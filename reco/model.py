@@ -233,7 +233,7 @@ class RecoModel(nn.Module):
         """Everything in one call from a work directory or a heads folder (``heads.json``).
 
         The CLIP model and memory come from what the heads recorded (``model_id``, ``memory``)
-        or else from the work directory's saved config (``config.json``) / layout."""
+        or else from the work directory's recorded config (``config.yaml``) / layout."""
         from reco.clip import load_clip
         from reco.index.memory import Memory
         from reco.trainer.checkpoint import load_heads
@@ -267,14 +267,14 @@ def _model_and_memory(heads_dir: Path, meta: Mapping[str, Any]) -> tuple[str, st
     model, _, pretrained = model_id.partition("|")
     memory = meta.get("memory") or meta.get("memory_dir") or meta.get("index_dir")
     workdir = heads_dir.parent
-    if (workdir / "config.json").is_file() and not model:
-        from reco import config as config_lib
+    from reco.config_tree import load_recorded
 
-        cfg = config_lib.load(workdir / "config.json")
+    cfg = None if model else load_recorded(workdir)
+    if cfg is not None:
         model, pretrained = resolve_model_spec(cfg.clip.model, cfg.clip.pretrained, cfg.paths.base_clip)
         memory = memory or cfg.paths.index
     if not model:
-        raise FormatError(f"{heads_dir / 'heads.json'}: no model_id recorded and no config.json "
+        raise FormatError(f"{heads_dir / 'heads.json'}: no model_id recorded and no config.yaml "
                           f"in {workdir}; pass the model explicitly (RecoModel.from_config)")
     memory = Path(memory) if memory else workdir / "index"
     if not memory.is_absolute() and not memory.exists():
