@@ -65,7 +65,7 @@ class NeighboursConfig:
     SECTION = "neighbours"
     RULES = dict(k=o.Range(1, o.MAX_K), dedup_threshold=SIMILARITY, eval_dedup_threshold=SIMILARITY,
                  batch_size=o.Range(1, 1 << 16), shard_size=o.Range(1, o.MAX_ROWS),
-                 fields=o.Items(o.Choice(CONTEXT_FIELDS), min_items=1),
+                 fields=o.Items(o.NON_EMPTY, min_items=1),      # names checked by reco.formats
                  dedup_on=o.Items(o.Choice(("img", "txt"))), search_margin=o.Range(0, o.MAX_K),
                  runner=o.NON_EMPTY, direct_running_mode=o.NON_EMPTY,
                  direct_num_workers=o.Range(0, o.MAX_THREADS))

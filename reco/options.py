@@ -257,3 +257,20 @@ def rule_text(cls: type, name: str) -> str:
 def _show(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def flag_range(lo: int, hi: int):
+    """argparse ``type=`` for an integer flag in [lo, hi] (argparse reports the flag, exit 2)."""
+    def parse(text: str) -> int:
+        import argparse
+
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{value} is not in [{lo}, {hi}]")
+        return value
+
+    parse.__name__ = "integer"
+    return parse

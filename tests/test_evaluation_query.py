@@ -169,3 +169,25 @@ def test_reco_model_load_from_workdir(workdir):
 
     top_level = reco.load_model(cfg.workdir, mode="image")     # the one-call entry point
     assert top_level.mode == "image" and top_level.model_id == clip.model_id
+
+
+def test_evaluate_cli_uses_the_runs_recorded_config_without_preset(workdir, tmp_path, capsys, monkeypatch):
+    """Issue 16: `reco evaluate --workdir W` on a tiny run uses the run's config, no --preset."""
+    import shutil
+
+    from reco import config_tree
+    from reco.cli import main
+
+    monkeypatch.delenv("RECO_PRESET", raising=False)
+    cfg, _, _ = workdir
+    run = tmp_path / "run"
+    shutil.copytree(cfg.workdir, run)
+    config_tree.save_recorded(dataclasses.replace(cfg, workdir=str(run)))    # as its first stage did
+    assert main(["evaluate", "--workdir", str(run), "--modes", "off,both", "--no-gallery"]) == 0
+    capsys.readouterr()
+    res = json.loads((run / "eval" / "results.json").read_text())
+    assert res["memory_size"] == 24 and list(res["modes"]) == ["off", "both"]
+    assert config_tree.load_recorded(run) == dataclasses.replace(cfg, workdir=str(run))
+    # the demo preset on it is refused instead of silently evaluating another configuration
+    assert main(["evaluate", "--preset", "demo", "--workdir", str(run)]) == 2
+    assert "'tiny' run" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from reco.evaluation.config import INFERENCE_MODES
+from reco.options import MAX_K, flag_range
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -14,7 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--modes", default=None,
                    help=f"comma-separated inference modes among {','.join(INFERENCE_MODES)} "
                         "(default: eval.modes)")
-    g.add_argument("--k", type=int, default=None, help="neighbours at inference (default: as trained)")
+    g.add_argument("--k", type=flag_range(1, MAX_K), default=None,
+                   help="neighbours at inference (default: as trained)")
     g.add_argument("--image-folder", default=None,
                    help="also evaluate zero-shot on FOLDER/<class>/*.png")
     g.add_argument("--classnames", default=None,

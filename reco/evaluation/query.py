@@ -15,6 +15,7 @@ import numpy as np
 
 from reco.errors import ConfigError, FormatError
 from reco.formats import Manifest, read_parquet
+from reco.options import MAX_K, flag_range
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--image", default=None, help="image file to query with")
     src.add_argument("--text", default=None, help="text to query with")
-    g.add_argument("--k", type=int, default=10, help="neighbours to show")
+    g.add_argument("--k", type=flag_range(1, MAX_K), default=10, help="neighbours to show")
     g.add_argument("--index", choices=("img", "txt"), default=None,
                    help="memory index searched (default: img for --image, txt for --text)")
     g.add_argument("--memory", default=None, help="memory index folder (default: WORKDIR/index)")

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reco import options as o
 from reco.config import RecoConfig
 from reco.errors import ConfigError
 
@@ -49,6 +50,17 @@ class ReactTrainConfig:
     image_source: str = "world"       # reco.react.images.SOURCES
     seed: int = 0
     log_every: int = 20
+
+    SECTION = "react"
+    RULES = dict(k_blocks=o.Range(1, 64), init=o.Choice(("copy", "random")), steps=o.Range(1, o.MAX_ROWS),
+                 batch_size=o.Range(1, 1 << 16), lr=o.Range(0, 10, lo_open=True),
+                 gate_lr_scale=o.Range(0, 1e4, lo_open=True), weight_decay=o.Range(0, 10),
+                 warmup_steps=o.Range(0, o.MAX_ROWS), init_temperature=o.Range(0, 10, lo_open=True),
+                 shift=o.Range(0, 1024), checkpoint_every=o.Range(1, o.MAX_ROWS), image_source=o.NON_EMPTY,
+                 seed=o.SEED, log_every=o.Range(1, o.MAX_ROWS))
+
+    def __post_init__(self):
+        o.check(self)
 
 
 def check_options(o: ReactTrainConfig) -> None:

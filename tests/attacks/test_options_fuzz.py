@@ -25,15 +25,18 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from reco import config_tree, options as o
 from reco.config import RecoConfig, preset
 from reco.errors import ConfigError
+from reco.react.train import ReactTrainConfig
 
 KEYS = {k: v for k, v in config_tree.option_keys().items() if k not in config_tree.TOP_ONLY}
 BASE = preset("tiny")
+# config dataclasses outside the run tree (flags of one command), fuzzed at the dataclass level
+STANDALONE = {f"{cls.SECTION}.{name}": (cls, name) for cls in (ReactTrainConfig,) for name in o.hints(cls)}
 FAST = settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
 TREE = settings(max_examples=3, deadline=None, suppress_health_check=list(HealthCheck))
 
 
 def _field(key: str):
-    cls, name = KEYS[key]
+    cls, name = KEYS.get(key) or STANDALONE[key]
     base, nullable = o.optional(o.hints(cls)[name])
     return cls, name, base, nullable, getattr(cls, "RULES", {}).get(name)
 
@@ -116,13 +119,18 @@ def _nested(key: str, value) -> dict:
     return data
 
 
-def _get(cfg: RecoConfig, key: str):
+def _get(cfg, key: str):
+    if key in STANDALONE:
+        key = key.split(".", 1)[1]
     for part in key.split("."):
         cfg = getattr(cfg, part)
     return cfg
 
 
 def _replace(cfg, key: str, value):
+    if key in STANDALONE:
+        cls, name = STANDALONE[key]
+        return dataclasses.replace(cls(), **{name: value})
     head, _, rest = key.partition(".")
     if not rest:
         return dataclasses.replace(cfg, **{head: value})
@@ -151,7 +159,7 @@ def test_every_field_has_strategies():
         valid_value(key), invalid_value(key)
 
 
-@pytest.mark.parametrize("key", sorted(KEYS))
+@pytest.mark.parametrize("key", sorted(KEYS) + sorted(STANDALONE))
 @FAST
 @given(data=st.data())
 def test_dataclass_accepts_valid_and_names_invalid(key, data):
