@@ -126,12 +126,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_Formatter,
-                           epilog=f"example:\n  {EXAMPLES[name]}" if name in EXAMPLES else None)
+                           epilog=f"example:\n  {EXAMPLES[name]}")
         p.set_defaults(_parser=p)
         _add_common(p)
         if name in sys.argv[1:2]:          # import only the module that runs
             _load(module).add_arguments(p)
+            p.epilog += _section_keys(name)
     return parser
+
+
+def _section_keys(command: str) -> str:
+    """The options of the command's config section with their demo-preset values (help)."""
+    section = SECTION_OF.get(command)
+    if not section:
+        return ""
+    from reco.config_cli import keys_table
+
+    lines = [ln for ln in keys_table(config_lib.preset("demo")).splitlines() if ln.startswith(section + ".")]
+    return (f"\n\n{section} options (--set KEY=VALUE; demo-preset values; all: reco config keys):\n  "
+            + "\n  ".join(lines))
 
 
 def _version() -> str:

@@ -147,6 +147,10 @@ def test_help_shows_defaults_and_an_example_and_version(capsys):
     out = capsys.readouterr().out
     assert exit_.value.code == 0 and "example:\n  reco query" in out and "(default: 10)" in out
     assert "reco config keys" in out
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "train.steps = 200" in out and "train.lr = 0.001" in out      # the --set keys, listed
     with pytest.raises(SystemExit) as exit_:
         cli.main(["--version"])
     assert exit_.value.code == 0 and capsys.readouterr().out.startswith("reco ")
