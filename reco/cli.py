@@ -45,6 +45,7 @@ EXAMPLES: dict[str, str] = {
     "world": "reco world --preset tiny --workdir runs/tiny",
     "serve-world": "reco serve-world --workdir runs/tiny --port 8000",
     "embed-memory": "reco embed-memory --workdir runs/tiny --set embed.threads=8",
+    "import-embeddings": "reco import-embeddings --workdir runs/laion --input laion400m-embeddings",
     "build-index": "reco build-index --workdir runs/tiny",
     "precompute-neighbours": "reco precompute-neighbours --workdir runs/tiny --set neighbours.k=16",
     "train": "reco train --workdir runs/tiny --set train.steps=200",
@@ -59,10 +60,11 @@ EXAMPLES: dict[str, str] = {
     "config": "reco config show --workdir runs/tiny      (or: reco config keys)",
 }
 # commands that run a stage of the run: they record its config (WORKDIR/config.yaml)
-RECORDS_CONFIG = frozenset({"world", "embed-memory", "build-index", "precompute-neighbours", "train",
+RECORDS_CONFIG = frozenset({"world", "embed-memory", "import-embeddings", "build-index",
+                            "precompute-neighbours", "train",
                             "evaluate", "ablations", "demo", "react-retrieve", "react-train"})
 # commands that run the CLIP on this machine (clip.device is checked before any work)
-LOCAL_DEVICE = frozenset(RECORDS_CONFIG - {"embed-memory"} | {"query"})
+LOCAL_DEVICE = frozenset(RECORDS_CONFIG - {"embed-memory", "import-embeddings"} | {"query"})
 CLIP_FLAGS = (("model", "--model"), ("pretrained", "--pretrained"), ("device", "--device"))
 
 
@@ -94,7 +96,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 # the config section a command's bare option name most likely means (``reco train --steps``)
-SECTION_OF = {"train": "train", "embed-memory": "embed", "build-index": "index", "world": "world",
+SECTION_OF = {"train": "train", "embed-memory": "embed", "import-embeddings": "embed",
+              "build-index": "index", "world": "world",
               "precompute-neighbours": "neighbours", "evaluate": "eval", "ablations": "eval"}
 
 

@@ -52,6 +52,8 @@ def valid_scalar(kind: type, rule) -> st.SearchStrategy:
         if rule is o.NON_EMPTY:
             return st.text(min_size=1).filter(lambda s: s.strip() and "," not in s)
         return st.from_regex(rule.regex, fullmatch=True).filter(lambda s: "," not in s)
+    if isinstance(rule, o.Check):
+        return st.sampled_from(rule.examples)
     if isinstance(rule, o.Range):
         if kind is int:
             lo = None if rule.lo is None else int(rule.lo) + (1 if rule.lo_open else 0)
@@ -93,6 +95,8 @@ def invalid_scalar(kind: type, rule) -> st.SearchStrategy:
         bad.append(st.text().filter(lambda s: s not in rule.values))
     if isinstance(rule, o.Pattern):
         bad.append(st.text().filter(lambda s: not re.fullmatch(rule.regex, s)))
+    if isinstance(rule, o.Check):
+        bad.append(st.text().filter(lambda s: rule.problem(s) is not None))
     return st.one_of(*bad)
 
 
