@@ -92,6 +92,7 @@ class Memory:
         self.ids, self.image_emb, self.text_emb, self.info = ids, image_emb, text_emb, info
         self.indices = indices or {}
         self.digest = ""                                         # the index record's (Memory.load)
+        self.folder: str | None = None                           # where it was loaded from
         self._vectors: dict[str, np.ndarray | None] = {}        # see _index_vectors
         self.dim = int(info["dim"])
         self.model_id = str(info.get("model_id", ""))
@@ -138,7 +139,7 @@ class Memory:
                     raise FormatError(f"{folder / name}: {index.ntotal} vectors but {len(ids)} ids")
                 indices[m] = to_gpu(index, use_gpu)
         memory = cls(ids, arrays["img"], arrays["txt"], info, indices)
-        memory.digest = digest or ""
+        memory.digest, memory.folder = digest or "", str(folder)
         return memory
 
     def check_compatible(self, model_id: str | None, dim: int) -> None:

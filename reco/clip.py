@@ -64,13 +64,19 @@ class LoadedClip:
         """How to load this model again: ``{"model", "pretrained"}``; a ``local-dir:`` folder
         (or a checkpoint file) relative to ``relative_to`` when given (a run's folder), so that
         the spec survives moving or copying the run."""
-        model, pretrained = self.name, self.pretrained or None
-        if relative_to is not None and model.startswith(LOCAL_DIR):
-            model = LOCAL_DIR + os.path.relpath(Path(model[len(LOCAL_DIR):]).resolve(),
-                                                Path(relative_to).resolve())
-        if relative_to is not None and pretrained and Path(pretrained).is_file():
-            pretrained = os.path.relpath(Path(pretrained).resolve(), Path(relative_to).resolve())
-        return {"model": model, "pretrained": pretrained}
+        return relative_spec(self.name, self.pretrained or None, relative_to)
+
+
+def relative_spec(model: str, pretrained: str | None, relative_to: str | Path | None = None
+                  ) -> dict[str, str | None]:
+    """``{"model", "pretrained"}`` with a ``local-dir:`` folder or checkpoint file relative to
+    ``relative_to`` (when given): see :meth:`LoadedClip.spec` and :func:`spec_from`."""
+    if relative_to is not None and model.startswith(LOCAL_DIR):
+        model = LOCAL_DIR + os.path.relpath(Path(model[len(LOCAL_DIR):]).resolve(),
+                                            Path(relative_to).resolve())
+    if relative_to is not None and pretrained and Path(pretrained).is_file():
+        pretrained = os.path.relpath(Path(pretrained).resolve(), Path(relative_to).resolve())
+    return {"model": model, "pretrained": pretrained}
 
 
 def spec_from(spec: dict[str, Any], relative_to: str | Path) -> tuple[str, str | None]:
