@@ -91,6 +91,12 @@ def check_against_record(folder: str, manifest: formats.Manifest) -> str:
     if str(manifest.info.get("model_id", record.model_id)) != record.model_id:
         raise FormatError(f"{where}: model {manifest.info.get('model_id')!r}, the record says "
                           f"{record.model_id!r}")
+    wrong = sorted(k for k, v in manifest.counts.items()
+                   if k in record.counts and record.counts[k] != v)
+    if wrong:
+        raise FormatError(f"{where}: counts {', '.join(f'{k}={manifest.counts[k]}' for k in wrong)}, "
+                          f"the record says {', '.join(f'{k}={record.counts[k]}' for k in wrong)}; "
+                          f"rerun `reco embed-memory`")
     record.verify(folder, command="embed-memory")
     for name in manifest.shards:
         rows = record.outputs[name].get("rows")
