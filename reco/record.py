@@ -233,7 +233,8 @@ def input_digest(folder: str | Path, stage: str, *, command: str, verify: bool =
 def locked(folder: str | Path, what: str) -> Iterator[None]:
     """Hold an exclusive advisory lock on ``folder/.lock`` while the block runs; another holder
     is a :class:`LockedError` "another `reco {what}` is already running (pid N)". The kernel
-    releases the lock when its process dies, so a killed run's lock never blocks a rerun.
+    releases the lock when its process dies, so a killed run's lock never blocks a rerun; the
+    file is removed on release (a killed run's is removed by the next writer).
     Folders on remote filesystems (``scheme://``) are not locked."""
     import fcntl
 
@@ -244,28 +245,45 @@ def locked(folder: str | Path, what: str) -> Iterator[None]:
     created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
         raise ConfigError(f"output {folder}: not writable ({exc})") from exc
+    fd = _acquire(folder / LOCK_FILE, what)
     try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):              # unlink while held: no leftover file
+            (folder / LOCK_FILE).unlink()
+            if created and not any(folder.iterdir()):
+                folder.rmdir()                          # refused before any work: leave nothing
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _acquire(path: Path, what: str) -> int:
+    """An open descriptor of ``path`` holding its exclusive flock. A lock file unlinked by its
+    releasing holder between our open and flock is not the lock any more: open it again."""
+    import fcntl
+
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ConfigError(f"output {path.parent}: not writable ({exc})") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
             if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise
-            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise LockedError(f"{folder}: another `reco {what}` is already running (pid {pid}); "
+            raise LockedError(f"{path.parent}: another `reco {what}` is already running (pid {pid}); "
                               f"wait for it to finish") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         try:
-            yield
-        finally:
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)
-                if created and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
-                    (folder / LOCK_FILE).unlink()      # refused before any work: leave nothing
-                    folder.rmdir()
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
         os.close(fd)
