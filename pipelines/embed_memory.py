@@ -137,12 +137,18 @@ def embed_options(embed_cfg: EmbedConfig, kind: str = "urls") -> dict:
 def input_digests(files, digests: dict[str, str] | None = None) -> dict[str, str]:
     """``{"<i>:<file name>": digest}`` of the URL lists (their bytes unless ``digests`` gives
     one by path): named by position and file name, never by the folder they were read from."""
+    given = {_key(k): v for k, v in (digests or {}).items()}
     out = {}
     for i, f in enumerate(files):
         name = f"{i}:{f.path.rsplit('/', 1)[-1]}"
-        out[name] = (digests or {}).get(f.path) or (file_digest(f.path) if "://" not in f.path else
-                                                    f"rows:{f.rows}")
+        out[name] = given.get(_key(f.path)) or (file_digest(f.path) if "://" not in f.path else
+                                                f"rows:{f.rows}")
     return out
+
+
+def _key(path: str) -> str:
+    """A path as list_url_files names it (local paths absolute)."""
+    return path if "://" in path else os.path.abspath(path)
 
 
 def plan_job(inputs, output_dir: str, *, model: str, pretrained: str | None,

@@ -65,6 +65,10 @@ def test_moved_and_copied_run_work_from_another_folder(relocated, monkeypatch):
             assert model.model_id == ref.model_id
             assert torch.equal(model.encode_text(tokens), want[0])
             assert torch.equal(model.encode_image(images), want[1])
+        # the heads alone, hub-style: one folder (config JSON + safetensors) with its CLIP spec
+        hub = model.save_pretrained(root / "elsewhere" / "hub")
+        again = type(model).from_pretrained(hub)
+        assert torch.equal(again.encode_text(tokens), want[0])
     # every stage on the moved run: nothing to redo, a deleted shard recomputed identically
     assert all(info["shards_run"] == 0 for info in embed_splits(moved).values())
     assert build_memory_index(moved)["skipped"] is True

@@ -108,20 +108,22 @@ def test_tensors_rows_disagreeing_with_the_manifest_are_refused(tiny_neighbours,
         read_tensors_info(tensors)
 
 
-def test_all_zero_vector_on_a_success_row_is_refused(tiny_indexed, tmp_path):
-    from reco.index.build import build_memory_index
+def test_all_zero_vector_on_a_success_row_is_refused(tmp_path):
+    """The content check itself (a shard without a record: written by another tool)."""
+    import pyarrow as pa
 
-    cfg = copy_run(tiny_indexed, tmp_path, EMBEDDED)
-    memory = cfg.paths.embedded("memory")
-    path = memory / "part-00000.parquet"
+    from reco.index.build import build_memory_index
+    from tests.fixtures.index import make_synthetic
+
+    cfg, _ = make_synthetic(tmp_path, n_memory=400, n_train=10, n_test=10, n_planted=0)
+    path = cfg.paths.embedded("memory") / "part-00000.parquet"
     table = pq.read_table(path)
-    row = table.column("status").to_pylist().index("success")
+    row = 123
     column = table.column("image_emb").to_pylist()
     column[row] = bytes(len(column[row]))
-    table = table.set_column(table.schema.get_field_index("image_emb"), table.schema.field("image_emb"),
-                             [column])
-    pq.write_table(table, path)
-    (memory / "record.json").unlink()                # the content check, not only the digest
+    field = table.schema.field("image_emb")
+    pq.write_table(table.set_column(table.schema.get_field_index("image_emb"), field,
+                                    pa.array(column, type=field.type)), path)
     with pytest.raises(FormatError, match=rf"part-00000.parquet: 1 all-zero image embedding\(s\) on "
                                           rf"success rows, first at row {row}"):
         build_memory_index(cfg)
