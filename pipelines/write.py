@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from reco.errors import FormatError, MismatchError
+from reco.errors import MismatchError
 from reco.formats import (EMBEDDED_FORMAT, STATUSES, Manifest, atomic_write_table,
                           check_embedded_format, embedded_schema, encode_vectors)
 

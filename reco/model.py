@@ -255,7 +255,6 @@ class RecoModel(nn.Module):
         memory = Memory.load(Path(memory_dir or mem))
         return cls(clip, memory, heads, meta, mode=mode, k=k).to(device)
 
-
     from_pretrained = load               # the hub-style name: RecoModel.from_pretrained(folder)
 
     def save_pretrained(self, folder: str | Path) -> Path:
