@@ -280,6 +280,21 @@ def load_model(path: str | Path, mode: str = "both", k: int | None = None,
     return RecoModel.load(path, mode=mode, k=k, memory_dir=memory_dir, device=device)
 
 
+def _model_from_identity(model_id: str, workdir: Path) -> tuple[str, str | None]:
+    """A hub model is named by its identity (``name|tag``; heads of older versions recorded
+    ``local-dir:/path|`` the same way); local weights (``arch|sha256:...``) are the run's
+    ``base_clip`` folder when its weights have that digest; else ("", None)."""
+    from reco.clip import CONFIG_FILE, LOCAL_DIR, model_identity
+
+    name, _, tag = model_id.partition("|")
+    if not tag.startswith("sha256:"):
+        return name, tag or None
+    base = workdir / "base_clip"
+    if (base / CONFIG_FILE).is_file() and model_identity(LOCAL_DIR + str(base)) == model_id:
+        return LOCAL_DIR + str(base), None
+    return "", None
+
+
 def _find_heads_dir(path: Path) -> Path:
     for cand in (path, path / "heads"):
         if (cand / "heads.json").is_file():
@@ -301,9 +316,8 @@ def _model_and_memory(heads_dir: Path, meta: Mapping[str, Any]) -> tuple[str, st
 
         cfg = config_lib.load(workdir / "config.json")
         model, pretrained = resolve_model_spec(cfg.clip.model, cfg.clip.pretrained, workdir / "base_clip")
-    if not model:                      # a hub model is named by its identity: name|tag
-        name, _, tag = str(meta.get("model_id") or "").partition("|")
-        model, pretrained = ("", None) if tag.startswith("sha256:") else (name, tag or None)
+    if not model:
+        model, pretrained = _model_from_identity(str(meta.get("model_id") or ""), workdir)
     if not model:
         raise FormatError(f"{heads_dir / 'heads.json'}: no CLIP spec recorded and no config.json "
                           f"in {workdir}; pass the model explicitly (RecoModel.from_config)")
