@@ -43,10 +43,9 @@ from reco.formats import EMBEDDED_FORMAT, Manifest
 from reco.pipelines import inputs as input_kinds, runners
 from reco.pipelines.config import LOOPBACK, EmbedConfig
 from reco.pipelines.foreign import KEY_COLUMN
-from reco.pipelines.write import (WriteShards, check_model, clear_output, complete_shards,
-                                  shard_rows, write_manifest)
-from reco.record import FILE as RECORD_FILE
-from reco.record import Record, StaleError, file_digest, json_digest, locked, options_of, outputs_of
+from reco.pipelines.write import (WriteShards, check_model, check_record, clear_output,
+                                  complete_shards, finish_record, write_manifest)
+from reco.record import Record, file_digest, json_digest, locked, options_of
 
 log = logging.getLogger(__name__)
 WORLD_SPLITS = ("memory", "train", "test")
@@ -175,45 +174,12 @@ def plan_job(inputs, output_dir: str, *, model: str, pretrained: str | None,
     check_model(output_dir, clip.model_id)          # and the format of existing shards
     shards = input_kinds.num_shards(kind, files, embed_cfg.shard_size)
     options = embed_options(embed_cfg, kind)
-    _check_record(output_dir, Record(stage="embed", options=options,
+    check_record(output_dir, Record(stage="embed", options=options,
                                      inputs=input_digests(files, digests), model_id=clip.model_id,
                                      counts={"shards_expected": shards}))
     skip = tuple(s for s in complete_shards(output_dir) if s < shards)
     return EmbedJob(tuple(files), str(output_dir), clip.name, clip.pretrained or None, clip.model_id,
                     clip.image_size, clip.embed_dim, shards, skip, embed_cfg, kind)
-
-
-def _check_record(output_dir: str, planned: Record) -> None:
-    """Compare the plan with the output's record (StaleError on any difference; recorded shards
-    on disk must still have their digests); record the plan when there is none. Shards without
-    a record (an older reco, another tool) are refused: their options are unknown."""
-    if "://" in output_dir:
-        return
-    record = Record.read(output_dir, "embed")
-    if record is None:
-        if complete_shards(output_dir):
-            raise StaleError(f"{output_dir}: shards without a {RECORD_FILE} (written by an older "
-                             f"reco or another tool): their inputs and options are unknown; rerun "
-                             f"`reco embed-memory --force` to redo them")
-        planned.write(output_dir)
-        return
-    record.check_same(output_dir, options=planned.options, inputs=planned.inputs,
-                      model_id=planned.model_id, command="embed-memory")
-    on_disk = {p.rsplit("/", 1)[-1] for p in complete_shards(output_dir).values()}
-    record.verify(output_dir, sorted(on_disk & set(record.outputs)), command="embed-memory")
-
-
-def finish_record(output_dir: str, manifest: Manifest, shards_expected: int) -> Record | None:
-    """The output's record with every complete shard's digest and rows (after the manifest)."""
-    if "://" in output_dir:
-        return None
-    record = Record.read(output_dir, "embed")
-    rows = shard_rows(output_dir)
-    record.outputs = outputs_of(output_dir, manifest.shards, rows)
-    record.counts = {**manifest.counts, "rows": sum(rows.values()), "shards_expected": shards_expected}
-    record.complete = len(manifest.shards) == shards_expected
-    record.write(output_dir)
-    return record
 
 
 def pipeline_options(cfg: EmbedConfig, beam_options=None) -> PipelineOptions:

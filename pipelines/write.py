@@ -19,6 +19,8 @@ import pyarrow.parquet as pq
 from reco.errors import MismatchError
 from reco.formats import (EMBEDDED_FORMAT, STATUSES, Manifest, atomic_write_table,
                           check_embedded_format, embedded_schema, encode_vectors)
+from reco.record import FILE as RECORD_FILE
+from reco.record import Record, StaleError, outputs_of
 
 log = logging.getLogger(__name__)
 PART = re.compile(r"part-(\d{5,})\.parquet$")
@@ -158,3 +160,40 @@ def write_manifest(output_dir: str, model_id: str, dim: int, info: dict | None =
                                                    "rows": rows, "format": EMBEDDED_FORMAT})
     manifest.write(output_dir)
     return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# the run record of an embedded folder (reco.record): embed-memory and import-embeddings
+# ---------------------------------------------------------------------------------------------
+
+def check_record(output_dir: str, planned: Record, command: str = "embed-memory") -> None:
+    """Compare the plan with the output's record (StaleError on any difference; recorded shards
+    on disk must still have their digests); record the plan when there is none. Shards without
+    a record (an older reco, another tool) are refused: their options are unknown."""
+    if "://" in output_dir:
+        return
+    record = Record.read(output_dir, "embed")
+    if record is None:
+        if complete_shards(output_dir):
+            raise StaleError(f"{output_dir}: shards without a {RECORD_FILE} (written by an older "
+                             f"reco or another tool): their inputs and options are unknown; rerun "
+                             f"`reco {command} --force` to redo them")
+        planned.write(output_dir)
+        return
+    record.check_same(output_dir, options=planned.options, inputs=planned.inputs,
+                      model_id=planned.model_id, command=command)
+    on_disk = {p.rsplit("/", 1)[-1] for p in complete_shards(output_dir).values()}
+    record.verify(output_dir, sorted(on_disk & set(record.outputs)), command=command)
+
+
+def finish_record(output_dir: str, manifest: Manifest, shards_expected: int) -> Record | None:
+    """The output's record with every complete shard's digest and rows (after the manifest)."""
+    if "://" in output_dir:
+        return None
+    record = Record.read(output_dir, "embed")
+    rows = shard_rows(output_dir)
+    record.outputs = outputs_of(output_dir, manifest.shards, rows)
+    record.counts = {**manifest.counts, "rows": sum(rows.values()), "shards_expected": shards_expected}
+    record.complete = len(manifest.shards) == shards_expected
+    record.write(output_dir)
+    return record
