@@ -24,7 +24,7 @@ import torch
 
 from reco import cli
 from reco.errors import MismatchError
-from reco.pipelines.config import EmbedConfig
+from reco.pipelines.config import LOOPBACK, EmbedConfig
 from reco.record import Record
 from tests.fixtures.runs import copy_run
 
@@ -103,19 +103,19 @@ def test_demo_rerun_skips_every_stage_and_prints_the_table(relocated, capsys):
 
 
 def test_changed_option_or_input_is_refused_and_force_redoes(embed_corpus, embed_model, tmp_path):
-    """embed.allow_private changed, then a URL list edited with half of the shards deleted: each
+    """embed.allow_networks (loopback opened) changed, then a URL list edited with half of the shards deleted: each
     refused, naming the option or the input (never '2 skipped' over refused rows, never two
     versions of a list in one output); --force embeds everything again."""
     from reco.pipelines.embed_memory import embed_urls
 
     urls, out = tmp_path / "urls.parquet", tmp_path / "out"
     shutil.copy(embed_corpus.urls, urls)
-    closed = EmbedConfig(shard_size=8, timeout=3, allow_private=False)
+    closed = EmbedConfig(shard_size=8, timeout=3)                      # loopback not allowed
     _, first = embed_urls(str(urls), str(out), model=embed_model, embed_cfg=closed)
     assert first["counts"]["success"] == 0                  # loopback refused without the option
-    opened = dataclasses.replace(closed, allow_private=True)
-    with pytest.raises(MismatchError, match=r"option\(s\) embed.allow_private \(recorded False, now "
-                                            r"True\) differ .*`reco embed-memory --force`"):
+    opened = dataclasses.replace(closed, allow_networks=LOOPBACK)
+    with pytest.raises(MismatchError, match=r"option\(s\) embed.allow_networks \(recorded \[\], now "
+                                            r"\['127.0.0.0/8'\]\) differ .*`reco embed-memory --force`"):
         embed_urls(str(urls), str(out), model=embed_model, embed_cfg=opened)
     table = pq.read_table(urls)
     captions = [f"edited {c}" for c in table.column("caption").to_pylist()]
