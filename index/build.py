@@ -27,6 +27,8 @@ from reco.index.dedup import eval_duplicate_mask
 from reco.index.embedded import open_split, read_split
 from reco.index.keys import IndexPlan, choose_index_key
 from reco.index.memory import EMB_FILES, IDS_FILE, INDEX_FILES, INFO_FILE, set_search_params
+from reco.record import FILE as RECORD_FILE
+from reco.record import Record, locked, outputs_of
 
 log = logging.getLogger(__name__)
 MODALITY_COLUMNS = {"img": "image", "txt": "text"}
@@ -165,22 +167,52 @@ def _eval_images(cfg: RecoConfig, model_id: str, dim: int) -> np.ndarray | None:
     return normalise(read_split(split, modalities=("image",))["image"])
 
 
+# IndexConfig options that do not change the index (where and how fast it is built/read)
+NOT_SHAPING = ("use_gpu", "mmap", "nb_cores", "current_memory_available")
+
+
+def index_plan(cfg: RecoConfig, split, test) -> Record:
+    """What an index folder's record holds: shaping options, the memory and test splits'
+    digests, the model."""
+    from reco.record import options_of
+
+    options = {**options_of("index", cfg.index, NOT_SHAPING),
+               "neighbours.eval_dedup_threshold": cfg.neighbours.eval_dedup_threshold}
+    return Record(stage="index", options=options, model_id=split.model_id,
+                  inputs={"memory": split.digest, "test": test.digest if test else "none"})
+
+
 def build_memory_index(cfg: RecoConfig, force: bool = False) -> dict:
     """Build ``cfg.paths.index`` from ``cfg.paths.embedded("memory")``; returns info.json's dict.
 
     Args:
         cfg: run configuration (``cfg.index``, ``cfg.neighbours.eval_dedup_threshold``).
-        force: rebuild even when the folder already holds an index of the same inputs.
+        force: rebuild even when the folder already holds an index; needed when it was built
+            with other options or inputs (refused otherwise, naming them).
+
+    The folder's run record (``record.json``) holds the options, the digests of the memory and
+    test splits (whose shards are checked against their own records first) and of every file
+    written: an index whose files changed since, or whose inputs changed, is never reused.
     """
+    with locked(cfg.paths.index, "build-index"):
+        return _build(cfg, force)
+
+
+def _build(cfg: RecoConfig, force: bool) -> dict:
     out = cfg.paths.index
-    fingerprint = source_fingerprint(cfg)
-    if not force and (out / INFO_FILE).exists():
-        old = json.loads((out / INFO_FILE).read_text())
-        if old.get("fingerprint") == fingerprint and all((out / f).exists() for f in INDEX_FILES.values()):
-            log.info("index in %s is up to date; skipping (force=True rebuilds)", out)
-            return {**old, "skipped": True}
+    split = open_split(cfg.paths.embedded("memory"))            # checked against its record
+    test = (open_split(cfg.paths.embedded("test"), allow_empty=True)
+            if (cfg.paths.embedded("test") / "manifest.json").exists() else None)
+    planned = index_plan(cfg, split, test)
+    record = None if force else Record.read(out, "index")
+    if record is not None:
+        record.check_same(out, options=planned.options, inputs=planned.inputs,
+                          model_id=planned.model_id, command="build-index")
+        if record.complete and (out / INFO_FILE).exists():
+            record.verify(out, command="build-index")
+            log.info("index in %s is up to date; skipping (--force rebuilds)", out)
+            return {**json.loads((out / INFO_FILE).read_text()), "skipped": True}
     t_start = time.perf_counter()
-    split = open_split(cfg.paths.embedded("memory"))
     data = read_split(split)
     vectors = {m: normalise(data[col]) for m, col in MODALITY_COLUMNS.items()}
     remove, dedup_info = eval_duplicate_mask(vectors["img"], _eval_images(cfg, split.model_id, split.dim),
@@ -189,10 +221,11 @@ def build_memory_index(cfg: RecoConfig, force: bool = False) -> dict:
     ids = data["id"][keep]
     vectors = {m: np.ascontiguousarray(v[keep]) for m, v in vectors.items()}
     out.mkdir(parents=True, exist_ok=True)
-    # info.json (written last) marks a complete folder: withdraw it before replacing any file, so
-    # that a run killed mid-rebuild leaves a folder that readers and reruns see as unbuilt, never
-    # an old info.json over a mix of old and new files.
+    # info.json (written last) marks a complete folder: withdraw it (and the record) before
+    # replacing any file, so that a run killed mid-rebuild leaves a folder that readers and
+    # reruns see as unbuilt, never an old info.json over a mix of old and new files.
     (out / INFO_FILE).unlink(missing_ok=True)
+    (out / RECORD_FILE).unlink(missing_ok=True)
     remove_temporaries(out)                   # left by a killed run
     indices = {m: build_one(vectors[m], out / INDEX_FILES[m], cfg.index) for m in INDEX_FILES}
     for m, name in EMB_FILES.items():
@@ -204,6 +237,10 @@ def build_memory_index(cfg: RecoConfig, force: bool = False) -> dict:
             "nprobe": {m: i["nprobe"] for m, i in indices.items()},
             "recall": {m: i["recall"] for m, i in indices.items()},
             "indices": indices, "metric_note": "scores are inner products of L2-normalised vectors",
-            "fingerprint": fingerprint, "seconds": round(time.perf_counter() - t_start, 2)}
+            "fingerprint": source_fingerprint(cfg), "seconds": round(time.perf_counter() - t_start, 2)}
     atomic_write_text(out / INFO_FILE, json.dumps(info, indent=2))
+    files = [*INDEX_FILES.values(), *EMB_FILES.values(), IDS_FILE, INFO_FILE]
+    planned.outputs = outputs_of(out, files)
+    planned.counts, planned.complete = {"n": int(len(ids))}, True
+    planned.write(out)
     return info

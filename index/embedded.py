@@ -10,6 +10,7 @@ buffer (:func:`reco.formats.decode_vectors`).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from reco import formats
-from reco.errors import FormatError
+from reco.errors import FormatError, MismatchError
 from reco.validate import READ_ERRORS
 
 COLUMNS = ["id", "status", "image_emb", "text_emb"]
@@ -33,6 +34,7 @@ class EmbeddedSplit:
     model_id: str
     dim: int
     manifest: formats.Manifest
+    digest: str = ""           # what a downstream record names it by (reco.record)
 
 
 def open_split(folder: str | Path, allow_empty: bool = False) -> EmbeddedSplit | None:
@@ -50,13 +52,71 @@ def open_split(folder: str | Path, allow_empty: bool = False) -> EmbeddedSplit |
         if allow_empty:
             return None
         raise FormatError(f"{folder}/manifest.json lists no shards")
+    digest = check_against_record(folder, manifest)
     schemas = [shard_schema(path) for path in paths]
     meta = schemas[0].metadata or {}
     model_id = manifest.info.get("model_id") or _model_id_from_metadata(meta, paths[0])
     dim = _split_dim(manifest.info.get("dim"), schemas[0], folder, paths[0])
     for path, schema in zip(paths, schemas):
         check_shard_schema(schema, dim, path)
-    return EmbeddedSplit(folder, paths, str(model_id), dim, manifest)
+        got = _model_id_from_metadata(schema.metadata or {}, path)
+        if got and model_id and got != model_id:
+            raise MismatchError(f"{path}: embedded with model {got!r}, but {folder}/manifest.json "
+                                f"says {model_id!r} (a shard of another model copied in?); "
+                                f"rerun `reco embed-memory --force`")
+    return EmbeddedSplit(folder, paths, str(model_id), dim, manifest, digest)
+
+
+def check_against_record(folder: str, manifest: formats.Manifest) -> str:
+    """The manifest and shards of an embedded folder against its run record: the manifest
+    lists exactly the recorded shards, each with its recorded digest and rows, and the same
+    model; FormatError naming the file otherwise. Without a record (a folder written by other
+    tools), the manifest's own totals are checked. Returns the digest downstream records use."""
+    from reco.record import Record, json_digest
+
+    where = f"{folder}/manifest.json"
+    record = Record.read(folder, "embed")
+    if record is None:
+        _check_manifest_totals(folder, manifest)
+        return json_digest({"manifest": dataclasses.asdict(manifest)})
+    if not record.complete:
+        raise FormatError(f"{folder}/record.json: the embedded output is incomplete "
+                          f"({len(record.outputs)} of {record.counts.get('shards_expected')} "
+                          f"shards); rerun `reco embed-memory` to finish it")
+    listed, recorded = set(manifest.shards), set(record.outputs)
+    if listed != recorded:
+        diff = sorted(recorded - listed) or sorted(listed - recorded)
+        raise FormatError(f"{where} lists {len(listed)} shard(s), the record {len(recorded)} "
+                          f"(first difference: {diff[0]}); rerun `reco embed-memory`")
+    if str(manifest.info.get("model_id", record.model_id)) != record.model_id:
+        raise FormatError(f"{where}: model {manifest.info.get('model_id')!r}, the record says "
+                          f"{record.model_id!r}")
+    wrong = sorted(k for k, v in manifest.counts.items()
+                   if k in record.counts and record.counts[k] != v)
+    if wrong:
+        raise FormatError(f"{where}: counts {', '.join(f'{k}={manifest.counts[k]}' for k in wrong)}, "
+                          f"the record says {', '.join(f'{k}={record.counts[k]}' for k in wrong)}; "
+                          f"rerun `reco embed-memory`")
+    record.verify(folder, command="embed-memory")
+    for name in manifest.shards:
+        rows = record.outputs[name].get("rows")
+        if rows is not None and manifest.counts.get(name, rows) != rows:
+            raise FormatError(f"{where}: {name} has {manifest.counts[name]} rows, the record {rows}")
+    return record.digest()
+
+
+def _check_manifest_totals(folder: str, manifest: formats.Manifest) -> None:
+    """Without a record: the shard count and rows a manifest claims match the footers."""
+    where = f"{folder}/manifest.json"
+    expected = manifest.info.get("shards_expected")
+    if isinstance(expected, int) and expected != len(manifest.shards):
+        raise FormatError(f"{where}: lists {len(manifest.shards)} shard(s), expected {expected}; "
+                          f"rerun `reco embed-memory`")
+    rows = manifest.info.get("rows")
+    if isinstance(rows, int) and not isinstance(rows, bool):
+        found = sum(pq.read_metadata(p).num_rows for p in manifest.shard_paths(folder))
+        if found != rows:
+            raise FormatError(f"{where}: says {rows} rows, its shards hold {found}")
 
 
 def shard_schema(path: str) -> pa.Schema:
@@ -145,6 +205,11 @@ def read_shard(path: str, dim: int, start: int = 0, stop: int | None = None,
         if bad.any():
             raise FormatError(f"{path}: {int(bad.sum())} {m} embedding(s) contain NaN/inf, first "
                               f"at row {int(rows[int(np.argmax(bad))])} (id {int(out['id'][np.argmax(bad)])})")
+        zero = ~half.any(axis=1)
+        if zero.any():
+            raise FormatError(f"{path}: {int(zero.sum())} all-zero {m} embedding(s) on success "
+                              f"rows, first at row {int(rows[int(np.argmax(zero))])} "
+                              f"(id {int(out['id'][np.argmax(zero)])}); rerun `reco embed-memory --force`")
         out[m] = vectors
     return out
 

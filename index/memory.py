@@ -91,6 +91,8 @@ class Memory:
                  indices: dict[str, faiss.Index] | None = None):
         self.ids, self.image_emb, self.text_emb, self.info = ids, image_emb, text_emb, info
         self.indices = indices or {}
+        self.digest = ""                                         # the index record's (Memory.load)
+        self.folder: str | None = None                           # where it was loaded from
         self._vectors: dict[str, np.ndarray | None] = {}        # see _index_vectors
         self.dim = int(info["dim"])
         self.model_id = str(info.get("model_id", ""))
@@ -104,7 +106,7 @@ class Memory:
 
     @classmethod
     def load(cls, folder: str | Path, mmap: bool = False, nprobe: int | None = None,
-             load_indices: bool = True, use_gpu: bool = False) -> "Memory":
+             load_indices: bool = True, use_gpu: bool = False, verify: bool = True) -> "Memory":
         """Load an index folder.
 
         Args:
@@ -113,8 +115,14 @@ class Memory:
             nprobe: override the tuned nprobe recorded in info.json.
             load_indices: False loads only ids/embeddings (for fetching, not searching).
             use_gpu: move the indices to the GPUs if faiss has any.
+            verify: check every file against the folder's run record (``record.json``: a file
+                replaced after build-index wrote it is a FormatError); its digest is then
+                ``memory.digest`` (what downstream records name the index by).
         """
+        from reco.record import input_digest
+
         folder = Path(folder)
+        digest = input_digest(folder, "index", command="build-index", verify=verify)
         try:
             info = json.loads((folder / INFO_FILE).read_text())
         except FileNotFoundError as exc:
@@ -130,7 +138,9 @@ class Memory:
                 if index.ntotal != len(ids):
                     raise FormatError(f"{folder / name}: {index.ntotal} vectors but {len(ids)} ids")
                 indices[m] = to_gpu(index, use_gpu)
-        return cls(ids, arrays["img"], arrays["txt"], info, indices)
+        memory = cls(ids, arrays["img"], arrays["txt"], info, indices)
+        memory.digest, memory.folder = digest or "", str(folder)
+        return memory
 
     def check_compatible(self, model_id: str | None, dim: int) -> None:
         """Raise MismatchError unless queries of ``model_id``/``dim`` can search this memory."""

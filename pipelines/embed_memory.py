@@ -9,10 +9,12 @@ one); img2dataset outputs are streamed and embedded without any network access.
 Everything that can be checked is checked before the pipeline starts (URL list columns, model
 name, writable output, model and shard format of an existing output). Resume: shards whose file
 already exists (complete, by atomic rename) are skipped, so a rerun after a kill adds only the
-missing shards; ``job.json`` records the model, shard size, inputs and shard format
-(``embedded/2``), so a rerun never mixes shards of two layouts: an output of the old format
-``embedded/1`` is refused with a FormatError until rerun with ``--force``, which deletes the
-output's shards, manifest and job.json and embeds everything again.
+missing shards. The output's run record (``record.json``, :mod:`reco.record`) holds the model's
+identity, the digest of every input list, the options that shape the rows and each shard's
+digest, so a rerun never mixes two versions of a list, two models or two option sets: any
+difference is refused (naming it) until rerun with ``--force``, which deletes the output's
+shards, manifest and record and embeds everything again (also needed over shards of the old
+format ``embedded/1``). One writer per output folder (:func:`reco.record.locked`).
 Beam flags pass through (``--runner``, ``--direct_num_workers``...); default DirectRunner.
 
     reco embed-memory --preset tiny --workdir runs/tiny                 # world splits
@@ -41,8 +43,9 @@ from reco.formats import EMBEDDED_FORMAT, Manifest
 from reco.pipelines import inputs as input_kinds, runners
 from reco.pipelines.config import LOOPBACK, EmbedConfig
 from reco.pipelines.foreign import KEY_COLUMN
-from reco.pipelines.write import (WriteShards, check_job, check_model, clear_output,
-                                  complete_shards, write_manifest)
+from reco.pipelines.write import (WriteShards, check_model, check_record, clear_output,
+                                  complete_shards, finish_record, write_manifest)
+from reco.record import Record, file_digest, json_digest, locked, options_of
 
 log = logging.getLogger(__name__)
 WORLD_SPLITS = ("memory", "train", "test")
@@ -78,8 +81,9 @@ class EmbedMemory(beam.PTransform):
         # the kind's steps are applied here, so their labels stay EmbedMemory/ReadUrls, ...
         shards = input_kinds.source(job.kind, job).expand(pbegin)
         extra = () if job.kind == "urls" else (KEY_COLUMN,)
-        return shards | "Write" >> WriteShards(job.output_dir, job.dim, job.model,
-                                               job.pretrained or "", extra)
+        # shard metadata names what the model is (reco.clip.model_identity), not its path
+        return shards | "Write" >> WriteShards(job.output_dir, job.dim, *job.model_id.split("|", 1),
+                                               extra=extra)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,10 +119,43 @@ def check_net_options(cfg: EmbedConfig) -> None:
                           f"embed.decode_budget_mb={cfg.decode_budget_mb}")
 
 
+# options that do not change what is written (how fast, where it runs); every other option of
+# EmbedConfig shapes the output and is recorded (a new option is recorded unless listed here)
+NOT_SHAPING = ("batch_size", "processes", "threads", "runner", "direct_running_mode",
+               "direct_num_workers", "torch_threads", "device")
+
+
+def embed_options(embed_cfg: EmbedConfig, kind: str = "urls") -> dict:
+    """The options an embedded folder's record holds (those that change its rows), with the
+    input kind (reco.pipelines.inputs) when it is not a URL list."""
+    options = options_of("embed", embed_cfg, NOT_SHAPING)
+    options["embed.precision"] = embed_cfg.precision or "fp32"      # None: clip.precision's default
+    return {**options, "format": EMBEDDED_FORMAT, **({} if kind == "urls" else {"input_format": kind})}
+
+
+def input_digests(files, digests: dict[str, str] | None = None) -> dict[str, str]:
+    """``{"<i>:<file name>": digest}`` of the URL lists (their bytes unless ``digests`` gives
+    one by path): named by position and file name, never by the folder they were read from."""
+    given = {_key(k): v for k, v in (digests or {}).items()}
+    out = {}
+    for i, f in enumerate(files):
+        name = f"{i}:{f.path.rsplit('/', 1)[-1]}"
+        out[name] = given.get(_key(f.path)) or (file_digest(f.path) if "://" not in f.path else
+                                                f"rows:{f.rows}")
+    return out
+
+
+def _key(path: str) -> str:
+    """A path as list_url_files names it (local paths absolute)."""
+    return path if "://" in path else os.path.abspath(path)
+
+
 def plan_job(inputs, output_dir: str, *, model: str, pretrained: str | None,
-             embed_cfg: EmbedConfig, force: bool = False) -> EmbedJob:
+             embed_cfg: EmbedConfig, force: bool = False,
+             digests: dict[str, str] | None = None) -> EmbedJob:
     """Check inputs, model and output; find the shards still to do (``force``: none done, the
-    output's shards deleted once inputs and model are known to be good)."""
+    output's shards deleted once inputs and model are known to be good). An output recorded
+    with other options, inputs or model is refused (StaleError naming them, ``--force``)."""
     from reco.clip import load_clip
 
     if embed_cfg.shard_size < 1 or embed_cfg.batch_size < 1:
@@ -134,12 +171,12 @@ def plan_job(inputs, output_dir: str, *, model: str, pretrained: str | None,
     if force:
         removed = clear_output(output_dir)
         log.info("--force: deleted %d shard(s) of %s", len(removed), output_dir)
-    check_model(output_dir, clip.name, clip.pretrained)       # and the format of existing shards
-    check_job(output_dir, {"model_id": clip.model_id, "shard_size": embed_cfg.shard_size,
-                           "files": [[f.path.rsplit("/", 1)[-1], f.rows] for f in files],
-                           "format": EMBEDDED_FORMAT,
-                           **({} if kind == "urls" else {"input_format": kind})})
+    check_model(output_dir, clip.model_id)          # and the format of existing shards
     shards = input_kinds.num_shards(kind, files, embed_cfg.shard_size)
+    options = embed_options(embed_cfg, kind)
+    check_record(output_dir, Record(stage="embed", options=options,
+                                     inputs=input_digests(files, digests), model_id=clip.model_id,
+                                     counts={"shards_expected": shards}))
     skip = tuple(s for s in complete_shards(output_dir) if s < shards)
     return EmbedJob(tuple(files), str(output_dir), clip.name, clip.pretrained or None, clip.model_id,
                     clip.image_size, clip.embed_dim, shards, skip, embed_cfg, kind)
@@ -176,7 +213,7 @@ def counters(result) -> dict[str, int]:
 
 def embed_urls(inputs, output_dir: str, *, model: str, pretrained: str | None = None,
                embed_cfg: EmbedConfig = EmbedConfig(), beam_options=None,
-               force: bool = False) -> tuple[Manifest, dict]:
+               force: bool = False, digests: dict[str, str] | None = None) -> tuple[Manifest, dict]:
     """Download, embed and write URL lists to ``output_dir`` (resuming what is there).
 
     Args:
@@ -187,15 +224,27 @@ def embed_urls(inputs, output_dir: str, *, model: str, pretrained: str | None = 
         model, pretrained: open_clip model spec (see :func:`reco.clip.load_clip`).
         embed_cfg: columns, shard size, download and embedding settings.
         beam_options: Beam flags (list of ``--flag=value``) or PipelineOptions.
-        force: embed every shard again (the output's shards, manifest and job.json deleted
-            first) instead of resuming; needed over shards of the old format ``embedded/1``.
+        force: embed every shard again (the output's shards, manifest and record deleted
+            first) instead of resuming; needed over shards of the old format ``embedded/1`` and
+            over an output recorded with other options, inputs or model.
+        digests: digest of an input by path (default: the file's sha256), e.g. the world's
+            lists without their server address (:func:`world_list_digest`).
     Returns:
         (manifest, info) with counts by status, shards run/skipped and Beam counters.
     """
+    with locked(output_dir, "embed-memory"):
+        return _embed_urls(inputs, output_dir, model=model, pretrained=pretrained,
+                           embed_cfg=embed_cfg, beam_options=beam_options, force=force,
+                           digests=digests)
+
+
+def _embed_urls(inputs, output_dir: str, *, model: str, pretrained: str | None,
+                embed_cfg: EmbedConfig, beam_options, force: bool,
+                digests: dict[str, str] | None) -> tuple[Manifest, dict]:
     start = time.time()
     options = pipeline_options(embed_cfg, beam_options)
     job = plan_job(inputs, output_dir, model=model, pretrained=pretrained, embed_cfg=embed_cfg,
-                   force=force)
+                   force=force, digests=digests)
     todo = job.shards - len(job.skip)
     log.info("embed %s -> %s: %d rows, %d shards (%d already complete), model %s",
              [f.path for f in job.files], output_dir, sum(f.rows for f in job.files), job.shards,
@@ -206,6 +255,7 @@ def embed_urls(inputs, output_dir: str, *, model: str, pretrained: str | None = 
         "inputs": [f.path for f in job.files], "input_format": job.kind,
         "shard_size": embed_cfg.shard_size,
         "input_rows": rows, "shards_expected": job.shards, "image_size": job.image_size})
+    finish_record(str(output_dir), manifest, job.shards)
     info = {"output_dir": str(output_dir), "rows": rows, "shards": job.shards,
             "shards_run": todo, "shards_skipped": len(job.skip), "counts": manifest.counts,
             "complete": len(manifest.shards) == job.shards, "model_id": job.model_id,
@@ -217,6 +267,18 @@ def embed_urls(inputs, output_dir: str, *, model: str, pretrained: str | None = 
 # ---------------------------------------------------------------------------------------------
 # the world's splits (served by the caller)
 # ---------------------------------------------------------------------------------------------
+
+def world_list_digest(path: str, embed_cfg: EmbedConfig) -> str:
+    """Digest of a world URL list without its server's address (``scheme://host:port``), which
+    changes with the port the world is served on, not what is embedded."""
+    import pyarrow.parquet as pq
+
+    cols = [embed_cfg.url_col, embed_cfg.caption_col] + ([embed_cfg.label_col] if embed_cfg.label_col else [])
+    cols = [c for c in cols if c in pq.read_schema(path).names]
+    table = pq.read_table(path, columns=cols)
+    urls = [u.split("/", 3)[-1] if u and "://" in u else u for u in table.column(cols[0]).to_pylist()]
+    return json_digest([urls] + [table.column(c).to_pylist() for c in cols[1:]])
+
 
 def run_embed_config(cfg) -> EmbedConfig:
     """The run's embed options, with the encoder's device/precision defaulting to ``cfg.clip``'s
@@ -240,9 +302,11 @@ def embed_splits(cfg, splits=WORLD_SPLITS, *, beam_options=None, force: bool = F
     embed_cfg = dataclasses.replace(run_embed_config(cfg), allow_networks=LOOPBACK)   # world on 127.0.0.1
     info = {}
     for split in splits:
-        _, info[split] = embed_urls(str(cfg.paths.urls(split)), str(cfg.paths.embedded(split)),
+        path = str(cfg.paths.urls(split))
+        _, info[split] = embed_urls(path, str(cfg.paths.embedded(split)),
                                     model=model, pretrained=pretrained, embed_cfg=embed_cfg,
-                                    beam_options=beam_options, force=force)
+                                    beam_options=beam_options, force=force,
+                                    digests={path: world_list_digest(path, embed_cfg)})
     return info
 
 

@@ -32,8 +32,9 @@ import pyarrow as pa
 from reco.errors import ConfigError
 from reco.formats import EMBEDDED_FORMAT, STATUS_OK, Manifest, atomic_write_table, embedded_schema, encode_vectors
 from reco.pipelines.release import Release, inspect_release
-from reco.pipelines.write import (check_job, check_model, clear_output, complete_shards, shard_path,
-                                  write_manifest)
+from reco.pipelines.write import (check_model, check_record, clear_output, complete_shards,
+                                  finish_record, shard_path, write_manifest)
+from reco.record import Record, file_digest
 
 log = logging.getLogger(__name__)
 INPUT_FORMAT = "clip-retrieval"
@@ -203,7 +204,7 @@ def import_embeddings(input_dir: str, output_dir: str, *, model: str, pretrained
     Returns:
         (manifest, info): rows, shards run/skipped, counts by status, normalisation tally.
     """
-    from reco.clip import LOCAL_DIR
+    from reco.clip import LOCAL_DIR, model_identity
 
     if shard_size < 1:
         raise ConfigError("embed.shard_size must be >= 1")
@@ -212,14 +213,19 @@ def import_embeddings(input_dir: str, output_dir: str, *, model: str, pretrained
     dim = model_embed_dim(model)
     release = inspect_release(str(input_dir), model_dim=dim, model=model, url_col=url_col,
                               caption_col=caption_col, text_from_captions=text_from_captions)
-    model_id = f"{model}|{pretrained or ''}"
+    model_id = model_identity(model, pretrained)      # what the model is, not its path
     shards = -(-release.rows // shard_size)
     if force:
         clear_output(output_dir)
-    check_model(output_dir, model, pretrained)
-    check_job(output_dir, {"model_id": model_id, "shard_size": shard_size, "format": EMBEDDED_FORMAT,
-                           "input_format": INPUT_FORMAT, "text_from_captions": text_from_captions,
-                           "files": [[p.image.rsplit("/", 1)[-1], p.rows] for p in release.parts]})
+    check_model(output_dir, model_id)
+    check_record(output_dir, Record(
+        stage="embed", model_id=model_id, counts={"shards_expected": shards},
+        options={"embed.shard_size": shard_size, "format": EMBEDDED_FORMAT,
+                 "input_format": INPUT_FORMAT, "text_from_captions": text_from_captions},
+        inputs={f"{i}:{Path(f).name}": file_digest(f) if "://" not in f else f"rows:{p.rows}"
+                for i, (p, f) in enumerate((p, f) for p in release.parts
+                                            for f in (p.image, p.text, p.metadata) if f)}),
+        command="import-embeddings")
     done = complete_shards(output_dir)
     todo = [s for s in range(shards) if s not in done]
     checks = _Checks(release)
@@ -231,13 +237,14 @@ def import_embeddings(input_dir: str, output_dir: str, *, model: str, pretrained
         for shard, (ids, image, text, meta) in enumerate(batches, start=first):
             if text is None:
                 text = encode(meta[release.caption_col].tolist())
-            table = _shard_table(ids, image, text, meta, release, checks, dim, model, pretrained or "")
+            table = _shard_table(ids, image, text, meta, release, checks, dim, *model_id.split("|", 1))
             atomic_write_table(table, shard_path(output_dir, shard))
             log.info("shard %05d: %d rows imported", shard, len(ids))
     manifest = write_manifest(output_dir, model_id, dim, {
         "inputs": [str(input_dir)], "input_format": INPUT_FORMAT, "shard_size": shard_size,
         "input_rows": release.rows, "shards_expected": shards, "source_dtypes": release.dtypes,
         "text_from_captions": text_from_captions, **checks.info()})
+    finish_record(str(output_dir), manifest, shards)
     info = {"output_dir": str(output_dir), "rows": release.rows, "shards": shards,
             "shards_run": len(todo), "shards_skipped": shards - len(todo), "counts": manifest.counts,
             "complete": len(manifest.shards) == shards, "model_id": model_id, "dim": dim,

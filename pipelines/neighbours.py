@@ -70,6 +70,8 @@ from reco.index import neighbour_shards as shards
 from reco.index.build import normalise
 from reco.index.embedded import open_split, read_shard
 from reco.index.neighbour_shards import ShardSpec
+from reco.record import FILE as RECORD_FILE
+from reco.record import Record, json_digest, locked, options_of, outputs_of
 
 log = logging.getLogger(__name__)
 METRICS = "reco.neighbours"
@@ -203,7 +205,8 @@ class _ShardFn(beam.DoFn):
         from reco.index.memory import Memory
 
         self._threads()
-        self.memory = Memory.load(self.s.index_folder, mmap=self.s.mmap, use_gpu=self.s.use_gpu)
+        self.memory = Memory.load(self.s.index_folder, mmap=self.s.mmap, use_gpu=self.s.use_gpu,
+                                  verify=False)          # the driver checked it
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="neighbours-read")
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="neighbours-write")
         self.pending = self.ahead = None
@@ -391,23 +394,55 @@ def precompute_neighbours(cfg: RecoConfig, force: bool = False,
     The info holds ``seconds`` (the whole call), ``job_seconds`` (the Beam job, startup
     included) and, where the runner reports counters, ``step_seconds`` (time in each step).
     """
+    with locked(cfg.paths.neighbours, "precompute-neighbours"):
+        return _precompute(cfg, force, beam_options)
+
+
+# NeighboursConfig options that do not change the shards (how fast, where the job runs; the
+# eval dedup threshold shapes the index, which is an input)
+NOT_SHAPING = ("batch_size", "runner", "direct_running_mode", "direct_num_workers",
+               "eval_dedup_threshold")
+
+
+def _check_record(out: Path, planned: Record, force: bool) -> None:
+    """Refuse outputs recorded with other options, inputs or model (StaleError naming them);
+    recorded shards still on disk must have their digests (missing ones are recomputed).
+    Records the plan when there is none (or with ``force``)."""
+    record = None if force else Record.read(out, "neighbours")
+    if record is None:
+        (out / RECORD_FILE).unlink(missing_ok=True)
+        planned.write(out)
+        return
+    record.check_same(out, options=planned.options, inputs=planned.inputs,
+                      model_id=planned.model_id, command="precompute-neighbours")
+    record.verify(out, [n for n in record.outputs if (out / n).exists()],
+                  command="precompute-neighbours")
+
+
+def _precompute(cfg: RecoConfig, force: bool, beam_options) -> dict:
     from reco.index.memory import Memory
 
     t0 = time.perf_counter()
-    train = open_split(cfg.paths.embedded("train"))
-    memory = Memory.load(cfg.paths.index, mmap=True, load_indices=False)
+    train = open_split(cfg.paths.embedded("train"))             # checked against its record
+    memory = Memory.load(cfg.paths.index, mmap=True, load_indices=False)   # and the index's
     memory.check_compatible(train.model_id, train.dim)          # before any work
     check_k_fits(cfg.neighbours, memory.n, train.dim)
     options = pipeline_options(cfg, beam_options)
     settings = make_settings(cfg, train.dim, options)
     specs = shards.plan_shards(train, cfg.neighbours.shard_size)
     out = Path(settings.out_folder)
-    plan = {k: v for k, v in asdict(settings).items() if k not in ("out_folder", "threads", "use_gpu", "mmap")}
+    plan = {k: v for k, v in asdict(settings).items()
+            if k not in ("out_folder", "index_folder", "batch_size", "threads", "use_gpu", "mmap")}
     plan.update(index=memory.info.get("fingerprint"), index_n=memory.n, model_id=memory.model_id,
                 train=train.manifest.shards, counts=train.manifest.counts, shard_size=cfg.neighbours.shard_size,
                 tensors_format=formats.TENSORS_FORMAT, embedded_format=formats.EMBEDDED_FORMAT)
     plan = {"fingerprint": shards.fingerprint(plan), **plan}
     out.mkdir(parents=True, exist_ok=True)
+    planned = Record(stage="neighbours", model_id=memory.model_id,
+                     options={**options_of("neighbours", cfg.neighbours, NOT_SHAPING),
+                              "tensors_format": formats.TENSORS_FORMAT},
+                     inputs={"train": train.digest, "index": memory.digest or json_digest(memory.info)})
+    _check_record(out, planned, force)
     if force and (out / shards.PLAN_FILE).exists():
         (out / shards.PLAN_FILE).unlink()
     shards.reset_if_stale(out, plan)
@@ -429,6 +464,10 @@ def precompute_neighbours(cfg: RecoConfig, force: bool = False,
         info.update(n_excluded=0, n_missing=0, manifests="skipped (dry run)")
     else:
         info = shards.write_manifests(out, specs, info)         # checks every shard's row counts
+        rows = {f"{sub}/{s.name}": s.n_rows for s in specs for sub in shards.SUBDIRS}
+        planned.outputs, planned.complete = outputs_of(out, sorted(rows), rows), True
+        planned.counts = {"pairs": sum(s.n_rows for s in specs), "shards": len(specs)}
+        planned.write(out)
     return {**info, "dry_run": dry_run, "n_pairs": sum(s.n_rows for s in specs), "shards": len(specs),
             "computed_shards": len(todo), "skipped_shards": len(specs) - len(todo),
             "computed_pairs": sum(s.n_rows for s in todo), "seconds": round(time.perf_counter() - t0, 2),

@@ -6,7 +6,6 @@ the end from what is on disk, so it lists exactly the complete shards.
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections import Counter
@@ -17,9 +16,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from reco.errors import FormatError, MismatchError
-from reco.formats import (EMBEDDED_FORMAT, STATUSES, Manifest, atomic_write_table, atomic_write_text,
+from reco.errors import MismatchError
+from reco.formats import (EMBEDDED_FORMAT, STATUSES, Manifest, atomic_write_table,
                           check_embedded_format, embedded_schema, encode_vectors)
+from reco.record import FILE as RECORD_FILE
+from reco.record import Record, StaleError, outputs_of
 
 log = logging.getLogger(__name__)
 PART = re.compile(r"part-(\d{5,})\.parquet$")
@@ -102,7 +103,7 @@ class WriteShards(beam.PTransform):
         return shards | "AtomicParquet" >> beam.ParDo(self.fn)
 
 
-def check_model(output_dir: str, model: str, pretrained: str | None) -> None:
+def check_model(output_dir: str, model_id: str) -> None:
     """Refuse to resume into a folder whose shards are of another format (``embedded/1``:
     FormatError saying to rerun with --force) or were embedded with another model."""
     for path in list(complete_shards(output_dir).values())[:1]:
@@ -110,47 +111,38 @@ def check_model(output_dir: str, model: str, pretrained: str | None) -> None:
             schema = pq.read_schema(f)
         check_embedded_format(schema, path)
         meta = schema.metadata or {}
-        got = (meta.get(b"reco.model", b"").decode(), meta.get(b"reco.pretrained", b"").decode())
-        if got != (model, pretrained or ""):
-            raise MismatchError(f"{path}: embedded with model {got[0]}|{got[1]}, not "
-                                f"{model}|{pretrained or ''}; use another output folder")
+        got = f"{meta.get(b'reco.model', b'').decode()}|{meta.get(b'reco.pretrained', b'').decode()}"
+        if got != model_id:
+            raise MismatchError(f"{path}: embedded with model {got}, not {model_id}; use another "
+                                f"output folder or rerun `reco embed-memory --force`")
 
 
-JOB_FILE = "job.json"
+LEGACY_JOB_FILE = "job.json"           # what versions before the run record wrote
 
 
 def clear_output(output_dir: str) -> list[str]:
-    """``--force``: delete the manifest, every complete shard and ``job.json`` of ``output_dir``
-    (manifest first: none may list a deleted shard); returns the shard paths deleted."""
+    """``--force``: delete the manifest, the record, every complete shard and a legacy
+    ``job.json`` of ``output_dir`` (manifest and record first: none may list a deleted shard);
+    returns the shard paths deleted."""
+    from reco.record import FILE as RECORD_FILE
+
     fs, root = fsspec.core.url_to_fs(str(output_dir))
     shards = list(complete_shards(output_dir).values())
-    for target in [f"{root.rstrip('/')}/{Manifest.FILE}", *(fsspec.core.url_to_fs(p)[1] for p in shards),
-                   f"{root.rstrip('/')}/{JOB_FILE}"]:
+    root = root.rstrip('/')
+    for target in [f"{root}/{Manifest.FILE}", f"{root}/{RECORD_FILE}",
+                   *(fsspec.core.url_to_fs(p)[1] for p in shards), f"{root}/{LEGACY_JOB_FILE}"]:
         if fs.exists(target):
             fs.rm(target)
     return shards
 
 
-def check_job(output_dir: str, job: dict) -> None:
-    """Record what the shards of ``output_dir`` are (``job.json``: model, shard size, input rows,
-    shard format); a rerun with a different layout would mix shards, so it is a MismatchError
-    (another format: a FormatError saying to rerun with --force)."""
-    path = f"{str(output_dir).rstrip('/')}/{JOB_FILE}"
-    fs, fs_path = fsspec.core.url_to_fs(path)
-    if fs.exists(fs_path):
-        with fs.open(fs_path, "r") as f:
-            old = json.load(f)
-        diff = sorted(k for k in job if old.get(k) != job[k])
-        if "format" in diff and complete_shards(output_dir):
-            raise FormatError(f"{path}: the shards here are of format {old.get('format') or 'embedded/1'}"
-                              f", not {job['format']}; rerun `reco embed-memory --force` to re-embed")
-        if diff and complete_shards(output_dir):
-            raise MismatchError(f"{path}: existing shards were made with other "
-                                f"{', '.join(diff)} ({ {k: old.get(k) for k in diff} }); "
-                                f"use another output folder or delete it")
-        if not diff:
-            return
-    atomic_write_text(path, json.dumps(job, indent=2))
+def shard_rows(output_dir: str) -> dict[str, int]:
+    """Rows of every complete shard (from its footer), by file name."""
+    out = {}
+    for path in complete_shards(output_dir).values():
+        with fsspec.open(path, "rb") as f:
+            out[path.rsplit("/", 1)[-1]] = pq.read_metadata(f).num_rows
+    return out
 
 
 def write_manifest(output_dir: str, model_id: str, dim: int, info: dict | None = None) -> Manifest:
@@ -168,3 +160,40 @@ def write_manifest(output_dir: str, model_id: str, dim: int, info: dict | None =
                                                    "rows": rows, "format": EMBEDDED_FORMAT})
     manifest.write(output_dir)
     return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# the run record of an embedded folder (reco.record): embed-memory and import-embeddings
+# ---------------------------------------------------------------------------------------------
+
+def check_record(output_dir: str, planned: Record, command: str = "embed-memory") -> None:
+    """Compare the plan with the output's record (StaleError on any difference; recorded shards
+    on disk must still have their digests); record the plan when there is none. Shards without
+    a record (an older reco, another tool) are refused: their options are unknown."""
+    if "://" in output_dir:
+        return
+    record = Record.read(output_dir, "embed")
+    if record is None:
+        if complete_shards(output_dir):
+            raise StaleError(f"{output_dir}: shards without a {RECORD_FILE} (written by an older "
+                             f"reco or another tool): their inputs and options are unknown; rerun "
+                             f"`reco {command} --force` to redo them")
+        planned.write(output_dir)
+        return
+    record.check_same(output_dir, options=planned.options, inputs=planned.inputs,
+                      model_id=planned.model_id, command=command)
+    on_disk = {p.rsplit("/", 1)[-1] for p in complete_shards(output_dir).values()}
+    record.verify(output_dir, sorted(on_disk & set(record.outputs)), command=command)
+
+
+def finish_record(output_dir: str, manifest: Manifest, shards_expected: int) -> Record | None:
+    """The output's record with every complete shard's digest and rows (after the manifest)."""
+    if "://" in output_dir:
+        return None
+    record = Record.read(output_dir, "embed")
+    rows = shard_rows(output_dir)
+    record.outputs = outputs_of(output_dir, manifest.shards, rows)
+    record.counts = {**manifest.counts, "rows": sum(rows.values()), "shards_expected": shards_expected}
+    record.complete = len(manifest.shards) == shards_expected
+    record.write(output_dir)
+    return record

@@ -7,6 +7,7 @@ is a file), or ``local-dir:/path`` holding ``open_clip_config.json`` and
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import os
@@ -52,11 +53,70 @@ class LoadedClip:
     pretrained: str               # tag/path, or "" for none
     embed_dim: int
     image_size: int
+    identity: str = ""            # model_identity(name, pretrained): what the model IS
 
     @property
     def model_id(self) -> str:
-        """What manifests record, so that artefacts of different models are never mixed."""
-        return f"{self.name}|{self.pretrained}"
+        """What manifests and records hold, so that artefacts of different models are never
+        mixed: :func:`model_identity` (never the path the model was reached by)."""
+        return self.identity or model_identity(self.name, self.pretrained or None)
+
+    def spec(self, relative_to: str | Path | None = None) -> dict[str, str | None]:
+        """How to load this model again: ``{"model", "pretrained"}``; a ``local-dir:`` folder
+        (or a checkpoint file) relative to ``relative_to`` when given (a run's folder), so that
+        the spec survives moving or copying the run."""
+        return relative_spec(self.name, self.pretrained or None, relative_to)
+
+
+def relative_spec(model: str, pretrained: str | None, relative_to: str | Path | None = None
+                  ) -> dict[str, str | None]:
+    """``{"model", "pretrained"}`` with a ``local-dir:`` folder or checkpoint file relative to
+    ``relative_to`` (when given): see :meth:`LoadedClip.spec` and :func:`spec_from`."""
+    if relative_to is not None and model.startswith(LOCAL_DIR):
+        model = LOCAL_DIR + os.path.relpath(Path(model[len(LOCAL_DIR):]).resolve(),
+                                            Path(relative_to).resolve())
+    if relative_to is not None and pretrained and Path(pretrained).is_file():
+        pretrained = os.path.relpath(Path(pretrained).resolve(), Path(relative_to).resolve())
+    return {"model": model, "pretrained": pretrained}
+
+
+def spec_from(spec: dict[str, Any], relative_to: str | Path) -> tuple[str, str | None]:
+    """(model, pretrained) of a :meth:`LoadedClip.spec` recorded relative to ``relative_to``."""
+    model, pretrained = str(spec.get("model") or ""), spec.get("pretrained") or None
+    base = Path(relative_to)
+    if model.startswith(LOCAL_DIR) and not Path(model[len(LOCAL_DIR):]).is_absolute():
+        model = LOCAL_DIR + os.path.normpath(base / model[len(LOCAL_DIR):])
+    if pretrained and not Path(pretrained).is_absolute() and (base / pretrained).is_file():
+        pretrained = os.path.normpath(base / pretrained)
+    return model, pretrained
+
+
+def _local_weights(folder: Path) -> Path | None:
+    if (folder / WEIGHTS_FILE).is_file():
+        return folder / WEIGHTS_FILE
+    found = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))
+    return found[0] if found else None
+
+
+def model_identity(model: str, pretrained: str | None = None) -> str:
+    """What a model IS, never the path used to reach it: ``name|tag`` for an open_clip name with a
+    pretrained tag (``ViT-B-32|openai``) or none (``reco-tiny|``: random init); for weights in a
+    local file or a ``local-dir:`` folder, the architecture and the sha256 of the weights
+    (``reco-tiny|sha256:...``), so that a run reached by another path, moved or copied keeps its
+    identity, and replaced weights change it."""
+    from reco.record import file_digest
+
+    if model.startswith(LOCAL_DIR):
+        folder = Path(model[len(LOCAL_DIR):])
+        arch = "local-dir"
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            reco_meta = json.loads((folder / CONFIG_FILE).read_text()).get("reco") or {}
+            arch = str(reco_meta.get("model") or (reco_meta.get("config") or {}).get("model") or arch)
+        weights = _local_weights(folder) if folder.is_dir() else None
+        return f"{arch}|{file_digest(weights) if weights else ''}"
+    if pretrained and Path(pretrained).is_file():
+        return f"{model}|{file_digest(pretrained)}"
+    return f"{model}|{pretrained or ''}"
 
 
 def load_clip(model: str, pretrained: str | None = None, device: str = "cpu",
@@ -95,7 +155,7 @@ def load_clip(model: str, pretrained: str | None = None, device: str = "cpu",
     if isinstance(image_size, (list, tuple)):
         image_size = image_size[0]
     return LoadedClip(clip, preprocess, tokenizer, model, pretrained or "",
-                      int(cfg.get("embed_dim", 0)), int(image_size))
+                      int(cfg.get("embed_dim", 0)), int(image_size), model_identity(model, pretrained))
 
 
 def _check_model_name(model: str) -> None:
@@ -133,7 +193,8 @@ def save_local_dir(clip: torch.nn.Module, model_name: str, folder: str | Path,
     os.replace(tmp, folder / WEIGHTS_FILE)
     from reco.formats import atomic_write_text
 
-    config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg, "reco": extra or {}}
+    config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg,
+              "reco": {"model": model_name, **(extra or {})}}
     atomic_write_text(folder / CONFIG_FILE, json.dumps(config, indent=2))
     return LOCAL_DIR + str(folder)
 

@@ -2,7 +2,9 @@
 
 world (+ base CLIP) -> serve over loopback -> embed-memory -> build-index ->
 precompute-neighbours -> train -> evaluate (+ neighbour gallery). Each stage is the same library
-function its own make target calls, and each is idempotent, so a rerun picks up where it stopped.
+function its own make target calls, and each is idempotent, so a rerun picks up where it stopped:
+on a complete run every stage finds its run record (:mod:`reco.record`) up to date, does no work
+and the table is printed again.
 """
 from __future__ import annotations
 
@@ -53,6 +55,19 @@ def _evaluate(cfg):
     return evaluate(cfg)
 
 
+def up_to_date(name: str, info: Any) -> bool:
+    """Whether a stage found its outputs complete and recorded with the same options and inputs
+    (their run records, :mod:`reco.record`) and did no work."""
+    if not isinstance(info, dict):
+        return False
+    checks = {
+        "world": lambda i: all(i.get(p, {}).get("action") == "kept" for p in ("world", "base_clip")),
+        "embed-memory": lambda i: all(s.get("shards_run") == 0 for s in i.values()),
+        "precompute-neighbours": lambda i: i.get("computed_shards") == 0,
+    }
+    return bool(checks.get(name, lambda i: i.get("skipped"))(info))
+
+
 STAGES = (
     Stage("world", _world),
     Stage("embed-memory", _embed),
@@ -75,8 +90,10 @@ def run_demo(cfg: RecoConfig, *, stages: tuple[Stage, ...] = STAGES, echo: Calla
         t0 = time.perf_counter()
         info = stage.run(cfg)
         seconds = time.perf_counter() - t0
-        done[stage.name] = {"seconds": round(seconds, 1), "info": info}
-        echo(f"[{i}/{len(stages)}] {stage.name} done in {seconds:.1f}s")
+        done[stage.name] = {"seconds": round(seconds, 1), "info": info,
+                            "up_to_date": up_to_date(stage.name, info)}
+        state = "up to date, skipped" if done[stage.name]["up_to_date"] else "done"
+        echo(f"[{i}/{len(stages)}] {stage.name} {state} in {seconds:.1f}s")
     done["total_seconds"] = round(time.perf_counter() - start, 1)
     return done
 

@@ -17,6 +17,7 @@ the fusion type come from the heads' training config. ``fuse_image_embeddings`` 
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -148,6 +149,12 @@ class RecoModel(nn.Module):
     def _check_heads_model(self) -> None:
         trained = self.meta.get("model_id")
         if trained and trained != self.model_id:
+            (arch, was), (now_arch, now) = trained.partition("|")[::2], self.model_id.partition("|")[::2]
+            if arch == now_arch and was.startswith("sha256:") and now.startswith("sha256:"):
+                raise MismatchError(f"the weights of CLIP model {arch!r} changed: the heads were "
+                                    f"trained on embeddings of weights {was[:19]}, the loaded "
+                                    f"weights are {now[:19]} (base-CLIP weights replaced?); "
+                                    f"rerun the chain from `reco embed-memory --force`")
             raise MismatchError(f"heads trained on embeddings of {trained!r}, but the CLIP model "
                                 f"is {self.model_id!r}")
 
@@ -232,8 +239,11 @@ class RecoModel(nn.Module):
              memory_dir: str | Path | None = None, device: str = "cpu") -> "RecoModel":
         """Everything in one call from a work directory or a heads folder (``heads.json``).
 
-        The CLIP model and memory come from what the heads recorded (``model_id``, ``memory``)
-        or else from the work directory's recorded config (``config.yaml``) / layout."""
+        The CLIP model and memory come from what the heads recorded (``clip``: the model spec,
+        a ``local-dir:`` base CLIP relative to the heads folder; ``memory``: the index folder,
+        relative to it), or else from the work directory's layout: a run moved or copied
+        anywhere loads from any working directory. The CLIP's identity (its weights' digest)
+        must be the one the heads were trained on."""
         from reco.clip import load_clip
         from reco.index.memory import Memory
         from reco.trainer.checkpoint import load_heads
@@ -245,11 +255,44 @@ class RecoModel(nn.Module):
         memory = Memory.load(Path(memory_dir or mem))
         return cls(clip, memory, heads, meta, mode=mode, k=k).to(device)
 
+    from_pretrained = load               # the hub-style name: RecoModel.from_pretrained(folder)
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write the heads as a self-contained folder (``heads.safetensors`` + ``heads.json``
+        with the CLIP spec and memory folder relative to it) that :meth:`from_pretrained`
+        loads."""
+        from reco.clip import relative_spec
+        from reco.trainer.checkpoint import save_heads
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {k: v for k, v in self.meta.items() if k != "sides"}
+        meta["clip"] = relative_spec(self.loaded_clip.name, self.loaded_clip.pretrained or None, folder)
+        source = getattr(self.memory, "folder", None)
+        meta["memory"] = os.path.relpath(Path(source).resolve(), folder.resolve()) if source else None
+        save_heads(folder, dict(self.heads), meta)
+        return folder
+
 
 def load_model(path: str | Path, mode: str = "both", k: int | None = None,
                memory_dir: str | Path | None = None, device: str = "cpu") -> RecoModel:
     """``reco.load_model(workdir_or_heads_dir)``: see :meth:`RecoModel.load`."""
     return RecoModel.load(path, mode=mode, k=k, memory_dir=memory_dir, device=device)
+
+
+def _model_from_identity(model_id: str, workdir: Path) -> tuple[str, str | None]:
+    """A hub model is named by its identity (``name|tag``; heads of older versions recorded
+    ``local-dir:/path|`` the same way); local weights (``arch|sha256:...``) are the run's
+    ``base_clip`` folder when its weights have that digest; else ("", None)."""
+    from reco.clip import CONFIG_FILE, LOCAL_DIR, model_identity
+
+    name, _, tag = model_id.partition("|")
+    if not tag.startswith("sha256:"):
+        return name, tag or None
+    base = workdir / "base_clip"
+    if (base / CONFIG_FILE).is_file() and model_identity(LOCAL_DIR + str(base)) == model_id:
+        return LOCAL_DIR + str(base), None
+    return "", None
 
 
 def _find_heads_dir(path: Path) -> Path:
@@ -260,24 +303,29 @@ def _find_heads_dir(path: Path) -> Path:
 
 
 def _model_and_memory(heads_dir: Path, meta: Mapping[str, Any]) -> tuple[str, str | None, Path]:
-    """(model, pretrained, memory folder) for heads: recorded in the meta, else the work dir."""
-    from reco.clip import resolve_model_spec
+    """(model, pretrained, memory folder) for heads: the spec and memory recorded in the meta
+    (relative to the heads folder), else the work directory (the heads folder's parent) and its
+    ``config.yaml``, read relative to that folder, never to the current directory."""
+    from reco.clip import resolve_model_spec, spec_from
 
-    model_id = meta.get("model_id") or ""
-    model, _, pretrained = model_id.partition("|")
-    memory = meta.get("memory") or meta.get("memory_dir") or meta.get("index_dir")
     workdir = heads_dir.parent
-    from reco.config_tree import load_recorded
-
-    cfg = None if model else load_recorded(workdir)
-    if cfg is not None:
-        model, pretrained = resolve_model_spec(cfg.clip.model, cfg.clip.pretrained, cfg.paths.base_clip)
-        memory = memory or cfg.paths.index
+    clip = meta.get("clip")
+    model, pretrained = spec_from(clip, heads_dir) if isinstance(clip, Mapping) else ("", None)
     if not model:
-        raise FormatError(f"{heads_dir / 'heads.json'}: no model_id recorded and no config.yaml "
+        from reco.config_tree import load_recorded
+
+        cfg = load_recorded(workdir)
+        if cfg is not None:
+            model, pretrained = resolve_model_spec(cfg.clip.model, cfg.clip.pretrained,
+                                                   workdir / "base_clip")
+    if not model:
+        model, pretrained = _model_from_identity(str(meta.get("model_id") or ""), workdir)
+    if not model:
+        raise FormatError(f"{heads_dir / 'heads.json'}: no CLIP spec recorded and no config.yaml "
                           f"in {workdir}; pass the model explicitly (RecoModel.from_config)")
+    memory = meta.get("memory") or meta.get("memory_dir") or meta.get("index_dir")
     memory = Path(memory) if memory else workdir / "index"
-    if not memory.is_absolute() and not memory.exists():
-        memory = workdir / memory
+    if not memory.is_absolute():
+        memory = heads_dir / memory if meta.get("memory") else workdir / memory
     return model, (pretrained or None), memory
 

@@ -22,6 +22,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from reco import cli
 from reco.clip import encode_images, encode_texts, load_clip
 from reco.errors import ConfigError, FormatError, MismatchError
+from reco.clip import model_identity
 from reco.formats import Manifest, check_columns, decode_vectors, embedded_schema
 from reco.pipelines.config import EmbedConfig
 from reco.pipelines.download import IMAGE_KEY, resizer
@@ -71,7 +72,8 @@ def test_end_to_end_rows_statuses_and_manifest(embed_corpus, embedded, embed_mod
     shards = -(-n // CFG.shard_size)
     assert info["rows"] == n == table.num_rows and info["complete"] and info["shards_run"] == shards
     assert sorted(table.column("id").to_pylist()) == list(range(n))
-    _check_schema(table.schema, embedded_schema(64, embed_model, ""))
+    # the metadata names what the model is (architecture + weights digest), not its path
+    _check_schema(table.schema, embedded_schema(64, *model_identity(embed_model).split("|", 1)))
     status = dict(zip(table.column("id").to_pylist(), table.column("status").to_pylist()))
     errors = dict(zip(table.column("id").to_pylist(), table.column("error_message").to_pylist()))
     assert {i: status[i] for i in embed_corpus.expected} == embed_corpus.expected
@@ -84,7 +86,7 @@ def test_end_to_end_rows_statuses_and_manifest(embed_corpus, embedded, embed_mod
     assert again.shards == [f"part-{i:05d}.parquet" for i in range(shards)] == manifest.shards
     assert again.counts["success"] == len(embed_corpus.good) == info["metrics"]["embedded"]
     assert sum(again.counts.values()) == n and again.counts["refused"] == 2
-    assert again.info["model_id"] == f"{embed_model}|" and again.info["dim"] == 64
+    assert again.info["model_id"] == model_identity(embed_model) and again.info["dim"] == 64
     assert info["metrics"]["rows_written"] == n and info["metrics"]["shards_written"] == shards
 
 
@@ -137,11 +139,12 @@ def test_old_format_output_is_refused_then_reembedded_with_force(embed_corpus, e
 
     out = tmp_path / "out"
     shutil.copytree(embedded[2], out)
-    job = json.loads((out / "job.json").read_text())
-    assert job["format"] == "embedded/2" and embedded[0].info["format"] == "embedded/2"
-    (out / "job.json").write_text(json.dumps({k: v for k, v in job.items() if k != "format"}))
-    with pytest.raises(FormatError, match="job.json: the shards here are of format embedded/1, not "
-                                          "embedded/2; rerun `reco embed-memory --force`"):
+    record = json.loads((out / "record.json").read_text())
+    assert record["options"]["format"] == "embedded/2" and embedded[0].info["format"] == "embedded/2"
+    record["options"]["format"] = "embedded/1"                # as if recorded by the old layout
+    (out / "record.json").write_text(json.dumps(record))
+    with pytest.raises(MismatchError, match=r"record.json: option\(s\) format \(recorded 'embedded/1', now "
+                                            r"'embedded/2'\) .*rerun `reco embed-memory --force`"):
         embed_urls(str(embed_corpus.urls), str(out), model=embed_model, embed_cfg=CFG)
     for path in sorted(out.glob("part-*.parquet")):
         rewrite_embedded_v1(path)                       # as the previous version wrote them
@@ -155,7 +158,7 @@ def test_old_format_output_is_refused_then_reembedded_with_force(embed_corpus, e
             *[f"--set=embed.{k}={getattr(CFG, k)}" for k in ("shard_size", "timeout")], "--set=embed.allow_networks=127.0.0.0/8",
             "--", "--direct_running_mode=in_memory"]
     assert cli.main(argv) == 0
-    assert json.loads((out / "job.json").read_text())["format"] == "embedded/2"
+    assert json.loads((out / "record.json").read_text())["options"]["format"] == "embedded/2"
     assert Manifest.read(out).counts == embedded[0].counts
     got, ref = _read(out), _read(embedded[2])
     assert got.schema.metadata[b"reco.format"] == b"embedded/2" and got.num_rows == ref.num_rows
@@ -180,7 +183,7 @@ def test_clear_errors_before_any_work(embed_corpus, embedded, embed_model, tmp_p
         pipeline_options(CFG, ["--direct_running_mode=multi_threading"])
     with pytest.raises(MismatchError, match="embedded with model"):
         embed_urls(str(embed_corpus.urls), str(embedded[2]), model="reco-tiny", embed_cfg=CFG)
-    with pytest.raises(MismatchError, match="other shard_size"):       # resume would mix shards
+    with pytest.raises(MismatchError, match=r"option\(s\) embed.shard_size \(recorded 8, now 5\).*--force"):       # resume would mix shards
         embed_urls(str(embed_corpus.urls), str(embedded[2]), model=embed_model,
                    embed_cfg=dataclasses.replace(CFG, shard_size=5))
 

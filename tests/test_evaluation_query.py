@@ -79,7 +79,8 @@ def workdir(tmp_path_factory):
     tc = dataclasses.replace(TrainConfig(), fusion="mean", k=3)
     heads = {s: build_head("mean", clip.embed_dim) for s in ("image", "text")}
     save_heads(cfg.paths.heads, heads, {"train": dataclasses.asdict(tc), "dim": clip.embed_dim, "k": 3,
-                                        "fusion": "mean", "model_id": clip.model_id})
+                                        "fusion": "mean", "model_id": clip.model_id,
+                                        "clip": clip.spec(cfg.paths.heads)})   # as reco train writes
     return cfg, clip, mem_caps
 
 

@@ -17,6 +17,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from reco.clip import model_identity
+
 from reco.formats import Manifest, decode_vectors
 from tests.fixtures.embed import make_images
 from tests.foreign import world_samples, write_parquet_images, write_release, write_webdataset
@@ -109,7 +111,7 @@ def test_released_embeddings_import_to_the_same_memory(world_exports):
         np.testing.assert_array_equal(got[i]["image"], ref["image"])
         np.testing.assert_array_equal(got[i]["text"], ref["text"])
     manifest = Manifest.read(root / "run" / "embeddings" / "memory", kind="embedded")
-    assert manifest.info["model_id"] == f"local-dir:{cfg.paths.base_clip}|"
+    assert manifest.info["model_id"] == model_identity(f"local-dir:{cfg.paths.base_clip}")   # weights digest
     assert manifest.info["normalised"] == {"image": 0, "text": 0}
     assert manifest.counts["success"] == n and "imported:" in ran["stdout"]
 

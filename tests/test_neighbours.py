@@ -158,10 +158,15 @@ def test_resume_skips_complete_shards_and_options_restart(world, computed):
     assert (out / "tensors" / "part-00000.parquet").stat().st_mtime_ns == before
     smaller = dataclasses.replace(cfg, neighbours=dataclasses.replace(cfg.neighbours, k=4,
                                                                       fields=("v_img_txt",)))
-    info = precompute_neighbours(smaller)
+    # other options: refused, naming them (never recomputed or reused silently); --force redoes
+    with pytest.raises(MismatchError, match=r"option\(s\) neighbours.fields \(.*\), neighbours.k "
+                                            r"\(recorded 16, now 4\).*precompute-neighbours --force"):
+        precompute_neighbours(smaller)
+    assert (out / "tensors" / "part-00000.parquet").stat().st_mtime_ns == before
+    info = precompute_neighbours(smaller, force=True)
     assert info["computed_shards"] == 3 and info["k"] == 4
     assert _read(out / "tensors").schema.names == ["id", "v", "t", "v_img_txt"]
-    precompute_neighbours(cfg)                                   # restore for other tests
+    precompute_neighbours(cfg, force=True)                       # restore for other tests
 
 
 def test_memory_smaller_than_k_fills_minus_one(tmp_path):

@@ -18,13 +18,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true",
                    help="continue exactly from the latest checkpoint in the output folder")
     g.add_argument("--out", default=None, help="output folder (default: WORKDIR/heads)")
+    g.add_argument("--force", action="store_true",
+                   help="train again although the output folder holds heads (also when they were "
+                   "trained with other options or tensors, which is refused otherwise)")
 
 
 def main(cfg, args) -> int:
     from reco.trainer.train import train
 
     out = Path(args.out) if args.out else None
-    info = train(cfg, out_dir=out, resume=bool(args.resume))
+    info = train(cfg, out_dir=out, resume=bool(args.resume), force=bool(getattr(args, "force", False)))
+    if info.get("skipped"):
+        print(f"heads in {info['out_dir']} are up to date (same options and tensors); "
+              f"skipped (--force trains again)")
+        return 0
     summary = {k: info[k] for k in ("out_dir", "steps", "start_step", "first_loss", "final_loss",
                                     "samples_per_s", "head_params_per_side", "logit_scale", "world_size")}
     if int(os.environ.get("RANK", "0")) == 0:          # under torchrun, one summary

@@ -51,6 +51,7 @@ class TensorsInfo:
     fields: tuple[str, ...]
     model_id: str = ""
     manifest: dict = field(default_factory=dict)
+    digest: str = ""                     # what the heads' record names the tensors by
 
     @property
     def rows(self) -> int:
@@ -113,6 +114,7 @@ def read_tensors_info(folder: str | os.PathLike, need: tuple[str, ...] = ()) -> 
     if not manifest.shards:
         raise FormatError(f"{where}: lists no shards")
     paths = manifest.shard_paths(folder)
+    digest, recorded_rows = _check_against_record(folder, manifest)
     first_meta, first = _read_footer(paths[0])
     check_tensors_format(first, paths[0])        # before its metadata is trusted
     dim = _positive(manifest.info.get("dim"), "dim", where) or _meta_int(first, "dim", paths[0]) or 0
@@ -135,9 +137,64 @@ def read_tensors_info(folder: str | os.PathLike, need: tuple[str, ...] = ()) -> 
             if got is not None and got != want:
                 raise FormatError(f"{path}: reco.{key}={got} but the manifest says {want}")
         row_groups.append([meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
+        _check_rows(path, meta.num_rows, recorded_rows, manifest.counts, where)
+    _check_ids(paths, where)
     model_id = str(manifest.info.get("model_id") or manifest.info.get("model") or "")
     return TensorsInfo(folder, paths, row_groups, dim, k, fields, model_id,
-                       {"kind": manifest.kind, "counts": manifest.counts, "info": manifest.info})
+                       {"kind": manifest.kind, "counts": manifest.counts, "info": manifest.info},
+                       digest)
+
+
+def _check_against_record(folder: str, manifest: Manifest) -> tuple[str, dict[str, int]]:
+    """The tensors folder against the neighbour pass's run record (``../record.json``): the
+    manifest lists exactly the recorded shards, each with its recorded digest. Returns the
+    record's digest (or the manifest's, without a record: tensors written by other tools) and
+    the recorded rows by shard name."""
+    from dataclasses import asdict
+
+    from reco.record import FILE, Record, json_digest
+
+    parent, sub = os.path.dirname(os.path.abspath(folder)), os.path.basename(os.path.normpath(folder))
+    record = Record.read(parent, "neighbours")
+    if record is None:
+        return json_digest({"manifest": asdict(manifest)}), {}
+    if not record.complete:
+        raise FormatError(f"{parent}/{FILE}: the neighbour pass is incomplete; rerun "
+                          f"`reco precompute-neighbours` to finish it")
+    recorded = {n.split("/", 1)[1]: e for n, e in record.outputs.items() if n.startswith(f"{sub}/")}
+    if set(manifest.shards) != set(recorded):
+        diff = sorted(set(recorded) ^ set(manifest.shards))
+        raise FormatError(f"{folder}/{Manifest.FILE} lists {len(manifest.shards)} shard(s), the "
+                          f"record {len(recorded)} (first difference: {diff[0]}); rerun "
+                          f"`reco precompute-neighbours --force`")
+    record.verify(parent, [f"{sub}/{n}" for n in manifest.shards], command="precompute-neighbours")
+    return record.digest(), {n: e["rows"] for n, e in recorded.items() if isinstance(e.get("rows"), int)}
+
+
+def _check_rows(path: str, rows: int, recorded: dict[str, int], counts: dict, where: str) -> None:
+    """A shard's footer rows against its recorded rows and the manifest's count."""
+    name = os.path.basename(path)
+    for what, want in (("the record", recorded.get(name)), (where, counts.get(name))):
+        if want is not None and want != rows:
+            raise FormatError(f"{path}: {rows} rows, but {what} says {want}")
+
+
+def _check_ids(paths: list[str], where: str) -> None:
+    """Pair ids unique across shards (a shard copied over another repeats ids)."""
+    parts = []
+    for path in paths:
+        try:
+            parts.append(pq.read_table(path, columns=["id"]).column("id").to_numpy())
+        except READ_ERRORS as exc:
+            raise FormatError(f"{path}: unreadable id column ({type(exc).__name__}: {exc})") from exc
+    ids = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    order = np.argsort(ids, kind="stable")
+    same = np.flatnonzero(ids[order][1:] == ids[order][:-1])
+    if len(same):
+        shard = np.repeat(np.arange(len(paths)), [len(p) for p in parts])
+        first, second = order[same[0]], order[same[0] + 1]
+        raise FormatError(f"{paths[shard[second]]}: pair id {int(ids[first])} also in "
+                          f"{os.path.basename(paths[shard[first]])} (duplicate ids; see {where})")
 
 
 def _read_footer(path: str) -> tuple[pq.FileMetaData, pa.Schema]:

@@ -25,8 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reco.errors import ConfigError, MismatchError
+from reco.errors import ConfigError, MismatchError, RecoError
 from reco.formats import atomic_write_bytes, atomic_write_text
+from reco.record import FILE as RECORD_FILE
+from reco.record import Record, locked, options_of, outputs_of
 from reco.trainer import checkpoint as ckpt_lib
 from reco.trainer.data import TensorStream, context_fields, make_loader, read_tensors_info
 from reco.trainer.heads import CLIP_B32_PARAMS, build_head, count_params
@@ -201,7 +203,8 @@ def _heads_meta(cfg, info, model: RecoTrainModel, history) -> dict[str, Any]:
             "final_loss": history[-1][1] if history else None}
 
 
-def train(cfg, *, out_dir: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
+def train(cfg, *, out_dir: str | Path | None = None, resume: bool = False,
+          force: bool = False) -> dict[str, Any]:
     """Train the fusion heads of ``cfg.train`` on ``cfg.paths.neighbours/tensors``.
 
     Args:
@@ -210,19 +213,74 @@ def train(cfg, *, out_dir: str | Path | None = None, resume: bool = False) -> di
             (default ``cfg.paths.heads``).
         resume: continue from the latest checkpoint in ``out_dir`` (exactly: same later losses
             as an uninterrupted run); starts fresh when there is none.
-    Returns: info dict (steps, losses, throughput, parameter counts, output paths).
+        force: train again although ``out_dir`` holds heads (needed when they were trained
+            with other options or tensors: refused otherwise, naming them).
+    Returns: info dict (steps, losses, throughput, parameter counts, output paths); heads
+    already trained with the same options on the same tensors (the folder's run record,
+    ``record.json``) are not trained again: ``{"skipped": True, ...}``.
     """
-    with process_group(cfg.clip.device):
-        return _train(cfg, out_dir, resume)
-
-
-def _train(cfg, out_dir: str | Path | None, resume: bool) -> dict[str, Any]:
-    tc = cfg.train
     out = Path(out_dir) if out_dir is not None else Path(cfg.paths.heads)
+    lock = (locked(out, "train") if int(os.environ.get("RANK", "0")) == 0
+            else contextlib.nullcontext())                    # under torchrun: rank 0 writes
+    with lock, process_group(cfg.clip.device):
+        return _train(cfg, out, resume, force)
+
+
+def train_record(cfg, info) -> Record:
+    """What a heads folder's record holds: the train options (but checkpoint_every), the
+    tensors' digest, the model."""
+    return Record(stage="train", options=options_of("train", cfg.train, ("checkpoint_every",)),
+                  inputs={"tensors": info.digest}, model_id=info.model_id)
+
+
+def _reuse(out: Path, planned: Record, force: bool, resume: bool) -> dict | None:
+    """The info of heads already trained as planned (None: train); StaleError for heads of
+    other options or tensors (unless ``force`` or ``resume``, which checks its checkpoint)."""
+    record = None if force or resume else Record.read(out, "train")
+    if record is None:
+        return None
+    record.check_same(out, options=planned.options, inputs=planned.inputs,
+                      model_id=planned.model_id, command="train")
+    if not record.complete or not (out / ckpt_lib.HEADS_META).is_file():
+        return None
+    record.verify(out, command="train")
+    meta = json.loads((out / ckpt_lib.HEADS_META).read_text())
+    log.info("heads in %s are up to date; skipping (--force trains again)", out)
+    return {"out_dir": str(out), "skipped": True, "steps": meta.get("steps"), "start_step": meta.get("steps"),
+            "first_loss": None, "final_loss": meta.get("final_loss"), "samples_per_s": None,
+            "head_params_per_side": None, "logit_scale": meta.get("logit_scale"), "world_size": None,
+            "model_id": meta.get("model_id"), "heads": str(out / ckpt_lib.HEADS_WEIGHTS)}
+
+
+def _hub_meta(cfg, info, out: Path) -> dict[str, Any]:
+    """What loading the heads alone needs (``RecoModel.from_pretrained``): the CLIP spec (a
+    ``local-dir:`` base CLIP relative to the heads folder) when the run's CLIP is the model the
+    tensors were embedded with, and the memory index folder relative to the heads folder."""
+    from reco.clip import model_identity, relative_spec, resolve_model_spec
+
+    model, pretrained = resolve_model_spec(cfg.clip.model, cfg.clip.pretrained, cfg.paths.base_clip)
+    try:
+        same = model_identity(model, pretrained) == info.model_id
+    except RecoError:
+        same = False
+    if not same:
+        log.info("heads: the run's CLIP %s is not the tensors' model %s; no CLIP spec recorded",
+                 model, info.model_id)
+    memory = Path(cfg.paths.index)
+    return {"clip": relative_spec(model, pretrained, out) if same else None,
+            "memory": os.path.relpath(memory.resolve(), out.resolve()) if memory.is_dir() else None}
+
+
+def _train(cfg, out: Path, resume: bool, force: bool = False) -> dict[str, Any]:
+    tc = cfg.train
     rank, world, device = _distributed(cfg.clip.device)
     fields = context_fields(tc)
     info = read_tensors_info(Path(cfg.paths.neighbours) / "tensors", need=fields)
     _check(tc, info, world)
+    planned = train_record(cfg, info)
+    reused = _reuse(out, planned, force, resume)
+    if reused is not None:
+        return reused
     amp_dtype = PRECISIONS[tc.precision] if device.type == "cuda" else None
     if tc.precision != "fp32" and amp_dtype is None:
         log.warning("train.precision=%s needs a GPU; training in fp32 on %s", tc.precision, device)
@@ -278,9 +336,14 @@ def _train(cfg, out_dir: str | Path | None, resume: bool) -> dict[str, Any]:
     if writer is not None:
         writer.close()
     if rank == 0:
-        ckpt_lib.save_heads(out, dict(model.heads), _heads_meta(cfg, info, model, history))
+        (out / RECORD_FILE).unlink(missing_ok=True)       # heads.json and record: last
+        ckpt_lib.save_heads(out, dict(model.heads), {**_heads_meta(cfg, info, model, history),
+                                                     **_hub_meta(cfg, info, out)})
         atomic_write_text(out / "history.json", json.dumps(history))
         _plot(history, out / "loss_curve.png")
+        planned.outputs = outputs_of(out, [ckpt_lib.HEADS_WEIGHTS, ckpt_lib.HEADS_META])
+        planned.counts, planned.complete = {"steps": tc.steps, "rows": info.rows}, True
+        planned.write(out)
     _barrier(world)
     head_params = sum(count_params(h) for h in model.heads.values())
     return {"out_dir": str(out), "steps": tc.steps, "start_step": start, "resumed_from": resumed,

@@ -225,7 +225,7 @@ def run_variant(cfg, name: str, variant: Variant, out: Path, *, clip, memories, 
         from reco.trainer.train import train
 
         log.info("ablation %s: training %d steps (%s)", name, tc.steps, variant.train or "defaults")
-        info = train(dataclasses.replace(cfg, train=tc), out_dir=heads_dir)
+        info = train(dataclasses.replace(cfg, train=tc), out_dir=heads_dir, force=True)
         train_info = {"final_loss": info.get("final_loss"), "head_params": info.get("head_params")}
         if select:
             from reco.evaluation.validation import select_checkpoint

@@ -47,6 +47,9 @@ def load_embedded(folder: str | Path, model_id: str | None = None) -> EmbeddedSp
     paths = manifest.shard_paths(folder)
     if not paths:
         raise FormatError(f"{folder}: manifest lists no shards")
+    from reco.index.embedded import check_against_record
+
+    check_against_record(str(folder), manifest)          # digests, shard list, rows
     tables, dim = [], None
     for path in paths:
         table = read_parquet(path, required=["id", "status", *VECTOR_COLUMNS])
@@ -64,10 +67,17 @@ def load_embedded(folder: str | Path, model_id: str | None = None) -> EmbeddedSp
     labels = (table["label"].to_numpy(zero_copy_only=False) if "label" in table.column_names
               else np.full(table.num_rows, -1))
     labels = np.where(pd_isnull(labels), -1, labels).astype(np.int64)
+    vectors = {c: decode_vectors(table[c], dim, where=f"{folder}: {c}") for c in VECTOR_COLUMNS}
+    for name, v in vectors.items():
+        zero = ~v.any(axis=1)
+        if zero.any():
+            raise FormatError(f"{folder}: {int(zero.sum())} all-zero {name} on success rows, first "
+                              f"id {int(table['id'][int(np.argmax(zero))].as_py())}; rerun "
+                              f"`reco embed-memory --force`")
     return EmbeddedSplit(
         ids=table["id"].to_numpy().astype(np.int64),
-        image_emb=decode_vectors(table["image_emb"], dim, where=f"{folder}: image_emb"),
-        text_emb=decode_vectors(table["text_emb"], dim, where=f"{folder}: text_emb"),
+        image_emb=vectors["image_emb"],
+        text_emb=vectors["text_emb"],
         labels=labels,
         captions=_strings(table, "caption"),
         urls=_strings(table, "url"),

@@ -13,12 +13,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from reco.errors import ConfigError
+from reco.errors import ConfigError, FormatError
 from reco.evaluation.config import INFERENCE_MODES
 from reco.evaluation.data import EmbeddedSplit, load_embedded, read_classnames, read_groups
 from reco.evaluation.retrieval import evaluate_retrieval
 from reco.evaluation.zeroshot import encode_prompts, evaluate_zeroshot, image_folder_inputs
 from reco.formats import atomic_write_bytes, atomic_write_text, remove_temporaries
+from reco.record import FILE as RECORD_FILE
+from reco.record import Record, file_digest, input_digest, locked, options_of, outputs_of
 
 log = logging.getLogger(__name__)
 RESULTS_FILE = "results.json"
@@ -106,14 +108,67 @@ def evaluate(cfg, *, heads_dir: str | Path | None = None, memory_dir: str | Path
             (``folder/<class>/*.png``) whose class names are in the file ``classnames``
             (default: the folder names; the world's names when the folders are numbers).
         gallery: write ``gallery.html``.
+    Returns the results; an evaluation already in ``cfg.paths.eval`` of the same heads, memory,
+    test split and options (its run record, ``record.json``) is not run again: ``"skipped"``.
     """
-    from reco.model import RecoModel
-
     modes = tuple(modes or cfg.eval.modes)
     bad = [m for m in modes if m not in INFERENCE_MODES]
     if bad:
         raise ConfigError(f"--modes {bad[0]!r}: choose among {', '.join(INFERENCE_MODES)}")
     k = cfg.eval.k if k is None else k
+    with locked(cfg.paths.eval, "evaluate"):
+        planned = eval_record(cfg, heads_dir, memory_dir, modes, k, gallery)
+        previous = Record.read(cfg.paths.eval, "evaluate")
+        if _up_to_date(cfg.paths.eval, previous, planned) and image_folder is None:
+            log.info("evaluation in %s is up to date (same heads, memory, test split and "
+                     "options); skipping", cfg.paths.eval)
+            return {**json.loads((Path(cfg.paths.eval) / RESULTS_FILE).read_text()), "skipped": True}
+        (Path(cfg.paths.eval) / RECORD_FILE).unlink(missing_ok=True)
+        results = _evaluate(cfg, heads_dir, memory_dir, modes, k, image_folder, classnames, gallery)
+        if image_folder is None:
+            planned.model_id = str(results["model_id"])
+            names = [n for n in ("report.md", "zeroshot.png", "gallery.html", RESULTS_FILE)
+                     if (Path(cfg.paths.eval) / n).is_file() and (n != "gallery.html" or gallery)]
+            planned.outputs, planned.complete = outputs_of(cfg.paths.eval, names), True
+            planned.write(cfg.paths.eval)
+        return results
+
+
+def _up_to_date(folder, previous: Record | None, planned: Record) -> bool:
+    """The recorded evaluation is of the same inputs (all recorded) and options, and its files
+    are as written (changed files: evaluated again)."""
+    if previous is None or not previous.complete or "none" in (planned.inputs["heads"],
+                                                                planned.inputs["index"]):
+        return False
+    if (previous.options, previous.inputs) != (planned.options, planned.inputs):
+        return False
+    try:
+        previous.verify(folder, command="evaluate")
+    except FormatError as exc:
+        log.warning("%s; evaluating again", exc)
+        return False
+    return True
+
+
+def eval_record(cfg, heads_dir, memory_dir, modes, k, gallery: bool) -> Record:
+    """What an evaluation depends on: its options, the heads', memory's and test split's records
+    (each checked against its files) and the world's class names and groups."""
+    from reco.index.embedded import open_split
+
+    world = Path(cfg.paths.world)
+    inputs = {"heads": input_digest(Path(heads_dir or cfg.paths.heads), "train", command="train"),
+              "index": input_digest(Path(memory_dir or cfg.paths.index), "index", command="build-index"),
+              "test": open_split(cfg.paths.embedded("test")).digest}
+    for name in ("classnames.txt", "species.json"):
+        inputs[name] = file_digest(world / name) if (world / name).is_file() else None
+    options = {**options_of("eval", cfg.eval), "modes": list(modes), "k": k, "gallery": gallery,
+               "clip.precision": cfg.clip.precision}
+    return Record(stage="evaluate", options=options, inputs={n: d or "none" for n, d in inputs.items()})
+
+
+def _evaluate(cfg, heads_dir, memory_dir, modes, k, image_folder, classnames, gallery) -> dict[str, Any]:
+    from reco.model import RecoModel
+
     # results.json is written last and marks a complete evaluation: withdraw an older one first,
     # so that a run killed half-way never leaves it beside newer report/chart/gallery files
     (Path(cfg.paths.eval) / RESULTS_FILE).unlink(missing_ok=True)
