@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from reco.console import advance
 from reco.errors import FormatError, MismatchError
 from reco.formats import (EMBEDDED_FORMAT, STATUSES, Manifest, atomic_write_table, atomic_write_text,
                           check_embedded_format, embedded_schema, encode_vectors)
@@ -86,7 +87,8 @@ class _WriteShardFn(beam.DoFn):
         counts = write_shard(self.args[0], shard, rows, *self.args[1:])
         self.written.inc()
         self.rows.inc(len(rows))
-        log.info("shard %05d: wrote %d rows %s", shard, len(rows), counts)
+        if not advance(output_dir, len(rows), shard=shard):   # no driver bar in this process
+            log.info("shard %05d: wrote %d rows %s", shard, len(rows), counts)
         yield shard, counts
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
 
 from reco import config as config_lib
+from reco import console
 from reco.errors import RecoError
 
 # name -> (module, one-line help)
@@ -59,7 +59,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None, help="open_clip model name, e.g. ViT-B-32")
     g.add_argument("--pretrained", default=None, help="open_clip pretrained tag or checkpoint path")
     g.add_argument("--device", default=None, help="torch device (cpu, cuda)")
-    g.add_argument("-v", "--verbose", action="store_true")
+    g.add_argument("-v", "--verbose", action="count", default=0,
+                   help="more log lines: -v reco's debug lines and libraries' info, -vv everything")
+    g.add_argument("-q", "--quiet", action="store_true",
+                   help="for scripts: no progress bars, only errors and the final summary/table")
+    g.add_argument("--json", action="store_true",
+                   help="print each stage's summary as one JSON line (its full info)")
 
 
 def _load(module: str):
@@ -84,10 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     sys.argv = [sys.argv[0], *argv]
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not args.verbose:        # faiss logs its AVX2 probe ("No module named ...") as INFO
-        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    console.setup_logging(console.QUIET if args.quiet else args.verbose, json_summaries=args.json)
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     try:
         cfg = config_from_args(args)
