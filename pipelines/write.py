@@ -133,6 +133,17 @@ def clear_output(output_dir: str) -> list[str]:
     return shards
 
 
+def read_job(path: str) -> dict:
+    """``job.json`` of an output folder, validated (a JSON object; FormatError naming the file
+    and how to start over otherwise)."""
+    from reco.validate import read_json
+
+    try:
+        return read_json(path)
+    except FormatError as exc:
+        raise FormatError(f"{exc}; rerun `reco embed-memory --force` to embed this output again") from exc
+
+
 def check_job(output_dir: str, job: dict) -> None:
     """Record what the shards of ``output_dir`` are (``job.json``: model, shard size, input rows,
     shard format); a rerun with a different layout would mix shards, so it is a MismatchError
@@ -140,8 +151,7 @@ def check_job(output_dir: str, job: dict) -> None:
     path = f"{str(output_dir).rstrip('/')}/{JOB_FILE}"
     fs, fs_path = fsspec.core.url_to_fs(path)
     if fs.exists(fs_path):
-        with fs.open(fs_path, "r") as f:
-            old = json.load(f)
+        old = read_job(path)
         diff = sorted(k for k in job if old.get(k) != job[k])
         if "format" in diff and complete_shards(output_dir):
             raise FormatError(f"{path}: the shards here are of format {old.get('format') or 'embedded/1'}"
