@@ -21,8 +21,8 @@ def summary(info: dict, folder) -> dict:
                      f"({info.get('n_removed_eval_duplicates', 0)} near-duplicates of test images removed)"}
     for m, name in (("img", "image index"), ("txt", "text index")):
         idx = (info.get("indices") or {}).get(m, {})
-        out[name] = f"{idx.get('key')}, nprobe {idx.get('nprobe')}, recall@{idx.get('recall_k')} " \
-                    f"{idx.get('recall')}"
+        search = "exact search" if idx.get("nprobe") is None else f"nprobe {idx.get('nprobe')}"
+        out[name] = f"{idx.get('key')}, {search}, recall@{idx.get('recall_k')} {idx.get('recall')}"
     return {**out, "output": folder}
 
 

@@ -108,12 +108,13 @@ def setup_logging(verbosity: int = NORMAL, *, json_summaries: bool = False,
 
 
 def bars_enabled() -> bool:
-    """Bars on a terminal only, never with -q; ``RECO_PROGRESS=1``/``0`` forces them on/off."""
+    """Bars on a terminal only, never with -q; ``RECO_PROGRESS=1``/``0`` forces them on/off
+    (e.g. on for a CI log)."""
+    if is_quiet():
+        return False
     forced = os.environ.get("RECO_PROGRESS")
     if forced is not None:
         return forced not in ("", "0", "false", "no")
-    if is_quiet():
-        return False
     try:
         return sys.stderr.isatty()
     except (AttributeError, ValueError):
