@@ -80,7 +80,7 @@ class EmbedMemory(beam.PTransform):
         shards = input_kinds.source(job.kind, job).expand(pbegin)
         extra = () if job.kind == "urls" else (KEY_COLUMN,)
         return shards | "Write" >> WriteShards(job.output_dir, job.dim, job.model,
-                                               job.pretrained or "", extra)
+                                               job.pretrained or "", extra, shards=job.shards)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -77,8 +77,10 @@ def write_shard(output_dir: str, shard: int, rows: list[dict], dim: int, model: 
 
 
 class _WriteShardFn(beam.DoFn):
-    def __init__(self, output_dir: str, dim: int, model: str, pretrained: str, extra=()):
+    def __init__(self, output_dir: str, dim: int, model: str, pretrained: str, extra=(),
+                 shards: int | None = None):
         self.args = (str(output_dir), dim, model, pretrained, tuple(extra))
+        self.of = f" of {shards}" if shards else ""
         self.written = beam.metrics.Metrics.counter("reco.embed", "shards_written")
         self.rows = beam.metrics.Metrics.counter("reco.embed", "rows_written")
 
@@ -87,8 +89,8 @@ class _WriteShardFn(beam.DoFn):
         counts = write_shard(self.args[0], shard, rows, *self.args[1:])
         self.written.inc()
         self.rows.inc(len(rows))
-        if not advance(output_dir, len(rows), shard=shard):   # no driver bar in this process
-            log.info("shard %05d: wrote %d rows %s", shard, len(rows), counts)
+        if not advance(self.args[0], len(rows), shard=shard):   # no driver bar in this process
+            log.info("shard %05d%s: wrote %d rows %s", shard, self.of, len(rows), counts)
         yield shard, counts
 
 
@@ -96,9 +98,9 @@ class WriteShards(beam.PTransform):
     """(shard, embedded rows) -> (shard, counts by status), one Parquet file per shard."""
 
     def __init__(self, output_dir: str, dim: int, model: str = "", pretrained: str = "",
-                 extra: tuple[str, ...] = ()):
+                 extra: tuple[str, ...] = (), shards: int | None = None):
         super().__init__()
-        self.fn = _WriteShardFn(output_dir, dim, model, pretrained or "", extra)
+        self.fn = _WriteShardFn(output_dir, dim, model, pretrained or "", extra, shards)
 
     def expand(self, shards):
         return shards | "AtomicParquet" >> beam.ParDo(self.fn)

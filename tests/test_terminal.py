@@ -85,6 +85,7 @@ def test_tiny_demo_fits_one_screen_and_ends_with_the_table(tiny_trained, tmp_pat
         screen = screen_lines(raw)
         assert rc == 0, raw[-5000:]
         _assert_only_reco(screen)
+        print(f"\n{attempt} run of reco demo --preset tiny: {len(screen)} lines on the terminal")
         assert len(screen) < 60, f"{attempt}: {len(screen)} lines\n" + "\n".join(screen)
         assert screen[-5].startswith("| mode |") and screen[-1].startswith("| reco both"), "\n".join(screen)
         assert any(line.startswith("[6/6] evaluate") for line in screen)
