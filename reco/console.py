@@ -182,6 +182,9 @@ class _ThreadRouter(io.TextIOBase):
     def flush(self) -> None:
         self._sink().flush()
 
+    def writable(self) -> bool:
+        return True
+
     def isatty(self) -> bool:
         sink = self._sink()
         return sink is self.target and bool(getattr(sink, "isatty", lambda: False)())
@@ -224,7 +227,7 @@ def captured_output(logger: logging.Logger, level: int = logging.DEBUG) -> Itera
         for r, old in zip(routers, previous):
             r.local.buffer = old
         if logger.isEnabledFor(level):
-            for line in buffer.getvalue().splitlines():
+            for line in buffer.getvalue().split("\n"):
                 line = line.rsplit("\r", 1)[-1].strip()
                 if line:
                     logger.log(level, "%s", line)

@@ -39,6 +39,6 @@ def main(cfg, args: argparse.Namespace) -> int:
 
 def summary(results: dict, folder) -> dict:
     """The stage summary (reco.console.print_summary); the table follows it."""
-    return {"test": f"{results['n_test']} pairs, {results['n_classes']} classes; memory of "
-                    f"{results['memory_size']} items, k {results['k']}",
+    return {"test": f"{results.get('n_test')} pairs, {results.get('n_classes')} classes; memory of "
+                    f"{results.get('memory_size')} items, k {results.get('k')}",
             "output": f"{folder}/ (report.md, results.json, zeroshot.png, gallery.html)"}
