@@ -199,8 +199,8 @@ def embed_urls(inputs, output_dir: str, *, model: str, pretrained: str | None = 
                    force=force)
     todo = job.shards - len(job.skip)
     rows = sum(f.rows for f in job.files)
-    log.info("embed %s: %d rows, %d shards (%d already complete)", output_dir, rows, job.shards,
-             len(job.skip))
+    log.info("embed %s: %d rows, %d shards (%d already complete)", _short(output_dir), rows,
+             job.shards, len(job.skip))
     log.debug("embed %s -> %s with model %s", [f.path for f in job.files], output_dir, job.model_id)
     rows_todo = rows - sum(min(embed_cfg.shard_size, rows - s * embed_cfg.shard_size) for s in job.skip)
     with tracked(str(output_dir), total=rows_todo, desc=f"embed {_short(output_dir)}", unit="row"):

@@ -41,4 +41,4 @@ def summary(results: dict, folder) -> dict:
     """The stage summary (reco.console.print_summary); the table follows it."""
     return {"test": f"{results.get('n_test')} pairs, {results.get('n_classes')} classes; memory of "
                     f"{results.get('memory_size')} items, k {results.get('k')}",
-            "output": f"{folder}/ (report.md, results.json, zeroshot.png, gallery.html)"}
+            "output": folder}
