@@ -290,7 +290,7 @@ def summary(infos: dict[str, dict]) -> dict:
 
 
 def _print_info(info: dict, name: str) -> None:
-    print_summary("embed-memory", {**summary({name: info}), "output": info["output_dir"]})
+    print_summary("embed-memory", {**summary({name: info}), "output": info["output_dir"]}, data=info)
 
 
 def main(cfg, args) -> int:
@@ -312,7 +312,7 @@ def main(cfg, args) -> int:
         return 0
     infos = embed_splits(cfg, tuple(args.split) or WORLD_SPLITS, beam_options=beam_args,
                          force=bool(getattr(args, "force", False)))
-    print_summary("embed-memory", {**summary(infos), "output": cfg.paths.embeddings})
+    print_summary("embed-memory", {**summary(infos), "output": cfg.paths.embeddings}, data=infos)
     return 0
 
 
