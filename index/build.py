@@ -20,6 +20,7 @@ import faiss
 import numpy as np
 
 from reco.config import RecoConfig
+from reco.console import captured_output
 from reco.errors import MismatchError
 from reco.formats import atomic_save_npy, atomic_write_text, remove_temporaries
 from reco.index.config import IndexConfig
@@ -29,6 +30,7 @@ from reco.index.keys import IndexPlan, choose_index_key
 from reco.index.memory import EMB_FILES, IDS_FILE, INDEX_FILES, INFO_FILE, set_search_params
 from reco.record import FILE as RECORD_FILE
 from reco.record import Record, locked, outputs_of
+from reco.validate import INDEX_INFO_KEYS, read_json
 
 log = logging.getLogger(__name__)
 MODALITY_COLUMNS = {"img": "image", "txt": "text"}
@@ -124,21 +126,21 @@ def write_index(index: faiss.Index, path: Path) -> int:
     return path.stat().st_size
 
 
-def build_one(vectors: np.ndarray, path: Path, cfg: IndexConfig) -> dict:
-    """Build, tune and write one modality's index; returns its info."""
+def build_one(vectors: np.ndarray, name: str, cfg: IndexConfig) -> tuple[faiss.Index, dict]:
+    """Build and tune one modality's index in memory (nothing written); returns it and its info."""
     plan = choose_index_key(len(vectors), vectors.shape[1], cfg)
     t0 = time.perf_counter()
-    index = train_index(vectors, plan, cfg)
+    with captured_output(log):            # autofaiss's and embedding-reader's bars: to the log
+        index = train_index(vectors, plan, cfg)
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     tuned = tune_search(index, vectors, plan, cfg)
-    size = write_index(index, path)
-    log.info("%s: %s nprobe=%s recall@%d=%.3f (%.1fs)", path.name, plan.key, tuned["nprobe"],
-             cfg.recall_k, tuned["recall"], build_s)
-    return {"key": plan.key, "metric": plan.metric, "reason": plan.reason, **tuned,
-            "recall_k": cfg.recall_k, "build_seconds": round(build_s, 2),
-            "tune_seconds": round(time.perf_counter() - t0, 2), "size_bytes": size,
-            "estimated_bytes": plan.estimated_bytes}
+    log.debug("%s: %s nprobe=%s recall@%d=%.3f (%.1fs)", name, plan.key, tuned["nprobe"],
+              cfg.recall_k, tuned["recall"], build_s)
+    return index, {"key": plan.key, "metric": plan.metric, "reason": plan.reason, **tuned,
+                   "recall_k": cfg.recall_k, "build_seconds": round(build_s, 2),
+                   "tune_seconds": round(time.perf_counter() - t0, 2),
+                   "estimated_bytes": plan.estimated_bytes}
 
 
 def source_fingerprint(cfg: RecoConfig) -> str:
@@ -211,7 +213,7 @@ def _build(cfg: RecoConfig, force: bool) -> dict:
         if record.complete and (out / INFO_FILE).exists():
             record.verify(out, command="build-index")
             log.info("index in %s is up to date; skipping (--force rebuilds)", out)
-            return {**json.loads((out / INFO_FILE).read_text()), "skipped": True}
+            return {**read_json(out / INFO_FILE, INDEX_INFO_KEYS), "skipped": True}
     t_start = time.perf_counter()
     data = read_split(split)
     vectors = {m: normalise(data[col]) for m, col in MODALITY_COLUMNS.items()}
@@ -220,14 +222,17 @@ def _build(cfg: RecoConfig, force: bool) -> dict:
     keep = ~remove
     ids = data["id"][keep]
     vectors = {m: np.ascontiguousarray(v[keep]) for m, v in vectors.items()}
+    built = {m: build_one(vectors[m], name, cfg.index) for m, name in INDEX_FILES.items()}
     out.mkdir(parents=True, exist_ok=True)
-    # info.json (written last) marks a complete folder: withdraw it (and the record) before
-    # replacing any file, so that a run killed mid-rebuild leaves a folder that readers and
-    # reruns see as unbuilt, never an old info.json over a mix of old and new files.
+    # info.json (written last) marks a complete folder: withdraw it before replacing any file, so
+    # that a run killed mid-rebuild leaves a folder that readers and reruns see as unbuilt, never
+    # an old info.json over a mix of old and new files. Only now, with the new indices built: a
+    # run that fails before this point leaves the previous index whole.
     (out / INFO_FILE).unlink(missing_ok=True)
     (out / RECORD_FILE).unlink(missing_ok=True)
     remove_temporaries(out)                   # left by a killed run
-    indices = {m: build_one(vectors[m], out / INDEX_FILES[m], cfg.index) for m in INDEX_FILES}
+    indices = {m: {**info, "size_bytes": write_index(index, out / INDEX_FILES[m])}
+               for m, (index, info) in built.items()}
     for m, name in EMB_FILES.items():
         atomic_save_npy(vectors[m].astype(np.float16), out / name)
     atomic_save_npy(ids.astype(np.int64), out / IDS_FILE)

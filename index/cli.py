@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from reco.config import RecoConfig
 
@@ -12,12 +11,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rebuild even if the index folder is up to date with its inputs")
 
 
+def summary(info: dict, folder) -> dict:
+    """The stage summary (reco.console.print_summary)."""
+    from reco.console import seconds
+
+    out = {"status": "up to date, skipped (--force rebuilds)" if info.get("skipped")
+           else f"built in {seconds(info.get('seconds'))}",
+           "memory": f"{info.get('n')} items of dimension {info.get('dim')} "
+                     f"({info.get('n_removed_eval_duplicates', 0)} near-duplicates of test images removed)"}
+    for m, name in (("img", "image index"), ("txt", "text index")):
+        idx = (info.get("indices") or {}).get(m, {})
+        search = "exact search" if idx.get("nprobe") is None else f"nprobe {idx.get('nprobe')}"
+        out[name] = f"{idx.get('key')}, {search}, recall@{idx.get('recall_k')} {idx.get('recall')}"
+    return {**out, "output": folder}
+
+
 def main(cfg: RecoConfig, args: argparse.Namespace) -> int:
+    from reco.console import print_summary
     from reco.index.build import build_memory_index
 
     info = build_memory_index(cfg, force=bool(args.force))
-    summary = {k: info.get(k) for k in ("n", "dim", "model_id", "keys", "nprobe", "recall",
-                                        "n_removed_eval_duplicates", "skipped")}
-    print(json.dumps(summary, indent=2))
-    print(f"index written to {cfg.paths.index}")
+    print_summary("build-index", summary(info, cfg.paths.index), data=info)
     return 0

@@ -12,7 +12,6 @@ internally (IVF-PQ indices are built with L2, see ``reco.index.keys``).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 
 from reco.errors import FormatError, MismatchError
 from reco.formats import parse_field, to_float32
+from reco.validate import INDEX_INFO_KEYS, load_npy, read_json
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +32,21 @@ INFO_FILE = "info.json"
 
 
 def read_index(path: str, mmap: bool = False) -> faiss.Index:
-    """faiss.read_index, memory-mapped when asked and supported by the index type."""
+    """faiss.read_index, memory-mapped when asked and supported by the index type; a truncated
+    or corrupt file is a FormatError naming it (faiss raises RuntimeError)."""
     if not os.path.exists(path):
         raise FormatError(f"{path}: index file not found; run `reco build-index` first")
     if mmap:
         try:
             return faiss.read_index(path, faiss.IO_FLAG_MMAP)
         except RuntimeError as exc:   # not every index type can be mapped
-            log.info("%s cannot be memory-mapped (%s); reading it into memory", path, str(exc)[:80])
-    return faiss.read_index(path)
+            log.debug("%s cannot be memory-mapped (%s); reading it into memory", path, str(exc)[:80])
+    try:
+        return faiss.read_index(path)
+    except (RuntimeError, MemoryError) as exc:
+        reason = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else type(exc).__name__
+        raise FormatError(f"{path}: not a readable faiss index ({reason}); rebuild it with "
+                          f"`reco build-index --force`") from exc
 
 
 def set_search_params(index: faiss.Index, nprobe: int | None = None, k_factor: float | None = None) -> None:
@@ -78,10 +84,30 @@ def _flat_vectors(index: faiss.Index | None, n: int, dim: int) -> np.ndarray | N
         return None
 
 
-def _load_npy(path: Path, mmap: bool) -> np.ndarray:
+def _load_npy(path: Path, mmap: bool, dtype, ndim: int) -> np.ndarray:
+    """A validated array of the folder (FormatError naming the file: missing, corrupt, pickled
+    objects, wrong dtype or shape)."""
     if not path.exists():
         raise FormatError(f"{path}: not found; run `reco build-index` first")
-    return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    return load_npy(path, dtype=dtype, ndim=ndim, mmap=mmap)
+
+
+def read_info(folder: str | Path) -> dict:
+    """The folder's ``info.json``, validated: the keys the memory needs, typed (FormatError
+    naming the file otherwise)."""
+    path = Path(folder) / INFO_FILE
+    if not path.exists():
+        raise FormatError(f"{path}: not found; run `reco build-index` first")
+    info = read_json(path, INDEX_INFO_KEYS)
+    indices = info.get("indices", {})
+    if not isinstance(indices, dict) or not all(isinstance(v, dict) for v in indices.values()):
+        raise FormatError(f"{path}: key 'indices' is {indices!r}, expected an object per modality")
+    for m, meta in indices.items():
+        for key, typ in (("nprobe", int), ("k_factor", (int, float))):
+            value = meta.get(key)
+            if value is not None and (not isinstance(value, typ) or isinstance(value, bool) or value <= 0):
+                raise FormatError(f"{path}: indices.{m}.{key} is {value!r}, expected a positive number")
+    return info
 
 
 class Memory:
@@ -123,12 +149,13 @@ class Memory:
 
         folder = Path(folder)
         digest = input_digest(folder, "index", command="build-index", verify=verify)
-        try:
-            info = json.loads((folder / INFO_FILE).read_text())
-        except FileNotFoundError as exc:
-            raise FormatError(f"{folder / INFO_FILE}: not found; run `reco build-index` first") from exc
-        arrays = {m: _load_npy(folder / f, mmap) for m, f in EMB_FILES.items()}
-        ids = _load_npy(folder / IDS_FILE, mmap)
+        info = read_info(folder)
+        arrays = {m: _load_npy(folder / f, mmap, np.float16, 2) for m, f in EMB_FILES.items()}
+        ids = _load_npy(folder / IDS_FILE, mmap, np.int64, 1)
+        for m, f in EMB_FILES.items():
+            if arrays[m].shape[1] != info["dim"]:
+                raise FormatError(f"{folder / f}: vectors of dimension {arrays[m].shape[1]}, "
+                                  f"{folder / INFO_FILE} says {info['dim']}")
         indices = {}
         if load_indices:
             for m, name in INDEX_FILES.items():

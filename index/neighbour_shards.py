@@ -70,10 +70,22 @@ def fingerprint(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def read_plan(path: Path) -> dict:
+    """``plan.json``, validated: a JSON object with a string ``fingerprint`` (FormatError naming
+    the file and how to start over otherwise)."""
+    from reco.validate import read_json
+
+    try:
+        return read_json(path, {"fingerprint": str})
+    except FormatError as exc:
+        raise FormatError(f"{exc}; rerun `reco precompute-neighbours --force` to recompute the "
+                          f"neighbours") from exc
+
+
 def reset_if_stale(out: Path, plan: dict) -> bool:
     """Remove previous shards computed from other inputs/options; record the plan. True if reset."""
     path = out / PLAN_FILE
-    old = json.loads(path.read_text()) if path.exists() else None
+    old = read_plan(path) if path.exists() else None
     stale = old is not None and old.get("fingerprint") != plan["fingerprint"]
     for sub in SUBDIRS:                   # hidden temporaries of a killed run: never read, drop them
         formats.remove_temporaries(out / sub)
@@ -150,8 +162,18 @@ def write_shard(out: str | Path, name: str, tables: dict[str, pa.Table]) -> None
 
 
 def shard_stats(out: Path, name: str) -> dict:
-    meta = pq.read_schema(out / "ids" / name).metadata or {}
-    return json.loads(meta.get(b"reco.stats", b"{}"))
+    """The exclusion counts an ids shard records in its ``reco.stats`` metadata (FormatError
+    naming the shard when they are unreadable)."""
+    path = out / "ids" / name
+    try:
+        stats = json.loads((pq.read_schema(path).metadata or {}).get(b"reco.stats", b"{}"))
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise FormatError(f"{path}: unreadable reco.stats metadata ({exc}); rerun "
+                          f"`reco precompute-neighbours --force`") from exc
+    if not isinstance(stats, dict) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                               for v in stats.values()):
+        raise FormatError(f"{path}: reco.stats metadata {stats!r} is not an object of counts")
+    return stats
 
 
 def write_manifests(out: Path, specs: list[ShardSpec], info: dict) -> dict:

@@ -26,6 +26,7 @@ import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from reco.console import captured_output
 from reco.formats import STATUS_OK
 from reco.pipelines.config import EmbedConfig
 from reco.pipelines.safe_http import MAX_BYTES, REFUSED_PREFIX, NetPolicy
@@ -113,7 +114,8 @@ def fetch_shard(rows: list[dict], image_size: int, cfg: EmbedConfig) -> list[dic
         pq.write_table(pa.table({"url": [r["url"] for r in todo],
                                  "caption": [r["caption"] or "" for r in todo],
                                  ID_COL: pa.array([r["id"] for r in todo], pa.int64())}), url_list)
-        _run(url_list, out, n, image_size, cfg)
+        with captured_output(log):        # img2dataset's banners: to the log at DEBUG
+            _run(url_list, out, n, image_size, cfg)
         results = _read_results(out, cfg.encode_format)
     return [_merge_result(r, results) for r in rows]
 
@@ -159,7 +161,7 @@ class _DownloadShardFn(beam.DoFn):
         failed = sum(r["status"] not in (STATUS_OK, "refused") for r in out)
         self.downloaded.inc(ok)
         self.failed.inc(failed)
-        log.info("shard %05d: downloaded %d/%d (%d failed)", shard, ok, len(out), failed)
+        log.debug("shard %05d: downloaded %d/%d (%d failed)", shard, ok, len(out), failed)
         yield shard, out
 
 

@@ -114,7 +114,7 @@ class _EmbedShardFn(ClipDoFn):
         shard, rows = element
         out = embed_rows(self.clip, rows, self.batch_size)
         done = self.count(out)
-        log.info("shard %05d: embedded %d rows", shard, done)
+        log.debug("shard %05d: embedded %d rows", shard, done)
         yield shard, out
 
 

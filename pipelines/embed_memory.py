@@ -38,6 +38,7 @@ import fsspec
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from reco.console import print_summary, seconds, tracked
 from reco.errors import ConfigError, FormatError, RecoError
 from reco.formats import EMBEDDED_FORMAT, Manifest
 from reco.pipelines import inputs as input_kinds, runners
@@ -83,7 +84,7 @@ class EmbedMemory(beam.PTransform):
         extra = () if job.kind == "urls" else (KEY_COLUMN,)
         # shard metadata names what the model is (reco.clip.model_identity), not its path
         return shards | "Write" >> WriteShards(job.output_dir, job.dim, *job.model_id.split("|", 1),
-                                               extra=extra)
+                                               extra=extra, shards=job.shards)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,11 +247,13 @@ def _embed_urls(inputs, output_dir: str, *, model: str, pretrained: str | None,
     job = plan_job(inputs, output_dir, model=model, pretrained=pretrained, embed_cfg=embed_cfg,
                    force=force, digests=digests)
     todo = job.shards - len(job.skip)
-    log.info("embed %s -> %s: %d rows, %d shards (%d already complete), model %s",
-             [f.path for f in job.files], output_dir, sum(f.rows for f in job.files), job.shards,
-             len(job.skip), job.model_id)
-    metrics = run_job(job, options) if todo else {}
     rows = sum(f.rows for f in job.files)
+    log.info("embed %s: %d rows, %d shards (%d already complete)", _short(output_dir), rows,
+             job.shards, len(job.skip))
+    log.debug("embed %s -> %s with model %s", [f.path for f in job.files], output_dir, job.model_id)
+    rows_todo = rows - sum(min(embed_cfg.shard_size, rows - s * embed_cfg.shard_size) for s in job.skip)
+    with tracked(str(output_dir), total=rows_todo, desc=f"embed {_short(output_dir)}", unit="row"):
+        metrics = run_job(job, options) if todo else {}
     manifest = write_manifest(output_dir, job.model_id, job.dim, {
         "inputs": [f.path for f in job.files], "input_format": job.kind,
         "shard_size": embed_cfg.shard_size,
@@ -260,7 +263,7 @@ def _embed_urls(inputs, output_dir: str, *, model: str, pretrained: str | None,
             "shards_run": todo, "shards_skipped": len(job.skip), "counts": manifest.counts,
             "complete": len(manifest.shards) == job.shards, "model_id": job.model_id,
             "dim": job.dim, "metrics": metrics, "seconds": round(time.time() - start, 2)}
-    log.info("embed %s: %s", output_dir, {k: info[k] for k in ("counts", "metrics", "seconds")})
+    log.debug("embed %s: %s", output_dir, {k: info[k] for k in ("counts", "metrics", "seconds")})
     return manifest, info
 
 
@@ -334,10 +337,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Beam flags after --, e.g. -- --direct_num_workers=2")
 
 
+def _short(path) -> str:
+    """The last folder name of an output path (the split's name for the world's outputs)."""
+    return str(path).rstrip("/").rsplit("/", 1)[-1]
+
+
+def summary(infos: dict[str, dict]) -> dict:
+    """The stage summary (reco.console.print_summary): one line per output folder."""
+    out = {}
+    for name, info in infos.items():
+        counts = ", ".join(f"{n} {s}" for s, n in info["counts"].items() if n)
+        done = (f"{info['shards_run']} shard(s) run" if info["shards_run"] else "nothing to do") + \
+            (f", {info['shards_skipped']} already complete" if info["shards_skipped"] else "")
+        out[name] = f"{info['rows']} rows: {counts or 'none'}; {done}; {seconds(info['seconds'])}"
+    return out
+
+
 def _print_info(info: dict, name: str) -> None:
-    print(f"{name}: {info['rows']} rows, {info['shards_run']} shards run, "
-          f"{info['shards_skipped']} skipped, counts {info['counts']}, "
-          f"counters {info['metrics']}, {info['seconds']} s -> {info['output_dir']}")
+    print_summary("embed-memory", {**summary({name: info}), "output": info["output_dir"]}, data=info)
 
 
 def main(cfg, args) -> int:
@@ -357,9 +374,9 @@ def main(cfg, args) -> int:
                              force=bool(getattr(args, "force", False)))
         _print_info(info, "embedded")
         return 0
-    for split, info in embed_splits(cfg, tuple(args.split) or WORLD_SPLITS, beam_options=beam_args,
-                                    force=bool(getattr(args, "force", False))).items():
-        _print_info(info, split)
+    infos = embed_splits(cfg, tuple(args.split) or WORLD_SPLITS, beam_options=beam_args,
+                         force=bool(getattr(args, "force", False)))
+    print_summary("embed-memory", {**summary(infos), "output": cfg.paths.embeddings}, data=infos)
     return 0
 
 
@@ -386,7 +403,9 @@ def run(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
+    from reco.console import setup_logging
+
+    setup_logging()
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     try:
         sys.exit(run())

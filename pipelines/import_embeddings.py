@@ -278,7 +278,9 @@ def main(cfg, args) -> int:
                                 text_from_captions=bool(args.text_from_captions),
                                 batch_size=cfg.embed.batch_size, device=cfg.clip.device,
                                 force=bool(args.force))
-    print(f"imported: {info['rows']} rows, {info['shards_run']} shards run, "
-          f"{info['shards_skipped']} skipped, counts {info['counts']}, normalised "
-          f"{info['normalised']}, {info['seconds']} s -> {info['output_dir']}")
+    from reco.console import print_summary
+    from reco.pipelines.embed_memory import summary
+
+    print_summary("import-embeddings", {**summary({"imported": info}), "normalised": info["normalised"],
+                                        "output": info["output_dir"]}, data=info)
     return 0

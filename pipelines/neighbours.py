@@ -51,7 +51,6 @@ Output, under ``cfg.paths.neighbours``:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import time
@@ -65,6 +64,7 @@ from apache_beam.options.pipeline_options import StandardOptions
 from reco import formats
 from reco.config import RecoConfig
 from reco.index.config import NeighboursConfig
+from reco.console import advance, print_summary, tracked
 from reco.errors import ConfigError, FormatError
 from reco.index import neighbour_shards as shards
 from reco.index.build import normalise
@@ -226,6 +226,8 @@ class _ShardFn(beam.DoFn):
             return []
         record, self.pending = self.pending.result(), None
         beam.metrics.Metrics.counter(METRICS, "pairs").inc(record["rows"])
+        if not advance(self.s.out_folder, record["rows"]):     # no driver bar in this process
+            log.info("neighbours: %s written (%d pairs)", record["name"], record["rows"])
         for step, seconds in record.pop("seconds").items():
             beam.metrics.Metrics.counter(METRICS, f"{step}_ms").inc(int(seconds * 1000))
         return [record]
@@ -450,7 +452,8 @@ def _precompute(cfg: RecoConfig, force: bool, beam_options) -> dict:
     log.info("neighbours: %d pairs in %d shard(s), %d to compute", sum(s.n_rows for s in specs),
              len(specs), len(todo))
     t_job = time.perf_counter()
-    steps = run(todo, settings, options) if todo else {}
+    with tracked(settings.out_folder, total=sum(s.n_rows for s in todo), desc="neighbours", unit="pair"):
+        steps = run(todo, settings, options) if todo else {}
     job_seconds = time.perf_counter() - t_job
     info = {"dim": settings.dim, "k": settings.k, "fields": list(settings.fields),
             "searches": list(settings.searches), "model_id": memory.model_id,
@@ -483,9 +486,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(cfg: RecoConfig, args: argparse.Namespace) -> int:
     info = precompute_neighbours(cfg, force=bool(args.force), beam_options=args.beam_option)
-    print(json.dumps({k: info.get(k) for k in ("n_pairs", "shards", "computed_shards", "skipped_shards",
-                                               "k", "fields", "n_excluded", "n_missing", "dry_run",
-                                               "seconds")}, indent=2))
-    print(f"neighbours {'job built (dry run), nothing written to' if info['dry_run'] else 'written to'} "
-          f"{cfg.paths.neighbours}")
+    print_summary("precompute-neighbours", summary(info, cfg.paths.neighbours), data=info)
     return 0
+
+
+def summary(info: dict, folder) -> dict:
+    """The stage summary (reco.console.print_summary)."""
+    from reco.console import seconds
+
+    done = f"{info['computed_shards']} computed" + \
+        (f", {info['skipped_shards']} already complete" if info["skipped_shards"] else "")
+    return {"pairs": f"{info['n_pairs']} in {info['shards']} shard(s): {done}; {seconds(info['seconds'])}",
+            "neighbours": f"k {info['k']}, fields {', '.join(info['fields'])}",
+            "excluded": f"{info.get('n_excluded', 0)} near-duplicate hits, {info.get('n_missing', 0)} "
+                        f"missing",
+            "output": "job built (dry run), nothing written" if info["dry_run"] else folder}

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from reco.console import advance
 from reco.errors import MismatchError
 from reco.formats import (EMBEDDED_FORMAT, STATUSES, Manifest, atomic_write_table,
                           check_embedded_format, embedded_schema, encode_vectors)
@@ -77,8 +78,10 @@ def write_shard(output_dir: str, shard: int, rows: list[dict], dim: int, model: 
 
 
 class _WriteShardFn(beam.DoFn):
-    def __init__(self, output_dir: str, dim: int, model: str, pretrained: str, extra=()):
+    def __init__(self, output_dir: str, dim: int, model: str, pretrained: str, extra=(),
+                 shards: int | None = None):
         self.args = (str(output_dir), dim, model, pretrained, tuple(extra))
+        self.of = f" of {shards}" if shards else ""
         self.written = beam.metrics.Metrics.counter("reco.embed", "shards_written")
         self.rows = beam.metrics.Metrics.counter("reco.embed", "rows_written")
 
@@ -87,7 +90,8 @@ class _WriteShardFn(beam.DoFn):
         counts = write_shard(self.args[0], shard, rows, *self.args[1:])
         self.written.inc()
         self.rows.inc(len(rows))
-        log.info("shard %05d: wrote %d rows %s", shard, len(rows), counts)
+        if not advance(self.args[0], len(rows), shard=shard):   # no driver bar in this process
+            log.info("shard %05d%s: wrote %d rows %s", shard, self.of, len(rows), counts)
         yield shard, counts
 
 
@@ -95,9 +99,9 @@ class WriteShards(beam.PTransform):
     """(shard, embedded rows) -> (shard, counts by status), one Parquet file per shard."""
 
     def __init__(self, output_dir: str, dim: int, model: str = "", pretrained: str = "",
-                 extra: tuple[str, ...] = ()):
+                 extra: tuple[str, ...] = (), shards: int | None = None):
         super().__init__()
-        self.fn = _WriteShardFn(output_dir, dim, model, pretrained or "", extra)
+        self.fn = _WriteShardFn(output_dir, dim, model, pretrained or "", extra, shards)
 
     def expand(self, shards):
         return shards | "AtomicParquet" >> beam.ParDo(self.fn)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
-import logging
 import os
 import re
 import sys
 
 from reco import config as config_lib
+from reco import console
 from reco.errors import ConfigError, RecoError
 
 # name -> (module, one-line help)
@@ -175,7 +175,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pretrained", default=None,
                    help="open_clip pretrained tag or checkpoint path (= --set clip.pretrained=...)")
     g.add_argument("--device", default=None, help="torch device: cpu, cuda, cuda:1 (= --set clip.device=...)")
-    g.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    g.add_argument("-v", "--verbose", action="count", default=0,
+                   help="more log lines: -v reco's debug lines and libraries' info, -vv everything")
+    g.add_argument("-q", "--quiet", action="store_true",
+                   help="for scripts: no progress bars, only errors and the final summary/table")
+    g.add_argument("--json", action="store_true",
+                   help="print each stage's summary as one JSON line (its full info)")
 
 
 def _load(module: str):
@@ -248,10 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extras = build_parser().parse_known_args(argv)
     if extras:
         _unknown(args, extras)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not args.verbose:        # faiss logs its AVX2 probe ("No module named ...") as INFO
-        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    console.setup_logging(console.QUIET if args.quiet else args.verbose, json_summaries=args.json)
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     try:
         cfg = config_from_args(args)

@@ -113,7 +113,7 @@ def test_released_embeddings_import_to_the_same_memory(world_exports):
     manifest = Manifest.read(root / "run" / "embeddings" / "memory", kind="embedded")
     assert manifest.info["model_id"] == model_identity(f"local-dir:{cfg.paths.base_clip}")   # weights digest
     assert manifest.info["normalised"] == {"image": 0, "text": 0}
-    assert manifest.counts["success"] == n and "imported:" in ran["stdout"]
+    assert manifest.counts["success"] == n and "\n  imported " in ran["stdout"]   # the summary
 
 
 # ---------------------------------------------------------------------------------------------

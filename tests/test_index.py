@@ -177,8 +177,8 @@ def test_cli_build_index(tmp_path, capsys):
     from reco.cli import main
 
     make_synthetic(tmp_path, n_memory=400, n_test=20, n_planted=2)
-    rc = main(["build-index", "--preset", "tiny", "--workdir", str(tmp_path)])
+    rc = main(["build-index", "--preset", "tiny", "--workdir", str(tmp_path), "--json"])
     out = capsys.readouterr().out
-    assert rc == 0 and '"n_removed_eval_duplicates": 2' in out
+    assert rc == 0 and json.loads(out)["n_removed_eval_duplicates"] == 2
     assert pq.read_schema(str(tmp_path / "embeddings/memory/part-00000.parquet"))
     assert (tmp_path / "index" / "image.index").exists() and (tmp_path / "index" / "text.index").exists()

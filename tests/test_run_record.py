@@ -93,7 +93,7 @@ def test_demo_rerun_skips_every_stage_and_prints_the_table(relocated, capsys):
     original, root = relocated
     cfg = dataclasses.replace(original, workdir=str(root / "c" / "copy"),
                               eval=dataclasses.replace(original.eval, modes=("off", "both")))
-    demo.run_demo(cfg, echo=lambda s: None)                     # evaluates if not done yet
+    demo.run_demo(cfg)                                          # evaluates if not done yet
     capsys.readouterr()
     assert demo.main(cfg, argparse.Namespace(from_stage=None)) == 0
     out = capsys.readouterr().out

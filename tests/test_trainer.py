@@ -208,10 +208,9 @@ def test_ddp_train_runs_end_to_end_under_gloo(tmp_path, workdir):
 
 def test_cli_train(workdir, tmp_path, capsys):
     rc = cli_main(["train", "--preset", "tiny", "--workdir", str(workdir), "--out", str(tmp_path),
-                   *[a for s in BASE for a in ("--set", s)], "--set", "train.steps=2"])
+                   *[a for s in BASE for a in ("--set", s)], "--set", "train.steps=2", "--json"])
     assert rc == 0
-    out = capsys.readouterr().out
-    summary = json.loads(out[out.rindex("\n{") + 1:])
+    summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 2 and summary["out_dir"] == str(tmp_path)
     assert (tmp_path / "heads.json").exists()
 
@@ -222,11 +221,11 @@ def test_torchrun_cli_train_owns_its_process_group(workdir, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(_free_port()), "-m", "reco.cli", "train", "--preset", "tiny",
            "--workdir", str(workdir), "--out", str(tmp_path), *[a for s in BASE for a in ("--set", s)],
-           "--set", "train.steps=4", "--set", "train.checkpoint_every=2"]
+           "--set", "train.steps=4", "--set", "train.checkpoint_every=2", "--json"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout[proc.stdout.rindex("\n{") + 1:])
+    summary = json.loads(proc.stdout)                 # one JSON line: rank 0's only
     assert summary["world_size"] == 2 and summary["steps"] == 4
     assert load_heads(tmp_path)[1]["train"]["steps"] == 4
     assert latest_checkpoint(tmp_path).name == "step-000004"

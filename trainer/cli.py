@@ -8,7 +8,6 @@ global batch ``train.batch_size`` is split across processes).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -24,16 +23,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(cfg, args) -> int:
+    from reco.console import print_summary
     from reco.trainer.train import train
 
     out = Path(args.out) if args.out else None
     info = train(cfg, out_dir=out, resume=bool(args.resume), force=bool(getattr(args, "force", False)))
-    if info.get("skipped"):
-        print(f"heads in {info['out_dir']} are up to date (same options and tensors); "
-              f"skipped (--force trains again)")
-        return 0
-    summary = {k: info[k] for k in ("out_dir", "steps", "start_step", "first_loss", "final_loss",
-                                    "samples_per_s", "head_params_per_side", "logit_scale", "world_size")}
     if int(os.environ.get("RANK", "0")) == 0:          # under torchrun, one summary
-        print(json.dumps(summary, indent=2))
+        print_summary("train", summary(info), data=info)
     return 0
+
+
+def summary(info: dict) -> dict:
+    """The stage summary (reco.console.print_summary)."""
+    if info.get("skipped"):
+        return {"status": "up to date (same options and tensors), skipped (--force trains again)",
+                "output": info["out_dir"]}
+    steps = f"{info['steps']}" + (f" (resumed at step {info['start_step']})" if info.get("start_step") else "")
+    first, final = info.get("first_loss"), info.get("final_loss")
+    rate = info.get("samples_per_s")
+    return {"steps": steps + (f", {rate:.0f} samples/s" if rate else "")
+                     + (f" on {info['world_size']} processes" if info.get("world_size", 1) > 1 else ""),
+            "loss": f"{first:.4f} -> {final:.4f}" if first is not None and final is not None else None,
+            "heads": ", ".join(f"{side} {n:,} parameters" for side, n in info["head_params_per_side"].items()),
+            "output": info["out_dir"]}

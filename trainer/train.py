@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reco.console import progress
 from reco.errors import ConfigError, MismatchError, RecoError
 from reco.formats import atomic_write_bytes, atomic_write_text
 from reco.record import FILE as RECORD_FILE
@@ -296,7 +296,8 @@ def _train(cfg, out: Path, resume: bool, force: bool = False) -> dict[str, Any]:
         start, history, resumed = state["step"], state["history"], str(found)
         log.info("resuming from %s (step %d)", found, start)
     elif rank == 0:
-        _clear_previous_run(out)
+        _clear_previous_run(out, "tb")       # the old run's checkpoints go at the first new one
+    stale_checkpoints = rank == 0 and found is None
     if world > 1:
         ddp_kw = {"device_ids": [device.index]} if device.type == "cuda" else {}
         net = nn.parallel.DistributedDataParallel(model, **ddp_kw)
@@ -309,10 +310,8 @@ def _train(cfg, out: Path, resume: bool, force: bool = False) -> dict[str, Any]:
     batches = iter(make_loader(stream, pin_memory=device.type == "cuda"))
     writer = _writer(out, start) if rank == 0 else None
     t0, done = time.perf_counter(), 0
-    from tqdm import tqdm
-
-    bar = tqdm(total=tc.steps, initial=start, disable=rank != 0, file=sys.stdout, mininterval=2,
-               desc="train", dynamic_ncols=True)
+    bar = progress(total=tc.steps, initial=start, desc="train heads", unit="step",
+                   **({"disable": True} if rank != 0 else {}))
     log_every = max(1, tc.steps // 20)
     for step in range(start, tc.steps):
         stats = train_step(net, optimizer, next(batches), lr=lr_at(step, tc), device=device,
@@ -327,9 +326,12 @@ def _train(cfg, out: Path, resume: bool, force: bool = False) -> dict[str, Any]:
         bar.update(1)
         bar.set_postfix(loss=f"{stats['loss']:.4f}", refresh=False)
         if rank == 0 and ((step + 1) % log_every == 0 or step == start):
-            bar.write(f"step {step + 1}/{tc.steps} loss {stats['loss']:.4f} "
-                      f"scale {stats['logit_scale']:.2f} lr {lr_at(step, tc):.2e}", file=sys.stdout)
+            log.debug("step %d/%d loss %.4f scale %.2f lr %.2e", step + 1, tc.steps, stats["loss"],
+                      stats["logit_scale"], lr_at(step, tc))
         if (step + 1) % tc.checkpoint_every == 0 or step + 1 == tc.steps:
+            if stale_checkpoints:            # a fresh run: never leave older checkpoints beside
+                _clear_previous_run(out, ckpt_lib.CHECKPOINTS)       # (a later --resume picks them)
+                stale_checkpoints = False
             _save(out, step + 1, model, optimizer, scaler, tc, info, world, history, rank)
     bar.close()
     elapsed = time.perf_counter() - t0
@@ -356,14 +358,15 @@ def _train(cfg, out: Path, resume: bool, force: bool = False) -> dict[str, Any]:
             "model_id": info.model_id, "heads": str(out / ckpt_lib.HEADS_WEIGHTS)}
 
 
-def _clear_previous_run(out: Path) -> None:
+def _clear_previous_run(out: Path, *names: str) -> None:
     """A fresh run must not leave an older run's checkpoints (a later --resume would pick them)
-    or TensorBoard events behind."""
+    or TensorBoard events behind. The checkpoints are cleared when the new run writes its first
+    one, so a run that fails before that leaves the previous run's checkpoints in place."""
     import shutil
 
-    for name in (ckpt_lib.CHECKPOINTS, "tb"):
+    for name in names:
         if (out / name).exists():
-            log.info("fresh run: removing %s from a previous run", out / name)
+            log.debug("fresh run: removing %s from a previous run", out / name)
             shutil.rmtree(out / name)
 
 
@@ -398,5 +401,5 @@ def _save(out: Path, step: int, model, optimizer, scaler, tc, info, world: int, 
                           "batches_per_rank": step, "num_workers": tc.num_workers}}
         path = ckpt_lib.save_checkpoint(out, step, model=model.state_dict(),
                                         optimizer=optimizer.state_dict(), state=state)
-        log.info("checkpoint %s", path)
+        log.debug("checkpoint %s", path)
     _barrier(world)

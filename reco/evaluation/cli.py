@@ -26,12 +26,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(cfg, args: argparse.Namespace) -> int:
+    from reco.console import json_summaries, print_summary
     from reco.evaluation.evaluate import evaluate, markdown_table
 
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip()) if args.modes else None
     results = evaluate(cfg, heads_dir=args.heads, memory_dir=args.memory, modes=modes, k=args.k,
                        image_folder=args.image_folder, classnames=args.classnames,
                        gallery=not args.no_gallery)
-    print(markdown_table(results["modes"]))
-    print(f"\nwritten to {cfg.paths.eval}/ (results.json, report.md, zeroshot.png)")
+    print_summary("evaluate", summary(results, cfg.paths.eval), data=results)
+    if not json_summaries():
+        print(markdown_table(results["modes"]))
     return 0
+
+
+def summary(results: dict, folder) -> dict:
+    """The stage summary (reco.console.print_summary); the table follows it."""
+    return {"test": f"{results.get('n_test')} pairs, {results.get('n_classes')} classes; memory of "
+                    f"{results.get('memory_size')} items, k {results.get('k')}",
+            "output": folder}

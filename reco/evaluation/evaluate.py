@@ -7,12 +7,15 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from reco.console import progress
 from reco.errors import ConfigError, FormatError
 from reco.evaluation.config import INFERENCE_MODES
 from reco.evaluation.data import EmbeddedSplit, load_embedded, read_classnames, read_groups
@@ -73,7 +76,7 @@ def evaluate_model(model, inputs: EvalInputs, modes: Sequence[str],
     out = {}
     previous = model.mode
     try:
-        for mode in modes:
+        for mode in progress(modes, desc="evaluate", unit="mode"):
             if mode not in model.available_modes():
                 log.info("mode %s skipped: heads lack a side", mode)
                 continue
@@ -169,9 +172,8 @@ def eval_record(cfg, heads_dir, memory_dir, modes, k, gallery: bool) -> Record:
 def _evaluate(cfg, heads_dir, memory_dir, modes, k, image_folder, classnames, gallery) -> dict[str, Any]:
     from reco.model import RecoModel
 
-    # results.json is written last and marks a complete evaluation: withdraw an older one first,
-    # so that a run killed half-way never leaves it beside newer report/chart/gallery files
-    (Path(cfg.paths.eval) / RESULTS_FILE).unlink(missing_ok=True)
+    # write_outputs replaces the files only once everything is computed: a failed evaluation
+    # leaves the previous one's files whole
     remove_temporaries(cfg.paths.eval)                  # left by a killed run
     model = RecoModel.from_config(cfg, heads_dir=heads_dir, memory_dir=memory_dir, mode="off", k=k)
     inputs = load_inputs(cfg, model.loaded_clip, image_folder=image_folder, classnames=classnames)
@@ -184,20 +186,39 @@ def _evaluate(cfg, heads_dir, memory_dir, modes, k, image_folder, classnames, ga
         "image_folder": str(image_folder) if image_folder else None,
         "modes": evaluate_model(model, inputs, modes, cfg.eval.retrieval_ks),
     }
+    staged = {}
     if gallery:
         from reco.evaluation.gallery import write_gallery
 
         model.mode = "both" if "both" in model.available_modes() else model.available_modes()[-1]
-        write_gallery(cfg, model, inputs, Path(cfg.paths.eval) / "gallery.html")
-    write_outputs(cfg.paths.eval, results)
+        staged["gallery.html"] = Path(cfg.paths.eval) / f".gallery.html.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        if gallery:
+            write_gallery(cfg, model, inputs, staged["gallery.html"])
+        write_outputs(cfg.paths.eval, results, staged=staged)
+    finally:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
     return results
 
 
-def write_outputs(folder: str | Path, results: dict[str, Any]) -> None:
-    """report.md, zeroshot.png, then results.json (last: it marks a complete evaluation)."""
+def write_outputs(folder: str | Path, results: dict[str, Any], *,
+                  staged: dict[str, Path] | None = None) -> None:
+    """Replace the evaluation's files: ``staged`` ({name: temporary file already written in
+    ``folder``}, e.g. the gallery), report.md, zeroshot.png, then results.json (last: it marks a
+    complete evaluation).
+
+    Everything is computed before this is called, so a failed evaluation never touches the
+    previous one's files; the previous results.json is withdrawn only here, just before its
+    files are replaced, so that a run killed half-way never leaves it beside newer files.
+    """
     folder = Path(folder)
-    atomic_write_text(folder / "report.md", markdown_report(results))
-    atomic_write_bytes(bar_chart(results), folder / "zeroshot.png")
+    report, chart = markdown_report(results), bar_chart(results)
+    (folder / RESULTS_FILE).unlink(missing_ok=True)
+    for name, tmp in (staged or {}).items():
+        os.replace(tmp, folder / name)
+    atomic_write_text(folder / "report.md", report)
+    atomic_write_bytes(chart, folder / "zeroshot.png")
     atomic_write_text(folder / RESULTS_FILE, json.dumps(_jsonable(results), indent=2))
 
 

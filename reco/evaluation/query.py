@@ -27,14 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--index", choices=("img", "txt"), default=None,
                    help="memory index searched (default: img for --image, txt for --text)")
     g.add_argument("--memory", default=None, help="memory index folder (default: WORKDIR/index)")
-    g.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def main(cfg, args: argparse.Namespace) -> int:
     rows, info = run_query(cfg, image=args.image, text=args.text, k=args.k, index=args.index,
                            memory_dir=args.memory)
     if args.json:
-        print(json.dumps({"info": info, "neighbours": rows}, indent=2))
+        print(json.dumps({"info": info, "neighbours": rows}, indent=2))      # --json: a common option
     else:
         print(format_rows(rows, info))
     return 0

@@ -265,5 +265,9 @@ def main(cfg: RecoConfig, args: argparse.Namespace) -> int:
     _, info = retrieve_customisation_set(
         cfg, names, tuple(args.templates) if args.templates else None, per_class=args.per_class,
         searches=tuple(args.searches or DEFAULT_SEARCHES), out=args.out)
-    print(json.dumps({k: v for k, v in info.items() if k != "per_class_counts"}, indent=2))
+    from reco.console import print_summary
+
+    print_summary("react-retrieve", {
+        "pairs": f"{info['n_pairs']} for {info['n_classes']} classes",
+        "output": info.get("out")}, data={k: v for k, v in info.items() if k != "per_class_counts"})
     return 0

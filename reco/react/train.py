@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reco import options as o
+from reco.console import print_summary, progress, seconds
 from reco.config import RecoConfig
 from reco.errors import ConfigError
 
@@ -168,6 +169,7 @@ def react_train(cfg: RecoConfig, *, k_blocks: int | None = None, steps: int | No
     n, batch = pixels.shape[0], min(options.batch_size, pixels.shape[0])
     order, cursor, history = torch.randperm(n, generator=generator), 0, []
     t1 = time.perf_counter()
+    bar = progress(total=options.steps, desc="react-train", unit="step")
     for step in range(options.steps):
         if cursor + batch > n:
             order, cursor = torch.randperm(n, generator=generator), 0
@@ -184,14 +186,17 @@ def react_train(cfg: RecoConfig, *, k_blocks: int | None = None, steps: int | No
         optimizer.step()
         loss_fn.clamp_()
         history.append([step + 1, float(terms["loss"].detach()), lr])
+        bar.update(1)
+        bar.set_postfix(loss=f"{history[-1][1]:.4f}", refresh=False)
         if (step + 1) % options.log_every == 0 or step == 0:
-            log.info("react step %d/%d loss %.4f lr %.2e gates %s", step + 1, options.steps,
+            log.debug("react step %d/%d loss %.4f lr %.2e gates %s", step + 1, options.steps,
                      history[-1][1], lr, gates(model))
         if (step + 1) % options.checkpoint_every == 0 and step + 1 < options.steps:
             state = {k: v for k, v in trainable_parameters(model).items()}
             state["loss.logit_scale"] = loss_fn.logit_scale
             save_checkpoint(out, step + 1, model=state, optimizer=optimizer.state_dict(),
                             state={"react": dataclasses.asdict(options), "history": history})
+    bar.close()
     train_s = time.perf_counter() - t1
     model.eval()
     meta = _meta(clip, options, {"pairs": n, "steps_done": options.steps,
@@ -250,5 +255,11 @@ def main(cfg: RecoConfig, args: argparse.Namespace) -> int:
         shift=args.shift, image_source=args.image_source, seed=args.seed)
     info = react_train(cfg, options=options, out_dir=args.out, customisation=args.customisation,
                        evaluate=not args.no_eval)
-    print(json.dumps(info, indent=2, default=float))
+    zs = {m: r["all"]["top1"] for m, r in (info.get("zeroshot") or {}).items() if m in ("frozen", "react")}
+    print_summary("react-train", {
+        "steps": f"{info['steps']} on {info['pairs']} pairs in {seconds(info['train_seconds'])}, "
+                 f"{info['k_blocks']} gated blocks ({info['trainable_params']:,} parameters)",
+        "loss": f"{info['first_loss']:.4f} -> {info['final_loss']:.4f}",
+        "zero-shot": f"top-1 frozen CLIP {zs['frozen']:.1f} -> REACT {zs['react']:.1f}" if len(zs) == 2 else None,
+        "output": info["out"]}, data=info)
     return 0 if math.isfinite(info["final_loss"]) else 1

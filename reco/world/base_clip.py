@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from reco.clip import CONFIG_FILE, LOCAL_DIR, WEIGHTS_FILE, LoadedClip, load_clip, save_local_dir
+from reco.console import dropped, progress
 from reco.errors import FormatError
 from reco.formats import atomic_write_text, read_parquet
 from reco.world.captions import attribute_prompt, name_prompt
@@ -115,7 +116,8 @@ def train_base_clip(cfg: BaseClipConfig, world_dir: str | Path, out_dir: str | P
     torch.manual_seed(seed)
     start = time.perf_counter()
     pixels, captions, _ = load_split(world_dir, "pretrain")
-    clip = load_clip(cfg.model, pretrained=None)
+    with dropped("", "No pretrained weights loaded"):      # random init is the point here
+        clip = load_clip(cfg.model, pretrained=None)
     tokens = clip.tokenizer(captions)
     load_seconds = time.perf_counter() - start
     model = clip.model.train()
@@ -125,6 +127,7 @@ def train_base_clip(cfg: BaseClipConfig, world_dir: str | Path, out_dir: str | P
     gen = torch.Generator().manual_seed(seed)
     order, pos, losses = torch.randperm(len(pixels), generator=gen), 0, []
     train_start, cpu_start = time.perf_counter(), time.process_time()
+    bar = progress(total=cfg.steps, desc="world: base CLIP", unit="step")
     for step in range(cfg.steps):
         if pos + cfg.batch_size > len(order):
             order, pos = torch.randperm(len(pixels), generator=gen), 0
@@ -139,9 +142,12 @@ def train_base_clip(cfg: BaseClipConfig, world_dir: str | Path, out_dir: str | P
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
         if step % 25 == 0 or step == cfg.steps - 1:
-            log.info("base clip step %d/%d loss %.3f (%.1f s)", step + 1, cfg.steps, losses[-1],
-                     time.perf_counter() - train_start)
+            log.debug("base clip step %d/%d loss %.3f (%.1f s)", step + 1, cfg.steps, losses[-1],
+                      time.perf_counter() - train_start)
+    bar.close()
     train_seconds, cpu_seconds = time.perf_counter() - train_start, time.process_time() - cpu_start
     model.eval()
     extra = dict(extra or {})

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from reco.console import progress
 from reco.errors import ConfigError
 from reco.formats import atomic_write_table, atomic_write_text, read_parquet
 from reco.world import captions as cap
@@ -129,10 +130,11 @@ def _image_rel(split: str, row: int) -> str:
 
 
 def _write_images(out: Path, split: str, rows: list[dict], species: list[Species],
-                  cfg: WorldConfig, test_png: dict[int, bytes], digest) -> int:
+                  cfg: WorldConfig, test_png: dict[int, bytes], digest, bar) -> int:
     (out / "images" / split).mkdir(parents=True, exist_ok=True)
     written = 0
     for r in rows:
+        bar.update(1)
         if r["dead"]:
             continue
         if r["copy_of_test"] >= 0:
@@ -204,10 +206,11 @@ def build_world(cfg: WorldConfig, out_dir: str | Path) -> dict[str, Any]:
     plans = {s: plan_split(s, cfg, species, seen) for s in SPLITS}
     duplicates = _mark_memory(plans["memory"], plans["test"], species, cfg)
     digest, test_png, written = hashlib.sha256(), {}, {}
-    for split in ("test", "pretrain", "memory", "train"):      # test first: memory copies it
-        written[split] = _write_images(out, split, plans[split], species, cfg, test_png, digest)
-        atomic_write_table(_url_table(split, plans[split], base_url(cfg)), out / "urls" / f"{split}.parquet")
-        atomic_write_table(_meta_table(plans[split]), out / "meta" / f"{split}.parquet")
+    with progress(total=sum(len(p) for p in plans.values()), desc="world: rendering", unit="img") as bar:
+        for split in ("test", "pretrain", "memory", "train"):      # test first: memory copies it
+            written[split] = _write_images(out, split, plans[split], species, cfg, test_png, digest, bar)
+            atomic_write_table(_url_table(split, plans[split], base_url(cfg)), out / "urls" / f"{split}.parquet")
+            atomic_write_table(_meta_table(plans[split]), out / "meta" / f"{split}.parquet")
     atomic_write_text(out / "classnames.txt", "".join(f"{s.name}\n" for s in species))
     atomic_write_text(out / "species.json", species_json(species, seen, unseen))
     info = {

@@ -301,7 +301,7 @@ class WorldServer:
                                         name=f"world-server-{self.port}", daemon=True)
         self._thread.start()
         threading.Thread(target=_warm_bombs, name="world-server-bombs", daemon=True).start()
-        log.info("serving %s on %s", self.root, self.base_url)
+        log.debug("serving %s on %s", self.root, self.base_url)
         return self
 
     def stop(self) -> None:
