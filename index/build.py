@@ -21,7 +21,7 @@ import numpy as np
 
 from reco.config import RecoConfig
 from reco.console import captured_output
-from reco.errors import MismatchError
+from reco.errors import FormatError, MismatchError
 from reco.formats import atomic_save_npy, atomic_write_text, remove_temporaries
 from reco.index.config import IndexConfig
 from reco.index.dedup import eval_duplicate_mask
@@ -184,6 +184,29 @@ def index_plan(cfg: RecoConfig, split, test) -> Record:
                   inputs={"memory": split.digest, "test": test.digest if test else "none"})
 
 
+def _previous(out: Path, planned: Record) -> dict | None:
+    """info.json of the index already in ``out`` when it can be reused: recorded with the same
+    options and inputs (other ones: refused, naming them), complete, and its files as written.
+    The folder's own files unreadable or changed: None (rebuilt, with a warning naming them)."""
+    try:
+        record = Record.read(out, "index")
+    except FormatError as exc:
+        log.warning("%s; rebuilding the index", exc)
+        return None
+    if record is None:
+        return None
+    record.check_same(out, options=planned.options, inputs=planned.inputs,
+                      model_id=planned.model_id, command="build-index")
+    if not record.complete or not (out / INFO_FILE).exists():
+        return None
+    try:
+        record.verify(out, command="build-index")
+        return read_json(out / INFO_FILE, INDEX_INFO_KEYS)
+    except FormatError as exc:
+        log.warning("%s; rebuilding the index", exc)
+        return None
+
+
 def build_memory_index(cfg: RecoConfig, force: bool = False) -> dict:
     """Build ``cfg.paths.index`` from ``cfg.paths.embedded("memory")``; returns info.json's dict.
 
@@ -206,14 +229,10 @@ def _build(cfg: RecoConfig, force: bool) -> dict:
     test = (open_split(cfg.paths.embedded("test"), allow_empty=True)
             if (cfg.paths.embedded("test") / "manifest.json").exists() else None)
     planned = index_plan(cfg, split, test)
-    record = None if force else Record.read(out, "index")
-    if record is not None:
-        record.check_same(out, options=planned.options, inputs=planned.inputs,
-                          model_id=planned.model_id, command="build-index")
-        if record.complete and (out / INFO_FILE).exists():
-            record.verify(out, command="build-index")
-            log.info("index in %s is up to date; skipping (--force rebuilds)", out)
-            return {**read_json(out / INFO_FILE, INDEX_INFO_KEYS), "skipped": True}
+    previous = None if force else _previous(out, planned)
+    if previous is not None:
+        log.info("index in %s is up to date; skipping (--force rebuilds)", out)
+        return {**previous, "skipped": True}
     t_start = time.perf_counter()
     data = read_split(split)
     vectors = {m: normalise(data[col]) for m, col in MODALITY_COLUMNS.items()}

@@ -126,7 +126,6 @@ def evaluate(cfg, *, heads_dir: str | Path | None = None, memory_dir: str | Path
             log.info("evaluation in %s is up to date (same heads, memory, test split and "
                      "options); skipping", cfg.paths.eval)
             return {**json.loads((Path(cfg.paths.eval) / RESULTS_FILE).read_text()), "skipped": True}
-        (Path(cfg.paths.eval) / RECORD_FILE).unlink(missing_ok=True)
         results = _evaluate(cfg, heads_dir, memory_dir, modes, k, image_folder, classnames, gallery)
         if image_folder is None:
             planned.model_id = str(results["model_id"])
@@ -214,7 +213,8 @@ def write_outputs(folder: str | Path, results: dict[str, Any], *,
     """
     folder = Path(folder)
     report, chart = markdown_report(results), bar_chart(results)
-    (folder / RESULTS_FILE).unlink(missing_ok=True)
+    for name in (RECORD_FILE, RESULTS_FILE):      # the run record goes with the results
+        (folder / name).unlink(missing_ok=True)
     for name, tmp in (staged or {}).items():
         os.replace(tmp, folder / name)
     atomic_write_text(folder / "report.md", report)

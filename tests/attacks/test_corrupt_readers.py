@@ -133,9 +133,9 @@ CASES = [
     ("neighbours/plan.json",           "json-list",              "precompute-neighbours"),
     ("neighbours/plan.json",           "fingerprint-as-number",  "precompute-neighbours"),
     ("neighbours/ids/part-00000.parquet", "stats-not-json",      "neighbour-stats"),
-    ("embeddings/out/job.json",        "truncate",               "embed-memory"),
-    ("embeddings/out/job.json",        "garbage",                "embed-memory"),
-    ("embeddings/out/job.json",        "json-list",              "embed-memory"),
+    ("embeddings/out/record.json",     "truncate",               "embed-memory"),
+    ("embeddings/out/record.json",     "garbage",                "embed-memory"),
+    ("embeddings/out/record.json",     "json-list",              "embed-memory"),
     ("embeddings/memory/manifest.json", "truncate",              "build-index"),
     ("embeddings/memory/manifest.json", "shards-as-string",      "build-index"),
     ("embeddings/train/manifest.json", "garbage",                "precompute-neighbours"),
@@ -145,7 +145,7 @@ CASES = [
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory, embed_model):
     """A synthetic run folder: embedded splits, a built index, a neighbours plan and one ids
-    shard, and an embed-memory output folder with its job.json; plus a URL list."""
+    shard, and an embed-memory output folder with its run record; plus a URL list."""
     from reco.index.build import build_memory_index
     from reco.index.neighbour_shards import ids_table
     from reco.formats import atomic_write_text
@@ -163,8 +163,7 @@ def pristine(tmp_path_factory, embed_model):
     pq.write_table(pa.table({"url": ["http://127.0.0.1:9/a.png"], "caption": ["a"]}), urls)
     out = cfg.paths.embeddings / "out"
     out.mkdir(parents=True)
-    (out / "job.json").write_text(json.dumps({"model_id": "x", "shard_size": 10, "files": [],
-                                              "format": "embedded/2"}))
+    _embed_plan({"urls": urls, "embed_out": out, "model": embed_model})    # writes its record
     return {"root": root, "cfg": cfg, "urls": urls, "model": embed_model}
 
 

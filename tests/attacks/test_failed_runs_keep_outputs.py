@@ -88,7 +88,7 @@ def test_failed_fresh_train_keeps_the_previous_checkpoints(tmp_path, monkeypatch
 
     monkeypatch.setattr(train_mod, "train_step", fails)
     with pytest.raises(RuntimeError, match="illegal memory access"):
-        train_mod.train(cfg)                                  # fresh run (no --resume)
+        train_mod.train(cfg, force=True)                      # fresh run (no --resume)
     assert {p.name: _digests(p) for p in (heads / "checkpoints").iterdir()} == before
     assert latest_checkpoint(heads).name == "step-000004"
     assert _digests(heads) == weights                        # heads.json, weights, curve
