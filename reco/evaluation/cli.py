@@ -8,9 +8,12 @@ from reco.evaluation.config import INFERENCE_MODES
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("evaluate")
-    g.add_argument("--heads", default=None, help="heads folder (default: WORKDIR/heads)")
+    g.add_argument("--heads", default=None, help="heads folder (default: WORKDIR/heads); any "
+                   "fsspec path (a URL is mirrored into WORKDIR/cache/)")
     g.add_argument("--memory", default=None, help="memory index folder used at inference "
-                                                 "(default: WORKDIR/index)")
+                                                 "(default: WORKDIR/index); any fsspec path")
+    g.add_argument("--output", default=None, metavar="PATH",
+                   help="also publish the eval folder there (any fsspec path)")
     g.add_argument("--modes", default=None,
                    help=f"comma-separated inference modes among {','.join(INFERENCE_MODES)} "
                         "(default: eval.modes)")
@@ -66,12 +69,18 @@ def data_specs(args: argparse.Namespace) -> list:
 
 def main(cfg, args: argparse.Namespace) -> int:
     from reco.evaluation.evaluate import evaluate, markdown_table
+    from reco.remote import local_input, staged
 
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip()) if args.modes else None
     specs = data_specs(args)
-    results = evaluate(cfg, heads_dir=args.heads, memory_dir=args.memory, modes=modes, k=args.k,
-                       data=specs, classnames=None if specs else args.classnames,
-                       templates=args.templates, groups=args.groups, gallery=not args.no_gallery)
+    heads = local_input(cfg.workdir, args.heads, "heads")
+    memory = local_input(cfg.workdir, args.memory, "memory")
+    with staged(outputs={cfg.paths.eval: ("output", args.output)}):
+        results = evaluate(cfg, heads_dir=heads, memory_dir=memory, modes=modes, k=args.k,
+                           data=specs, classnames=None if specs else args.classnames,
+                           templates=args.templates, groups=args.groups,
+                           gallery=not args.no_gallery)
     print(markdown_table(results["modes"]))
-    print(f"\nwritten to {cfg.paths.eval}/ (results.json, report.md, zeroshot.png)")
+    print(f"\nwritten to {cfg.paths.eval}/ (results.json, report.md, zeroshot.png)"
+          + (f" and {args.output}" if args.output else ""))
     return 0
