@@ -269,6 +269,9 @@ def _clip_benchmark(spec: DataSpec, clip, names, batch_size: int) -> LabelledSet
         return _webdataset(DataSpec("webdataset", spec.path, split=spec.split,
                                     templates=spec.templates), clip, names, batch_size)
     dataset = _build_cb_dataset(spec, clip.preprocess)
+    if not getattr(dataset, "classes", None):
+        raise ConfigError(f"--dataset {name}: not a classification data set (no classes); "
+                          f"evaluate retrieval sets with reco-clip-benchmark")
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     embs, labels = [], []
     for images, targets in loader:
