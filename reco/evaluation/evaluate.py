@@ -69,7 +69,8 @@ def load_inputs(cfg, clip, *, data: Sequence[DataSpec] = (), classnames: str | P
         found.append(("test", test))
     for spec in data:
         labelled = load_set(spec, clip, cfg.eval.batch_size)
-        sub_groups = read_group_file(spec.groups or groups) if (spec.groups or (groups and not found)) else {}
+        group_file = spec.groups or (None if found else groups)      # --groups: the main set's
+        sub_groups = read_group_file(group_file) if group_file else {}
         prompts = encode_prompts(clip, labelled.classnames, labelled.templates or default_templates,
                                  cfg.eval.batch_size)
         found.append((SET_KEYS[spec.kind], EvalInputs(labelled.split, labelled.classnames, prompts,
