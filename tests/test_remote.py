@@ -118,7 +118,7 @@ def test_whole_chain_through_a_bucket(tiny_trained, bucket, tmp_path, capsys):
     b = f"{bucket}/reco"
     common = ["--preset", "tiny", "--workdir", str(tmp_path / "laion")]
     model = ["--model", f"local-dir:{cfg.paths.base_clip}"]
-    assert main(["embed-memory", *common, *model, "--set", "embed.allow_private=true",
+    assert main(["embed-memory", *common, *model, "--set", "embed.allow_networks=127.0.0.0/8",
                  "--input", str(cfg.paths.urls("memory")), "--output", f"{b}/memory"]) == 0
     for split in ("train", "test"):
         _upload(cfg.paths.embedded(split), f"{b}/{split}")
