@@ -9,6 +9,17 @@ from reco.config import RecoConfig
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true",
                         help="rebuild even if the index folder is up to date with its inputs")
+    io = parser.add_argument_group("inputs and outputs apart from the work directory (any "
+                                   "fsspec path: gs://, s3://, local; mirrored into the work "
+                                   "directory, changed files only)")
+    io.add_argument("--memory", default=None, metavar="PATH",
+                    help="embedded memory folder (embed-memory's --output; default "
+                         "WORKDIR/embeddings/memory)")
+    io.add_argument("--test", default=None, metavar="PATH",
+                    help="embedded evaluation images whose near-duplicates leave the memory "
+                         "(default WORKDIR/embeddings/test when present)")
+    io.add_argument("--output", default=None, metavar="PATH",
+                    help="also publish the index folder there (built in WORKDIR/index)")
 
 
 def summary(info: dict, folder) -> dict:
@@ -29,7 +40,12 @@ def summary(info: dict, folder) -> dict:
 def main(cfg: RecoConfig, args: argparse.Namespace) -> int:
     from reco.console import print_summary
     from reco.index.build import build_memory_index
+    from reco.remote import staged
 
-    info = build_memory_index(cfg, force=bool(args.force))
-    print_summary("build-index", summary(info, cfg.paths.index), data=info)
+    with staged({cfg.paths.embedded("memory"): ("memory", args.memory),
+                 cfg.paths.embedded("test"): ("test", args.test)},
+                {cfg.paths.index: ("output", args.output)}):
+        info = build_memory_index(cfg, force=bool(args.force))
+    folder = f"{cfg.paths.index}" + (f" (published to {args.output})" if args.output else "")
+    print_summary("build-index", summary(info, folder), data=info)
     return 0

@@ -364,6 +364,9 @@ def main(cfg, args) -> int:
         if not args.output:
             raise ConfigError("--input needs --output")
         from reco.clip import resolve_model_spec
+        from reco.remote import check_paths
+
+        check_paths(input=args.input, output=args.output)
 
         model, pretrained = resolve_model_spec(cfg.clip.model, cfg.clip.pretrained, cfg.paths.base_clip)
         embed_cfg = run_embed_config(cfg)

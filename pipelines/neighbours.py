@@ -482,11 +482,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="recompute every shard (no resume)")
     parser.add_argument("--beam-option", action="append", default=None, metavar="FLAG",
                         help="extra Beam pipeline flag, repeatable (e.g. --beam-option=--runner=PortableRunner)")
+    io = parser.add_argument_group("inputs and outputs apart from the work directory (any "
+                                   "fsspec path; mirrored into the work directory)")
+    io.add_argument("--train", default=None, metavar="PATH",
+                    help="embedded training pairs (default WORKDIR/embeddings/train)")
+    io.add_argument("--index", default=None, metavar="PATH",
+                    help="memory index folder, build-index's output (default WORKDIR/index)")
+    io.add_argument("--output", default=None, metavar="PATH",
+                    help="also publish the neighbours folder there (written in WORKDIR/neighbours)")
 
 
 def main(cfg: RecoConfig, args: argparse.Namespace) -> int:
-    info = precompute_neighbours(cfg, force=bool(args.force), beam_options=args.beam_option)
-    print_summary("precompute-neighbours", summary(info, cfg.paths.neighbours), data=info)
+    from reco.remote import staged
+
+    with staged({cfg.paths.embedded("train"): ("train", args.train),
+                 cfg.paths.index: ("index", args.index)},
+                {cfg.paths.neighbours: ("output", args.output)}):
+        info = precompute_neighbours(cfg, force=bool(args.force), beam_options=args.beam_option)
+    folder = f"{cfg.paths.neighbours}" + (f" (published to {args.output})" if args.output else "")
+    print_summary("precompute-neighbours", summary(info, folder), data=info)
     return 0
 
 

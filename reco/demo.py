@@ -58,7 +58,8 @@ def _train(cfg):
 
 def _evaluate(cfg):
     from reco.evaluation.evaluate import evaluate
-    return evaluate(cfg)
+    world = cfg.paths.world            # the world's class names and seen/unseen groups are inputs
+    return evaluate(cfg, classnames=world / "classnames.txt", groups=world / "species.json")
 
 
 def up_to_date(name: str, info: Any) -> bool:

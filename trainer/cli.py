@@ -16,7 +16,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("train")
     g.add_argument("--resume", action="store_true",
                    help="continue exactly from the latest checkpoint in the output folder")
-    g.add_argument("--out", default=None, help="output folder (default: WORKDIR/heads)")
+    g.add_argument("--out", default=None,
+                   help="output folder (default: WORKDIR/heads); an fsspec URL (gs://, s3://) "
+                        "trains in WORKDIR/heads and publishes the folder there")
+    g.add_argument("--neighbours", default=None, metavar="PATH",
+                   help="neighbours folder, precompute-neighbours' output, any fsspec path "
+                        "(mirrored into WORKDIR/neighbours; default: that folder)")
     g.add_argument("--force", action="store_true",
                    help="train again although the output folder holds heads (also when they were "
                    "trained with other options or tensors, which is refused otherwise)")
@@ -24,10 +29,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(cfg, args) -> int:
     from reco.console import print_summary
+    from reco.remote import is_url, staged
     from reco.trainer.train import train
 
-    out = Path(args.out) if args.out else None
-    info = train(cfg, out_dir=out, resume=bool(args.resume), force=bool(getattr(args, "force", False)))
+    remote_out = args.out if is_url(args.out) else None
+    out = Path(args.out) if args.out and not remote_out else None
+    with staged({cfg.paths.neighbours: ("neighbours", args.neighbours)},
+                {cfg.paths.heads: ("out", remote_out)}):
+        info = train(cfg, out_dir=out, resume=bool(args.resume), force=bool(getattr(args, "force", False)))
     if int(os.environ.get("RANK", "0")) == 0:          # under torchrun, one summary
         print_summary("train", summary(info), data=info)
     return 0

@@ -9,31 +9,82 @@ from reco.options import MAX_K, flag_range
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("evaluate")
-    g.add_argument("--heads", default=None, help="heads folder (default: WORKDIR/heads)")
+    g.add_argument("--heads", default=None, help="heads folder (default: WORKDIR/heads); any "
+                   "fsspec path (a URL is mirrored into WORKDIR/cache/)")
     g.add_argument("--memory", default=None, help="memory index folder used at inference "
-                                                 "(default: WORKDIR/index)")
+                                                 "(default: WORKDIR/index); any fsspec path")
+    g.add_argument("--output", default=None, metavar="PATH",
+                   help="also publish the eval folder there (any fsspec path)")
     g.add_argument("--modes", default=None,
                    help=f"comma-separated inference modes among {','.join(INFERENCE_MODES)} "
                         "(default: eval.modes)")
     g.add_argument("--k", type=flag_range(1, MAX_K), default=None,
                    help="neighbours at inference (default: as trained)")
-    g.add_argument("--image-folder", default=None,
-                   help="also evaluate zero-shot on FOLDER/<class>/*.png")
-    g.add_argument("--classnames", default=None,
-                   help="class names of --image-folder, one per line (default: the folder names, "
-                        "or WORKDIR/world/classnames.txt when the folders are class ids)")
+    d = parser.add_argument_group("labelled data (any of them; the work directory's embedded "
+                                  "test split, when present, is evaluated first)")
+    d.add_argument("--image-folder", default=None, metavar="DIR",
+                   help="zero-shot on an ImageFolder layout: DIR/<class>/*.jpg")
+    d.add_argument("--webdataset", default=None, metavar="PATH",
+                   help="zero-shot on webdataset tar shards of {key}.jpg|png|webp + {key}.cls: a "
+                        "folder, .tar, glob or {0..9} pattern, local or fsspec URL")
+    d.add_argument("--dataset", default=None, metavar="NAME",
+                   help="a CLIP_benchmark data set read offline from --dataset-root, e.g. "
+                        "wds/cifar10, mnist, stl10 (README: which names work offline)")
+    d.add_argument("--dataset-root", default=None, metavar="DIR",
+                   help="local root of --dataset (as CLIP_benchmark's --dataset_root)")
+    d.add_argument("--split", default="test", help="split of --dataset / a wds layout (default test)")
+    d.add_argument("--classnames", default=None, metavar="FILE",
+                   help="class names, one per line (line i = class i), of the data given above "
+                        "(default: the folder names / the set's own); with no data, of the test "
+                        "split (default WORKDIR/world/classnames.txt)")
+    d.add_argument("--templates", default=None, metavar="FILE",
+                   help="prompt templates, one per line with {c} for the class name "
+                        "(default: the set's own, else eval.templates)")
+    d.add_argument("--groups", default=None, metavar="FILE",
+                   help='JSON {"seen": [class ids], "unseen": [...]}: metrics per group on the '
+                        "main set (default for the test split: WORKDIR/world/species.json)")
     g.add_argument("--no-gallery", action="store_true", help="do not write gallery.html")
+
+
+def data_specs(args: argparse.Namespace) -> list:
+    """The labelled sets named by the flags (class names / templates files go with them)."""
+    from reco.errors import ConfigError
+    from reco.evaluation.sources import DataSpec
+
+    common = {"classnames": args.classnames, "templates": args.templates, "split": args.split}
+    specs = []
+    if args.image_folder:
+        specs.append(DataSpec("image-folder", args.image_folder, **common))
+    if args.webdataset:
+        specs.append(DataSpec("webdataset", args.webdataset, **common))
+    if args.dataset:
+        if not args.dataset_root:
+            raise ConfigError(f"--dataset {args.dataset}: give --dataset-root DIR (read offline)")
+        specs.append(DataSpec("clip-benchmark", args.dataset_root, name=args.dataset, **common))
+    elif args.dataset_root:
+        raise ConfigError("--dataset-root: give the data set name too (--dataset NAME)")
+    if len(specs) > 1 and args.classnames:
+        raise ConfigError("--classnames names the classes of one data set: give one of "
+                          "--image-folder, --webdataset, --dataset")
+    return specs
 
 
 def main(cfg, args: argparse.Namespace) -> int:
     from reco.console import json_summaries, print_summary
     from reco.evaluation.evaluate import evaluate, markdown_table
+    from reco.remote import local_input, staged
 
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip()) if args.modes else None
-    results = evaluate(cfg, heads_dir=args.heads, memory_dir=args.memory, modes=modes, k=args.k,
-                       image_folder=args.image_folder, classnames=args.classnames,
-                       gallery=not args.no_gallery)
-    print_summary("evaluate", summary(results, cfg.paths.eval), data=results)
+    specs = data_specs(args)
+    heads = local_input(cfg.workdir, args.heads, "heads")
+    memory = local_input(cfg.workdir, args.memory, "memory")
+    with staged(outputs={cfg.paths.eval: ("output", args.output)}):
+        results = evaluate(cfg, heads_dir=heads, memory_dir=memory, modes=modes, k=args.k,
+                           data=specs, classnames=None if specs else args.classnames,
+                           templates=args.templates, groups=args.groups,
+                           gallery=not args.no_gallery)
+    folder = f"{cfg.paths.eval}" + (f" (published to {args.output})" if args.output else "")
+    print_summary("evaluate", summary(results, folder), data=results)
     if not json_summaries():
         print(markdown_table(results["modes"]))
     return 0
@@ -41,6 +92,10 @@ def main(cfg, args: argparse.Namespace) -> int:
 
 def summary(results: dict, folder) -> dict:
     """The stage summary (reco.console.print_summary); the table follows it."""
-    return {"test": f"{results.get('n_test')} pairs, {results.get('n_classes')} classes; memory of "
+    if results.get("skipped"):
+        return {"status": "up to date (same heads, memory, test split and options), skipped",
+                "output": folder}
+    return {"test": f"{results.get('n_test')} images, {results.get('n_classes')} classes "
+                    f"({results.get('data') or 'test split'}); memory of "
                     f"{results.get('memory_size')} items, k {results.get('k')}",
             "output": folder}

@@ -104,10 +104,14 @@ def pd_isnull(values: np.ndarray) -> np.ndarray:
 
 
 def read_classnames(path: str | Path) -> list[str]:
-    """Class names, one per line (line i = class i); blank trailing lines ignored."""
+    """Class names, one per line (line i = class i; local or fsspec file); blank trailing lines
+    ignored."""
+    import fsspec
+
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
+        with fsspec.open(str(path), "r", encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
         raise FormatError(f"{path}: cannot read class names ({exc})") from exc
     while lines and not lines[-1].strip():
         lines.pop()

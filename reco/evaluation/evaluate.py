@@ -1,6 +1,6 @@
 """Evaluation of frozen CLIP vs reco in every inference mode: zero-shot classification (overall,
-seen and unseen species) and image<->text retrieval on the embedded test split, optionally on an
-ImageFolder-layout folder too. Writes ``eval/results.json``, ``eval/report.md``,
+seen and unseen species) and image<->text retrieval on the embedded test split and/or on labelled
+sets a user brings (image folder, webdataset, CLIP_benchmark data set: reco.evaluation.sources). Writes ``eval/results.json``, ``eval/report.md``,
 ``eval/zeroshot.png`` and ``eval/gallery.html``."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import logging
 import math
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,7 +20,8 @@ from reco.errors import ConfigError, FormatError
 from reco.evaluation.config import INFERENCE_MODES
 from reco.evaluation.data import EmbeddedSplit, load_embedded, read_classnames, read_groups
 from reco.evaluation.retrieval import evaluate_retrieval
-from reco.evaluation.zeroshot import encode_prompts, evaluate_zeroshot, image_folder_inputs
+from reco.evaluation.sources import DataSpec, load_set, read_group_file, read_templates
+from reco.evaluation.zeroshot import encode_prompts, evaluate_zeroshot
 from reco.formats import atomic_write_bytes, atomic_write_text, remove_temporaries
 from reco.record import FILE as RECORD_FILE
 from reco.record import Record, file_digest, input_digest, locked, options_of, outputs_of
@@ -33,46 +34,88 @@ MODE_LABELS = {"off": "CLIP (frozen)", "image": "reco image (v̄)", "text": "rec
 
 @dataclass
 class EvalInputs:
-    """What every evaluated model shares: test pairs, class names, prompt embeddings, groups."""
+    """What every evaluated model shares: test pairs, class names, prompt embeddings, groups;
+    ``sets``: further labelled sets evaluated zero-shot beside them (results key -> inputs)."""
 
     test: EmbeddedSplit
     classnames: list[str]
     prompt_emb: np.ndarray
     groups: dict[str, np.ndarray]
-    folder: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None   # images, labels, prompts
+    sets: dict[str, "EvalInputs"] = field(default_factory=dict)
+    source: str = ""
 
 
-def load_inputs(cfg, clip, *, image_folder: str | Path | None = None,
-                classnames: str | Path | None = None) -> EvalInputs:
-    """Read the test split and class names once, embed the prompts (and the image folder)."""
-    names_file = cfg.paths.world / "classnames.txt"
+# results key of each data kind evaluated beside the work directory's test split
+SET_KEYS = {"image-folder": "image_folder", "webdataset": "webdataset", "clip-benchmark": "dataset"}
+
+
+def load_inputs(cfg, clip, *, data: Sequence[DataSpec] = (), classnames: str | Path | None = None,
+                templates: str | Path | None = None, groups: str | Path | None = None) -> EvalInputs:
+    """The labelled sets to evaluate on, embedded with ``clip``; the first is the main one.
+
+    The work directory's embedded test split comes first when it exists and has class names:
+    ``classnames`` when no ``data`` is given, else ``WORKDIR/world/classnames.txt`` (what
+    ``reco world`` writes) when present; without class names it is left out when ``data`` is
+    given. Each :class:`DataSpec` of ``data`` follows (zero-shot only).
+
+    Args:
+        data: further labelled sets (image folder, webdataset, CLIP_benchmark data set).
+        classnames: class names of the test split when no ``data`` is given (one per line).
+        templates: prompt templates file (one per line, ``{c}``) for the test split and for
+            data sets without their own (default ``cfg.eval.templates``).
+        groups: JSON ``{"seen": [ids], "unseen": [ids]}`` for the main set's metrics per group
+            (default for the test split: ``WORKDIR/world/species.json`` when present).
+    """
+    default_templates = read_templates(templates) if templates else tuple(cfg.eval.templates)
+    found = []
+    test = _test_split_inputs(cfg, clip, None if data else classnames, default_templates, groups,
+                              required=not data)
+    if test is not None:
+        found.append(("test", test))
+    for spec in data:
+        labelled = load_set(spec, clip, cfg.eval.batch_size)
+        group_file = spec.groups or (None if found else groups)      # --groups: the main set's
+        sub_groups = read_group_file(group_file) if group_file else {}
+        prompts = encode_prompts(clip, labelled.classnames, labelled.templates or default_templates,
+                                 cfg.eval.batch_size)
+        found.append((SET_KEYS[spec.kind], EvalInputs(labelled.split, labelled.classnames, prompts,
+                                                      sub_groups, source=spec.describe())))
+    main = found[0][1]
+    main.sets = dict(found[1:])
+    return main
+
+
+def _test_split_inputs(cfg, clip, classnames, templates, groups, *, required: bool) -> EvalInputs | None:
+    """The work directory's embedded test split (None when absent or unnamed and not required)."""
+    folder = Path(cfg.paths.embedded("test"))
+    names_file = Path(classnames) if classnames else Path(cfg.paths.world) / "classnames.txt"
+    give = "give a labelled set (--image-folder DIR, --webdataset PATH or --dataset NAME)"
+    if not (folder / "manifest.json").is_file():
+        if required:
+            raise ConfigError(f"nothing to evaluate: {folder} has no manifest (no embedded test "
+                              f"split); {give}")
+        return None
+    if classnames is None and not names_file.is_file():
+        if required:
+            raise ConfigError(f"{folder}: no class names for the test split ({names_file} is "
+                              f"absent): give --classnames FILE, or {give}")
+        log.info("%s: no class names (%s), test split left out", folder, names_file)
+        return None
     names = read_classnames(names_file)
-    test = load_embedded(cfg.paths.embedded("test"), model_id=clip.model_id)
+    test = load_embedded(folder, model_id=clip.model_id)
     if test.labels.max() >= len(names):
         raise ConfigError(f"{names_file}: {len(names)} class names but test label {test.labels.max()}")
-    prompts = encode_prompts(clip, names, cfg.eval.templates, cfg.eval.batch_size)
-    inputs = EvalInputs(test, names, prompts, read_groups(cfg.paths.world))
-    if image_folder is not None:
-        folder_names = read_classnames(classnames) if classnames else None
-        if folder_names is None and all(c.isdigit() for c in _subfolders(image_folder)):
-            folder_names = names
-        imgs, labels, fnames = image_folder_inputs(clip, image_folder, folder_names, cfg.eval.batch_size)
-        fprompts = prompts if fnames == names else encode_prompts(clip, fnames, cfg.eval.templates,
-                                                                  cfg.eval.batch_size)
-        inputs.folder = (imgs, labels, fprompts)
-    return inputs
-
-
-def _subfolders(folder: str | Path) -> list[str]:
-    from reco.evaluation.data import image_folder_classes
-
-    return [name for name, _ in image_folder_classes(folder)]
+    species = Path(cfg.paths.world) / "species.json"
+    group_ids = read_group_file(groups) if groups else (read_groups(cfg.paths.world) if species.is_file() else {})
+    prompts = encode_prompts(clip, names, templates, cfg.eval.batch_size)
+    return EvalInputs(test, names, prompts, group_ids, source=str(folder))
 
 
 def evaluate_model(model, inputs: EvalInputs, modes: Sequence[str],
                    ks: Sequence[int] = (1, 5, 10)) -> dict[str, dict[str, Any]]:
-    """``{mode: {"zeroshot": ..., "retrieval": ..., ["image_folder": ...]}}`` for a RecoModel;
-    modes the heads cannot run (e.g. text with image-only heads) are left out."""
+    """``{mode: {"zeroshot": ..., ["retrieval": ...], [set key: ...]}}`` for a RecoModel
+    (retrieval when the main set has captions); modes the heads cannot run (e.g. text with
+    image-only heads) are left out."""
     out = {}
     previous = model.mode
     try:
@@ -83,12 +126,12 @@ def evaluate_model(model, inputs: EvalInputs, modes: Sequence[str],
             model.mode = mode
             t = inputs.test
             row = {"zeroshot": evaluate_zeroshot(model, t.image_emb, t.labels, inputs.prompt_emb,
-                                                 inputs.groups),
-                   "retrieval": evaluate_retrieval(model, t.image_emb, t.text_emb, t.captions, ks)}
-            if inputs.folder is not None:
-                imgs, labels, prompts = inputs.folder
-                groups = inputs.groups if prompts is inputs.prompt_emb else None
-                row["image_folder"] = evaluate_zeroshot(model, imgs, labels, prompts, groups)
+                                                 inputs.groups)}
+            if t.text_emb is not None:
+                row["retrieval"] = evaluate_retrieval(model, t.image_emb, t.text_emb, t.captions, ks)
+            for key, sub in inputs.sets.items():
+                row[key] = evaluate_zeroshot(model, sub.test.image_emb, sub.test.labels,
+                                             sub.prompt_emb, sub.groups)
             out[mode] = row
     finally:
         model.mode = previous
@@ -97,8 +140,9 @@ def evaluate_model(model, inputs: EvalInputs, modes: Sequence[str],
 
 def evaluate(cfg, *, heads_dir: str | Path | None = None, memory_dir: str | Path | None = None,
              modes: Sequence[str] | None = None, k: int | None = None,
-             image_folder: str | Path | None = None, classnames: str | Path | None = None,
-             gallery: bool = True) -> dict[str, Any]:
+             data: Sequence[DataSpec] = (), image_folder: str | Path | None = None,
+             classnames: str | Path | None = None, templates: str | Path | None = None,
+             groups: str | Path | None = None, gallery: bool = True) -> dict[str, Any]:
     """Evaluate plain CLIP and reco in each inference mode; write results.json, report.md, a
     bar chart and the neighbour gallery to ``cfg.paths.eval``.
 
@@ -107,9 +151,12 @@ def evaluate(cfg, *, heads_dir: str | Path | None = None, memory_dir: str | Path
         memory_dir: memory index used at inference (default ``cfg.paths.index``).
         modes: inference modes (default ``cfg.eval.modes``); k: neighbours at inference
             (default ``cfg.eval.k``, None = as trained).
-        image_folder / classnames: also evaluate zero-shot on an ImageFolder-layout folder
-            (``folder/<class>/*.png``) whose class names are in the file ``classnames``
-            (default: the folder names; the world's names when the folders are numbers).
+        data: labelled sets (:class:`reco.evaluation.sources.DataSpec`); with no embedded test
+            split in the work directory the first one is the main set (see :func:`load_inputs`).
+        image_folder / classnames: shorthand for ``data=[DataSpec("image-folder", image_folder,
+            classnames=classnames)]`` (ImageFolder layout ``folder/<class>/*.png``; class names
+            default to the folder names); without a folder, ``classnames`` names the test split.
+        templates / groups: see :func:`load_inputs`.
         gallery: write ``gallery.html``.
     Returns the results; an evaluation already in ``cfg.paths.eval`` of the same heads, memory,
     test split and options (its run record, ``record.json``) is not run again: ``"skipped"``.
@@ -119,21 +166,33 @@ def evaluate(cfg, *, heads_dir: str | Path | None = None, memory_dir: str | Path
     if bad:
         raise ConfigError(f"--modes {bad[0]!r}: choose among {', '.join(INFERENCE_MODES)}")
     k = cfg.eval.k if k is None else k
+    if image_folder is not None:
+        data = [*data, DataSpec("image-folder", str(image_folder), classnames=_opt(classnames),
+                                templates=_opt(templates))]
+        classnames = None
     with locked(cfg.paths.eval, "evaluate"):
-        planned = eval_record(cfg, heads_dir, memory_dir, modes, k, gallery)
-        previous = Record.read(cfg.paths.eval, "evaluate")
-        if _up_to_date(cfg.paths.eval, previous, planned) and image_folder is None:
+        planned = eval_record(cfg, heads_dir, memory_dir, modes, k, gallery, classnames) \
+            if _recordable(cfg, data, templates, groups) else None
+        if planned is not None and _up_to_date(cfg.paths.eval, Record.read(cfg.paths.eval, "evaluate"), planned):
             log.info("evaluation in %s is up to date (same heads, memory, test split and "
                      "options); skipping", cfg.paths.eval)
             return {**json.loads((Path(cfg.paths.eval) / RESULTS_FILE).read_text()), "skipped": True}
-        results = _evaluate(cfg, heads_dir, memory_dir, modes, k, image_folder, classnames, gallery)
-        if image_folder is None:
+        results = _evaluate(cfg, heads_dir, memory_dir, modes, k, gallery, image_folder,
+                            data=data, classnames=classnames, templates=templates, groups=groups)
+        if planned is not None:
             planned.model_id = str(results["model_id"])
             names = [n for n in ("report.md", "zeroshot.png", "gallery.html", RESULTS_FILE)
                      if (Path(cfg.paths.eval) / n).is_file() and (n != "gallery.html" or gallery)]
             planned.outputs, planned.complete = outputs_of(cfg.paths.eval, names), True
             planned.write(cfg.paths.eval)
         return results
+
+
+def _recordable(cfg, data, templates, groups) -> bool:
+    """Only an evaluation of the run's own test split is recorded (and skipped when up to date);
+    other labelled sets are evaluated every time."""
+    return not data and templates is None and groups is None and \
+        (Path(cfg.paths.embedded("test")) / "manifest.json").is_file()
 
 
 def _up_to_date(folder, previous: Record | None, planned: Record) -> bool:
@@ -152,9 +211,9 @@ def _up_to_date(folder, previous: Record | None, planned: Record) -> bool:
     return True
 
 
-def eval_record(cfg, heads_dir, memory_dir, modes, k, gallery: bool) -> Record:
+def eval_record(cfg, heads_dir, memory_dir, modes, k, gallery: bool, classnames=None) -> Record:
     """What an evaluation depends on: its options, the heads', memory's and test split's records
-    (each checked against its files) and the world's class names and groups."""
+    (each checked against its files) and the class names and groups."""
     from reco.index.embedded import open_split
 
     world = Path(cfg.paths.world)
@@ -163,25 +222,32 @@ def eval_record(cfg, heads_dir, memory_dir, modes, k, gallery: bool) -> Record:
               "test": open_split(cfg.paths.embedded("test")).digest}
     for name in ("classnames.txt", "species.json"):
         inputs[name] = file_digest(world / name) if (world / name).is_file() else None
+    if classnames is not None:
+        inputs["--classnames"] = file_digest(Path(classnames))
     options = {**options_of("eval", cfg.eval), "modes": list(modes), "k": k, "gallery": gallery,
                "clip.precision": cfg.clip.precision}
     return Record(stage="evaluate", options=options, inputs={n: d or "none" for n, d in inputs.items()})
 
 
-def _evaluate(cfg, heads_dir, memory_dir, modes, k, image_folder, classnames, gallery) -> dict[str, Any]:
+def _evaluate(cfg, heads_dir, memory_dir, modes, k, gallery, image_folder, *, data, classnames,
+              templates, groups) -> dict[str, Any]:
     from reco.model import RecoModel
 
     # write_outputs replaces the files only once everything is computed: a failed evaluation
     # leaves the previous one's files whole
     remove_temporaries(cfg.paths.eval)                  # left by a killed run
     model = RecoModel.from_config(cfg, heads_dir=heads_dir, memory_dir=memory_dir, mode="off", k=k)
-    inputs = load_inputs(cfg, model.loaded_clip, image_folder=image_folder, classnames=classnames)
+    inputs = load_inputs(cfg, model.loaded_clip, data=data, classnames=classnames,
+                         templates=templates, groups=groups)
     results = {
         "model_id": model.model_id, "heads": str(heads_dir or cfg.paths.heads),
         "memory": str(memory_dir or cfg.paths.index), "memory_size": int(len(model.memory.ids)),
         "k": model.k, "train_k": model.train_k, "fusion": model.fusion,
-        "contexts": dict(model.contexts), "templates": list(cfg.eval.templates),
-        "n_test": len(inputs.test), "n_classes": len(inputs.classnames),
+        "contexts": dict(model.contexts),
+        "templates": list(read_templates(templates) if templates else cfg.eval.templates),
+        "data": inputs.source, "n_test": len(inputs.test), "n_classes": len(inputs.classnames),
+        "sets": {key: {"data": sub.source, "n": len(sub.test), "n_classes": len(sub.classnames)}
+                 for key, sub in inputs.sets.items()},
         "image_folder": str(image_folder) if image_folder else None,
         "modes": evaluate_model(model, inputs, modes, cfg.eval.retrieval_ks),
     }
@@ -199,6 +265,10 @@ def _evaluate(cfg, heads_dir, memory_dir, modes, k, image_folder, classnames, ga
         for tmp in staged.values():
             tmp.unlink(missing_ok=True)
     return results
+
+
+def _opt(path) -> str | None:
+    return None if path is None else str(path)
 
 
 def write_outputs(folder: str | Path, results: dict[str, Any], *,
@@ -227,13 +297,13 @@ def markdown_report(results: dict[str, Any]) -> str:
     lines = ["# reco evaluation\n",
              f"model `{results['model_id']}`, memory `{results['memory']}` "
              f"({results['memory_size']} items), k={results['k']} (trained with "
-             f"{results['train_k']}), fusion {results['fusion']}, {results['n_test']} test pairs, "
-             f"{results['n_classes']} classes\n", "## Zero-shot classification and retrieval (%)\n",
+             f"{results['train_k']}), fusion {results['fusion']}, {results['n_test']} images of "
+             f"{results['n_classes']} classes ({results.get('data') or 'test split'})\n", "## Zero-shot classification and retrieval (%)\n",
              markdown_table(results["modes"])]
-    folder = {m: r["image_folder"] for m, r in results["modes"].items() if "image_folder" in r}
-    if folder:
-        lines += [f"\n## Zero-shot on {results['image_folder']} (%)\n",
-                  markdown_table({m: {"zeroshot": r} for m, r in folder.items()})]
+    for key, info in results.get("sets", {}).items():
+        rows = {m: {"zeroshot": r[key]} for m, r in results["modes"].items() if key in r}
+        lines += [f"\n## Zero-shot on {info['data']} (%, {info['n']} images, "
+                  f"{info['n_classes']} classes)\n", markdown_table(rows)]
     return "\n".join(lines) + "\n"
 
 

@@ -26,12 +26,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--k", type=flag_range(1, MAX_K), default=10, help="neighbours to show")
     g.add_argument("--index", choices=("img", "txt"), default=None,
                    help="memory index searched (default: img for --image, txt for --text)")
-    g.add_argument("--memory", default=None, help="memory index folder (default: WORKDIR/index)")
+    g.add_argument("--memory", default=None, help="memory index folder (default: WORKDIR/index); "
+                   "any fsspec path (a URL is mirrored into WORKDIR/cache/)")
 
 
 def main(cfg, args: argparse.Namespace) -> int:
+    from reco.remote import local_input
+
     rows, info = run_query(cfg, image=args.image, text=args.text, k=args.k, index=args.index,
-                           memory_dir=args.memory)
+                           memory_dir=local_input(cfg.workdir, args.memory, "memory"))
     if args.json:
         print(json.dumps({"info": info, "neighbours": rows}, indent=2))      # --json: a common option
     else:
