@@ -310,7 +310,8 @@ def _model_and_memory(heads_dir: Path, meta: Mapping[str, Any]) -> tuple[str, st
 
     workdir = heads_dir.parent
     clip = meta.get("clip")
-    model, pretrained = spec_from(clip, heads_dir) if isinstance(clip, Mapping) else ("", None)
+    real = heads_dir.resolve()          # a symlinked heads folder: paths recorded beside the real one
+    model, pretrained = spec_from(clip, real) if isinstance(clip, Mapping) else ("", None)
     if not model:
         from reco.config_tree import load_recorded
 
@@ -326,6 +327,6 @@ def _model_and_memory(heads_dir: Path, meta: Mapping[str, Any]) -> tuple[str, st
     memory = meta.get("memory") or meta.get("memory_dir") or meta.get("index_dir")
     memory = Path(memory) if memory else workdir / "index"
     if not memory.is_absolute():
-        memory = heads_dir / memory if meta.get("memory") else workdir / memory
+        memory = real / memory if meta.get("memory") else workdir / memory
     return model, (pretrained or None), memory
 
