@@ -10,11 +10,19 @@ class HeadConfig:
     heads: int = 8
     mlp_ratio: float = 4.0
     dropout: float = 0.0
+    # training-time perturbations of the retrieved set (trainer/heads.py): the share of retrieved
+    # tokens dropped by the ``token_dropout`` head, replaced by random other memory items (from
+    # other queries of the batch) by the ``noisy_memory`` head
+    token_dropout: float = 0.3
+    memory_noise: float = 0.3
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """``fusion``: transformer (RECO) | mean (no parameters) | mlp (same capacity, no retrieval).
+    """``fusion``: a head of ``reco.trainer.heads.HEADS``: transformer (RECO) | attention (no
+    feed-forward) | token_dropout | noisy_memory (transformer trained on a perturbed retrieved
+    set) | weighted (reweights the retrieved set) | mean (no parameters) | mlp (same capacity,
+    no retrieval).
     Each side's context is a field of ``reco.formats`` (query_search_fuse): the defaults are
     RECO's uni-modal search with cross-modal fusion; the ablations change them."""
 
