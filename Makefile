@@ -38,7 +38,7 @@ PRESET_FLAG = $(if $(filter command line environment,$(origin PRESET)),--preset 
 STAGE = $(RECO) $@ $(PRESET_FLAG) --workdir $(WORKDIR) $(STAGE_BEAM) $(STAGE_INPUT) $(ARGS)
 
 .PHONY: install world embed-memory import-embeddings build-index precompute-neighbours train evaluate ablations \
-        query demo react-retrieve react-train compare bench test test-slow clean
+        query demo react-retrieve react-train compare bench test test-slow clean experiment-longtail
 
 install: $(VENV)/.installed
 
@@ -62,6 +62,14 @@ test: install
 test-slow: install
 	@$(VENV)/bin/python -m pytest -q -m slow $(ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
+
+# issue 20: learned heads vs mean fusion on a long-tail world, over world seeds (experiments/);
+# LONGTAIL=longtail for the 2,000-species world (longtail_small: 400 species, the README's figures)
+SEEDS ?= 0,1,2
+LONGTAIL ?= longtail_small
+experiment-longtail: install
+	$(VENV)/bin/python -m experiments.longtail --preset $(LONGTAIL) --seeds $(SEEDS) \
+	    --out runs/$(LONGTAIL) $(ARGS)
 
 clean:
 	rm -rf runs .cache

@@ -25,7 +25,9 @@ from reco.trainer.config import PRESETS as TRAIN_PRESETS, TrainConfig
 from reco.fixture_config import PRESETS as WORLD_PRESETS, WorldConfig
 from reco.fixture_config import BASE_CLIP_PRESETS, BaseClipConfig
 
-PRESET_NAMES = ("tiny", "demo")
+PRESET_NAMES = ("tiny", "demo", "longtail", "longtail_small")
+# presets whose stages have no preset of their own take another's (longtail: tiny's pipeline)
+_STAGE_PRESET = {"longtail": "tiny", "longtail_small": "longtail"}
 
 
 @dataclass(frozen=True)
@@ -115,18 +117,22 @@ class Paths:
 
 
 def preset(name: str, **top: Any) -> RecoConfig:
-    """The named preset (``tiny`` for tests/CI, ``demo`` for ``make demo``)."""
+    """The named preset (``tiny`` for tests/CI, ``demo`` for ``make demo``, ``longtail``: a
+    2,000-species world with Zipf training frequencies, issue 20's experiment)."""
     if name not in PRESET_NAMES:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
+    def pick(presets: dict, which: str = name) -> Any:
+        return presets.get(which) or pick(presets, _STAGE_PRESET[which])
+
     cfg = RecoConfig(
         preset=name,
-        world=WORLD_PRESETS[name],
-        base_clip=BASE_CLIP_PRESETS[name],
-        embed=EMBED_PRESETS[name],
-        index=INDEX_PRESETS[name],
-        neighbours=NEIGHBOUR_PRESETS[name],
-        train=TRAIN_PRESETS[name],
-        eval=EVAL_PRESETS[name],
+        world=pick(WORLD_PRESETS),
+        base_clip=pick(BASE_CLIP_PRESETS),
+        embed=pick(EMBED_PRESETS),
+        index=pick(INDEX_PRESETS),
+        neighbours=pick(NEIGHBOUR_PRESETS),
+        train=pick(TRAIN_PRESETS),
+        eval=pick(EVAL_PRESETS),
     )
     return dataclasses.replace(cfg, **top) if top else cfg
 

@@ -6,6 +6,7 @@ Kept outside the ``reco.world`` package so that composing a run configuration
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, replace
 
 from reco import options as o
@@ -31,6 +32,13 @@ class WorldConfig:
     train_name_rate: float = 0.8
     noise: float = 0.1               # wrong names / generic captions in the memory (noise knob)
     dead_link_rate: float = 0.05     # memory URLs that 404
+    # long tail (0 / 0: the balanced world): training-split species drawn with Zipf frequencies
+    # p(rank r) ~ 1 / r**train_zipf over the non-unseen species (many then never drawn), and
+    # test images for only test_group_size species from each of head (most frequent), tail
+    # (1..tail_max training pairs) and unseen (none) instead of for every species
+    train_zipf: float = 0.0
+    test_group_size: int = 0
+    tail_max: int = 5
     host: str = "127.0.0.1"
     port: int = 0                    # 0: a port free when the world is built, kept in world.json
                                      # (moved to another free one if taken when `reco world` runs)
@@ -72,9 +80,25 @@ class BaseClipConfig:
 # the heads memorised them instead of learning to read the memory (seed sweep in
 # reco.evaluation.seed_sweep; the README's Status). demo: 100 species, 38k images, 800 steps.
 _TINY = WorldConfig(n_species=80, n_pretrain=8000, n_memory=6000, n_train=4000, n_test_per_species=10)
-PRESETS = {"tiny": _TINY, "demo": WorldConfig()}
+# longtail: 2,000 species; the 12k training pairs follow a Zipf law (exponent 1) over 1,800 of
+# them, so ~1,400 species appear (most 1-5 times, the head hundreds of times) and ~600 never do;
+# the 16k memory pairs cover every species; 60 test species each from head, tail and unseen.
+# Images stay 32 px and the base CLIP model as small as the tiny world's (issue 20).
+_LONGTAIL = WorldConfig(n_species=2000, n_pretrain=8000, n_memory=16000, n_train=12000,
+                        n_test_per_species=10, unseen_fraction=0.1, train_zipf=1.0,
+                        test_group_size=60, tail_max=5)
+# longtail_small: the same Zipf law at tiny's scale (400 species, ~340 in training of which ~220
+# 1-5 times, ~60 never; 24 test species per group), where the tiny base CLIP can tell species
+# apart: what the 2-core sweep of issue 20 measured (README, Status)
+_LONGTAIL_SMALL = dataclasses.replace(_LONGTAIL, n_species=400, n_memory=4800, n_train=4000,
+                                      test_group_size=24)
+PRESETS = {"tiny": _TINY, "demo": WorldConfig(), "longtail": _LONGTAIL, "longtail_small": _LONGTAIL_SMALL}
 BASE_CLIP_PRESETS = {"tiny": BaseClipConfig(steps=300, warmup=30),
-                     "demo": BaseClipConfig(steps=800, warmup=60)}
+                     "demo": BaseClipConfig(steps=800, warmup=60),
+                     # 2,000 look-alike species: 300 steps left the base CLIP at 10.6% attribute
+                     # zero-shot top-1 among them (world seed 0), near-blind to shape
+                     "longtail": BaseClipConfig(steps=900, warmup=60),
+                     "longtail_small": BaseClipConfig(steps=300, warmup=30)}
 
 
 def with_port(cfg: WorldConfig, port: int) -> WorldConfig:

@@ -220,3 +220,38 @@ def test_variant_keeps_the_checkpoint_best_on_validation_species(world, clip, tm
                "validation": {"fraction": 0.25, "species": list(range(40)), "images": len(val.test),
                               "checkpoints": 10}}
     assert "Model selection on 40 validation species" in markdown_report(results)
+
+
+def test_selection_warns_and_keeps_the_last_step_when_validation_cannot_discriminate(caplog):
+    from reco.evaluation.validation import choose_step, pick_step
+
+    flat = {0: 100.0, 40: 100.0, 80: 98.3}          # frozen CLIP perfect: no room to be better
+    step, _, warning = choose_step(flat, 60)
+    assert pick_step(flat, 60)[0] == 0 and step == 80
+    assert "cannot discriminate" in warning and "100.0%" in warning and "ablation_val_fraction" in warning
+    assert "cannot discriminate" in caplog.text
+    assert choose_step({0: 99.5, 40: 100.0}, 200)[2]                # headroom 0.5 < 1 SE (0.9)
+    assert "validation images" in choose_step({0: 40.0, 40: 90.0}, 12)[2]   # too few images
+    good = {0: 40.6, 40: 89.6, 60: 91.2, 80: 83.8}                   # room to improve: no warning
+    assert choose_step(good, 1543) == (*pick_step(good, 1543), None)
+
+
+def test_saturated_validation_is_reported(world, clip, tmp_path):
+    """Validation images the frozen CLIP already classifies perfectly (here: the class prompts
+    themselves) cannot tell checkpoints apart: the variant keeps its last step, and both the
+    selection record and the report say why (the 13-species outside world of issue 20)."""
+    inputs = world["inputs"]
+    ids = np.arange(40)
+    emb = inputs.prompt_emb[ids, 0]
+    split = EmbeddedSplit(ids=ids, image_emb=emb, text_emb=emb, labels=ids,
+                          captions=[""] * 40, urls=[""] * 40)
+    val = EvalInputs(split, inputs.classnames, inputs.prompt_emb, {"val": ids})
+    cfg = world["cfg"]
+    row = run_variant(cfg, "reco", variants_for(cfg)["reco"], tmp_path / "reco", clip=clip,
+                      memories=world["memories"], inputs=inputs, steps=cfg.train.steps, val_inputs=val)
+    sel = row["train_info"]["selection"]
+    assert sel["curve"]["0"] == 100.0 and sel["step"] == cfg.train.steps and sel["warning"]
+    results = {"model_id": clip.model_id, "steps": 80, "train_k": 8, "memory_sizes": {"full": 3200},
+               "small_memory_fraction": 0.1, "n_test": 96, "variants": {"reco": row},
+               "validation": {"fraction": 0.25, "species": ids.tolist(), "images": 40, "checkpoints": 10}}
+    assert "**Warning (" in markdown_report(results) and "cannot discriminate" in markdown_report(results)

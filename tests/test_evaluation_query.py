@@ -133,6 +133,18 @@ def test_evaluate_end_to_end(workdir):
     assert (out / "zeroshot.png").stat().st_size > 1000
     page = (out / "gallery.html").read_text()
     assert "data:image/png;base64," in page and "velar thornwick" in page and "(unseen)" in page
+    # every query's CLIP and reco predictions are marked right or wrong
+    marks = page.count("class='right'") + page.count("class='wrong'")
+    assert marks == 2 * page.count("true: <b>") > 0
+
+
+def test_gallery_marks_predictions_right_or_wrong():
+    from reco.evaluation.gallery import verdict
+
+    names = ["velar thornwick", "a <b>"]
+    assert verdict(0, 0, names).startswith("<span class='right'") and "&#10003; velar" in verdict(0, 0, names)
+    wrong = verdict(1, 0, names)
+    assert wrong.startswith("<span class='wrong'") and "&#10007;" in wrong and "a &lt;b&gt;" in wrong
 
 
 def test_evaluate_cli_with_image_folder(workdir, tmp_path, capsys):

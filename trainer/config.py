@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from reco import options as o
 from reco.index.config import CONTEXT_FIELDS
 
-FUSIONS = ("transformer", "mean", "mlp")         # reco.trainer.heads.HEADS
+FUSIONS = ("transformer", "attention", "token_dropout", "noisy_memory", "weighted", "mean", "mlp")  # heads.HEADS
 PRECISIONS = ("fp32", "amp", "amp_bf16")         # reco.trainer.train.PRECISIONS
 
 
@@ -16,6 +16,11 @@ class HeadConfig:
     heads: int = 8
     mlp_ratio: float = 4.0
     dropout: float = 0.0
+    # training-time perturbations of the retrieved set (trainer/heads.py): the share of retrieved
+    # tokens dropped by the ``token_dropout`` head, replaced by random other memory items (from
+    # other queries of the batch) by the ``noisy_memory`` head
+    token_dropout: float = 0.3
+    memory_noise: float = 0.3
 
     SECTION = "train.head"
     RULES = dict(layers=o.Range(1, 64), heads=o.Range(1, 64), mlp_ratio=o.Range(0, 64, lo_open=True),
@@ -27,7 +32,10 @@ class HeadConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """``fusion``: transformer (RECO) | mean (no parameters) | mlp (same capacity, no retrieval).
+    """``fusion``: a head of ``reco.trainer.heads.HEADS``: transformer (RECO) | attention (no
+    feed-forward) | token_dropout | noisy_memory (transformer trained on a perturbed retrieved
+    set) | weighted (reweights the retrieved set) | mean (no parameters) | mlp (same capacity,
+    no retrieval).
     Each side's context is a field of ``reco.formats`` (query_search_fuse): the defaults are
     RECO's uni-modal search with cross-modal fusion; the ablations change them."""
 

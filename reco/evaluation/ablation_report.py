@@ -95,7 +95,10 @@ def _selection(results: dict[str, Any]) -> list[str]:
                          _fmt(sel["val_top1"]), _fmt(curve[max(curve)])])
     if not rows or not val:
         return []
-    return [f"## Model selection on {len(val['species'])} validation species\n",
+    warnings = [f"**Warning ({r['label']})**: {r['train_info']['selection']['warning']}.\n"
+                for r in results["variants"].values()
+                if (r.get("train_info", {}).get("selection") or {}).get("warning")]
+    return [f"## Model selection on {len(val['species'])} validation species\n", *warnings,
             f"Seen species {val['species']} were held out of the training set; each trained variant "
             f"keeps the earliest checkpoint (step 0 = frozen CLIP included) whose zero-shot top-1 of "
             f"their {val['images']} training-split images among their names is within one standard "

@@ -65,6 +65,12 @@ VARIANTS: dict[str, Variant] = {
     "image_only": Variant("image fusion only (v̄)", {"fuse_text": False}),
     "text_only": Variant("text fusion only (t̄)", {"fuse_image": False}),
     "mlp": Variant("MLP of equal capacity, no retrieval", {"fusion": "mlp"}),
+    # issue 20: heads that test the paper's mechanism (omit / enhance retrieved items)
+    "attention": Variant("attention-only head (no feed-forward)", {"fusion": "attention"}),
+    "token_dropout": Variant("transformer, retrieved-token dropout in training",
+                             {"fusion": "token_dropout"}),
+    "noisy_memory": Variant("transformer, trained against a noisy memory", {"fusion": "noisy_memory"}),
+    "weighted": Variant("learned per-item weighting (reweights only)", {"fusion": "weighted"}),
     # the question is whether heads TRAINED with a small memory gain from the full one, so no
     # selection: validated with the small memory, step 0 (no heads, where memory size cannot
     # matter) wins and makes the comparison vacuous

@@ -52,4 +52,8 @@ class EvalConfig:
 # Heads that train long on few species memorise them and drift the embeddings of the others;
 # how fast depends on the world seed, so the validation species pick the step (see
 # reco.evaluation.validation and seed_sweep's report).
-PRESETS = {"tiny": EvalConfig(ablation_steps=100), "demo": EvalConfig()}
+PRESETS = {"tiny": EvalConfig(ablation_steps=100), "demo": EvalConfig(),
+           # longtail: tiny's budget per head (100 steps, model selection on 5 checkpoints);
+           # k at training 1, 5 and 10 (train.k) vs k' at inference up to 16 for Fig. 3
+           "longtail": EvalConfig(ablation_steps=100, ablation_train_k=(1, 5),
+                                  ablation_eval_k=(1, 2, 5, 10, 16), ablation_val_checkpoints=5)}

@@ -125,7 +125,8 @@ def read_classnames(path: str | Path) -> list[str]:
 
 def read_groups(world_dir: str | Path) -> dict[str, np.ndarray]:
     """Label groups for the metrics: ``{"seen": ids, "unseen": ids}`` from ``species.json``
-    (empty when the file is absent)."""
+    (empty when the file is absent). A long-tail world's ``test_groups`` (``head``, ``tail``,
+    ``unseen``: the test species of each) are added, its ``unseen`` replacing the full list."""
     path = Path(world_dir) / "species.json"
     if not path.is_file():
         return {}
@@ -137,6 +138,8 @@ def read_groups(world_dir: str | Path) -> dict[str, np.ndarray]:
     for name in ("seen", "unseen"):
         if name in data:
             groups[name] = np.asarray([int(i) for i in data[name]], dtype=np.int64)
+    for name, ids in (data.get("test_groups") or {}).items():
+        groups[name] = np.asarray([int(i) for i in ids], dtype=np.int64)
     return groups
 
 

@@ -1,8 +1,8 @@
 """HTML neighbour gallery: what the memory returns for some test images and class names.
 
-For each test image: the image, its caption, what frozen CLIP and reco predict, and its k memory
-neighbours (searched in the index its context field names) with their captions. For each class
-name: the prompt's neighbours (text index by default) with their images. Images reco stored (the
+For each test image: the image, its caption, what frozen CLIP and reco predict (each marked right
+✓ or wrong ✗), and its k memory neighbours (searched in the index its context field names) with
+their captions. For each class name: the prompt's neighbours (text index by default) with their images. Images reco stored (the
 world's own files, found by looking a URL up in the world's URL lists, never by turning it into
 a path) are embedded as base64 data URIs; other http(s) images link to their URL.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import html
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -71,7 +71,8 @@ def write_gallery(cfg, model, inputs, path: str | Path, *, n: int | None = None,
         label = int(test.labels[r])
         title = (f"{image_tag(test.urls[r], store)}<div>{html.escape(test.captions[r])}<br>"
                  f"true: <b>{html.escape(names[label])}</b>{_unseen(label, inputs.groups)}<br>"
-                 f"CLIP: {html.escape(names[clip_pred[j]])}<br>reco: {html.escape(names[reco_pred[j]])}</div>")
+                 f"CLIP: {verdict(int(clip_pred[j]), label, names)}<br>"
+                 f"reco: {verdict(int(reco_pred[j]), label, names)}</div>")
         parts.append(_row(title, model.memory, scores[j], pos[j], meta, store))
     parts.append(f"<h2>Class names &rarr; memory ({txt_index} index)</h2>")
     classes = [int(test.labels[r]) for r in rows]
@@ -82,7 +83,17 @@ def write_gallery(cfg, model, inputs, path: str | Path, *, n: int | None = None,
         parts.append(_row(title, model.memory, scores[j], pos[j], meta, store))
     parts.append("</body></html>")
     atomic_write_text(path, "\n".join(parts))
-    return {"path": str(path), "queries": len(rows), "k": k}
+    right = {"clip_right": int(sum(int(p) == int(test.labels[r]) for p, r in zip(clip_pred, rows))),
+             "reco_right": int(sum(int(p) == int(test.labels[r]) for p, r in zip(reco_pred, rows)))}
+    return {"path": str(path), "queries": len(rows), "k": k, **right}
+
+
+def verdict(pred: int, label: int, names: Sequence[str]) -> str:
+    """A prediction marked right (green check) or wrong (red cross), for the gallery."""
+    right = pred == label
+    mark, colour, word = ("&#10003;", "#1a7f37", "right") if right else ("&#10007;", "#cf222e", "wrong")
+    return (f"<span class='{word}' title='{word}' style='color:{colour}'>{mark} "
+            f"{html.escape(names[pred])}</span>")
 
 
 def _unseen(label: int, groups: dict[str, np.ndarray]) -> str:

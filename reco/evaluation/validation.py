@@ -38,7 +38,7 @@ from reco.formats import Manifest, atomic_write_table, atomic_write_text, read_p
 log = logging.getLogger(__name__)
 DONE = "validation.json"
 METRIC = "val_among_val"
-RULE = "one-standard-error"          # recorded in heads.json: heads selected by another rule are redone
+RULE = "one-standard-error, last step when saturated"   # recorded in heads.json: heads selected by another rule are redone
 
 
 def validation_species(seen: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -90,7 +90,10 @@ def prepare_validation(cfg, fraction: float, workdir: str | Path, *, seed: int |
     workdir = Path(workdir)
     seed = cfg.seed if seed is None else seed
     src = Path(cfg.paths.neighbours) / "tensors"
-    val = validation_species(read_groups(cfg.paths.world)["seen"], fraction, seed)
+    groups = read_groups(cfg.paths.world)
+    # a long-tail world's head and tail test species stay in training (they are tested as seen)
+    tested = np.concatenate([groups.get(g, np.zeros(0, np.int64)) for g in ("head", "tail")])
+    val = validation_species(np.setdiff1d(groups["seen"], tested), fraction, seed)
     source = Manifest.read(src, kind="tensors")
     key = {"fraction": fraction, "seed": seed, "source": str(src.resolve()),
            "shards": source.shards, "counts": source.counts, "val_species": val.tolist()}
@@ -157,6 +160,41 @@ def pick_step(curve: dict[int, float], n: int) -> tuple[int, float]:
     return step, round(se, 3)
 
 
+MIN_VAL_IMAGES = 30
+
+
+def saturation(step0_top1: float, n: int) -> str | None:
+    """Why a validation set of ``n`` images on which the frozen CLIP (step 0) scores
+    ``step0_top1`` % cannot discriminate between checkpoints, or None when it can: fewer than
+    :data:`MIN_VAL_IMAGES` images, or a headroom ``100 - step0_top1`` within one standard error
+    (Agresti-Coull, never 0) of step 0's, so no checkpoint could beat step 0 by the one-standard-
+    error rule's margin however good it were."""
+    if n < MIN_VAL_IMAGES:
+        return f"only {n} validation images (< {MIN_VAL_IMAGES})"
+    p = (step0_top1 / 100.0 * n + 2.0) / (n + 4.0)
+    se = 100.0 * float(np.sqrt(p * (1.0 - p) / n))
+    if 100.0 - step0_top1 <= se:
+        return (f"the frozen CLIP already scores {step0_top1:.1f}% on the {n} validation images "
+                f"(headroom {100.0 - step0_top1:.1f} <= one standard error {se:.1f})")
+    return None
+
+
+def choose_step(curve: dict[int, float], n: int) -> tuple[int, float, str | None]:
+    """:func:`pick_step`, unless the validation set cannot discriminate (:func:`saturation`):
+    then the last step, with the reason (logged as a warning and written to the report), so
+    that selection never silently turns every variant into the frozen CLIP. Returns (step,
+    standard error, warning or None)."""
+    step, se = pick_step(curve, n)
+    why = saturation(curve[min(curve)], n)
+    if why is None:
+        return step, se, None
+    warning = (f"model selection cannot discriminate: {why}; kept the last step {max(curve)} "
+               f"instead of step {step}; hold out more or harder validation species "
+               f"(eval.ablation_val_fraction)")
+    log.warning(warning)
+    return max(curve), se, warning
+
+
 def select_checkpoint(heads_dir: str | Path, clip, memory, val_inputs) -> dict[str, Any]:
     """Evaluate step 0 and every checkpoint under ``heads_dir`` on the validation species; write
     the heads of the step :func:`pick_step` chooses as ``heads_dir``'s heads (``heads.json``
@@ -186,10 +224,10 @@ def select_checkpoint(heads_dir: str | Path, clip, memory, val_inputs) -> dict[s
             model.mode = "both" if "both" in model.available_modes() else model.available_modes()[-1]
             zs = evaluate_zeroshot(model, t.image_emb, t.labels, val_inputs.prompt_emb, val_inputs.groups)
             curve[step] = zs[METRIC]["top1"]
-    step, se = pick_step(curve, len(t))
+    step, se, warning = choose_step(curve, len(t))
     heads = heads_of[step]
     selection = {"step": step, "val_top1": curve[step], "best_val_top1": max(curve.values()),
-                 "standard_error": se, "rule": RULE,
+                 "standard_error": se, "rule": RULE, "warning": warning,
                  "curve": {str(k): x for k, x in curve.items()},
                  "val_species": val_inputs.groups["val"].tolist(), "val_images": len(t)}
     ckpt_lib.save_heads(heads_dir, heads, {**{k: v for k, v in meta.items() if k != "sides"},

@@ -46,9 +46,14 @@ N_EVAL_DUPLICATES = 5
 _ADDRESS_FIELDS = ("host", "port")
 
 
+# options added after worlds were cached: left out of the key at their default (same world)
+_LATE_DEFAULTS = {"train_zipf": 0.0, "test_group_size": 0, "tail_max": 5}
+
+
 def world_key(cfg: WorldConfig) -> str:
     """Hash of everything that changes the images and captions (not host/port)."""
-    data = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _ADDRESS_FIELDS}
+    data = {k: v for k, v in dataclasses.asdict(cfg).items()
+            if k not in _ADDRESS_FIELDS and _LATE_DEFAULTS.get(k, object()) != v}
     data["format_version"] = FORMAT_VERSION
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -64,6 +69,9 @@ def _check(cfg: WorldConfig) -> None:
     for name in ("pretrain_name_rate", "memory_name_rate", "train_name_rate", "noise", "dead_link_rate"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             raise ConfigError(f"world.{name}={getattr(cfg, name)}: must be in [0, 1]")
+    for name in ("train_zipf", "test_group_size", "tail_max"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"world.{name}={getattr(cfg, name)}: must be >= 0")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,16 +84,54 @@ def _balanced(n_rows: int, choices: list[int], rng: np.random.Generator) -> np.n
     return ids[rng.permutation(n_rows)]
 
 
-def plan_split(split: str, cfg: WorldConfig, species: list[Species], seen: list[int]) -> list[dict]:
-    """Rows of a split: species, caption, caption kind and pose, from per-row seeds."""
-    all_ids = list(range(len(species)))
-    split_rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 7, _SPLIT_CODE[split]]))
+def _zipf(n_rows: int, choices: list[int], exponent: float, rng: np.random.Generator) -> np.ndarray:
+    """Species ids for n_rows drawn with p(rank r) ~ 1 / r**exponent, ranks a random order of
+    ``choices`` (low-ranked species may never be drawn)."""
+    ranked = np.asarray(choices, dtype=np.int64)[rng.permutation(len(choices))]
+    p = 1.0 / np.arange(1, len(ranked) + 1, dtype=np.float64) ** exponent
+    return rng.choice(ranked, size=n_rows, p=p / p.sum())
+
+
+def species_ids(split: str, cfg: WorldConfig, n_species: int, seen: list[int],
+                test_species: list[int] | None = None) -> np.ndarray:
+    """The species of every row of a split (test: ``test_species``, default all)."""
+    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 7, _SPLIT_CODE[split]]))
     if split == "test":
-        ids = np.repeat(np.arange(len(species), dtype=np.int64), cfg.n_test_per_species)
-    else:
-        n, choices = {"pretrain": (cfg.n_pretrain, all_ids), "memory": (cfg.n_memory, all_ids),
-                      "train": (cfg.n_train, seen)}[split]
-        ids = _balanced(n, choices, split_rng)
+        chosen = np.arange(n_species) if test_species is None else np.asarray(test_species)
+        return np.repeat(chosen.astype(np.int64), cfg.n_test_per_species)
+    if split == "train" and cfg.train_zipf > 0:
+        return _zipf(cfg.n_train, seen, cfg.train_zipf, rng)
+    n, choices = {"pretrain": (cfg.n_pretrain, list(range(n_species))),
+                  "memory": (cfg.n_memory, list(range(n_species))), "train": (cfg.n_train, seen)}[split]
+    return _balanced(n, choices, rng)
+
+
+def pick_test_groups(cfg: WorldConfig, train_ids: np.ndarray, n_species: int) -> dict[str, list[int]]:
+    """Long-tail test species (``cfg.test_group_size`` > 0): ``head`` = the most frequent
+    training species, ``tail`` = species with 1..tail_max training pairs, ``unseen`` = species
+    with none (random picks, sorted); {} for the balanced world (every species is tested)."""
+    size = cfg.test_group_size
+    if size == 0:
+        return {}
+    counts = np.bincount(train_ids, minlength=n_species)
+    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 17]))
+    head = np.argsort(-counts, kind="stable")[:size]
+    tail = np.flatnonzero((counts >= 1) & (counts <= cfg.tail_max))
+    unseen = np.flatnonzero(counts == 0)
+    groups = {"head": head, "tail": tail, "unseen": unseen}
+    short = [f"{g} ({len(ids)})" for g, ids in groups.items() if len(ids) < size]
+    if short or counts[head].min() <= cfg.tail_max:
+        raise ConfigError(f"world.test_group_size={size}: too few species in {short or ['head']}; "
+                          f"change n_species, n_train or train_zipf")
+    return {"head": sorted(int(i) for i in head),
+            **{g: sorted(int(i) for i in rng.choice(ids, size=size, replace=False))
+               for g, ids in (("tail", tail), ("unseen", unseen))}}
+
+
+def plan_split(split: str, cfg: WorldConfig, species: list[Species], seen: list[int],
+               test_species: list[int] | None = None) -> list[dict]:
+    """Rows of a split: species, caption, caption kind and pose, from per-row seeds."""
+    ids = species_ids(split, cfg, len(species), seen, test_species)
     rate, noise = {"pretrain": (cfg.pretrain_name_rate, 0.0), "memory": (cfg.memory_name_rate, cfg.noise),
                    "train": (cfg.train_name_rate, 0.0), "test": (1.0, 0.0)}[split]
     rows = []
@@ -203,7 +249,12 @@ def build_world(cfg: WorldConfig, out_dir: str | Path) -> dict[str, Any]:
         shutil.rmtree(out / sub, ignore_errors=True)
     species = make_species(cfg.n_species, cfg.seed)
     seen, unseen = split_seen_unseen(cfg.n_species, cfg.unseen_fraction, cfg.seed)
-    plans = {s: plan_split(s, cfg, species, seen) for s in SPLITS}
+    train_ids = species_ids("train", cfg, len(species), seen)
+    groups = pick_test_groups(cfg, train_ids, len(species))
+    test_species = sorted(i for ids in groups.values() for i in ids) if groups else None
+    plans = {s: plan_split(s, cfg, species, seen, test_species) for s in SPLITS}
+    seen = sorted(int(i) for i in np.unique(train_ids))          # species the training split holds
+    unseen = sorted(set(range(len(species))) - set(seen))
     duplicates = _mark_memory(plans["memory"], plans["test"], species, cfg)
     digest, test_png, written = hashlib.sha256(), {}, {}
     with progress(total=sum(len(p) for p in plans.values()), desc="world: rendering", unit="img") as bar:
@@ -212,7 +263,7 @@ def build_world(cfg: WorldConfig, out_dir: str | Path) -> dict[str, Any]:
             atomic_write_table(_url_table(split, plans[split], base_url(cfg)), out / "urls" / f"{split}.parquet")
             atomic_write_table(_meta_table(plans[split]), out / "meta" / f"{split}.parquet")
     atomic_write_text(out / "classnames.txt", "".join(f"{s.name}\n" for s in species))
-    atomic_write_text(out / "species.json", species_json(species, seen, unseen))
+    atomic_write_text(out / "species.json", species_json(species, seen, unseen, groups))
     info = {
         "format_version": FORMAT_VERSION,
         "key": world_key(cfg),
@@ -221,6 +272,7 @@ def build_world(cfg: WorldConfig, out_dir: str | Path) -> dict[str, Any]:
         "counts": {s: len(plans[s]) for s in SPLITS},
         "images": {s: written[s] for s in SPLITS},
         "n_species": len(species), "n_seen": len(seen), "n_unseen": len(unseen),
+        **({"test_groups": {g: len(ids) for g, ids in groups.items()}} if groups else {}),
         "dead_links": sum(r["dead"] for r in plans["memory"]),
         "caption_kinds": {s: _kind_counts(plans[s]) for s in SPLITS},
         "eval_duplicates_in_memory": duplicates,

@@ -142,9 +142,14 @@ def split_seen_unseen(n: int, unseen_fraction: float, seed: int) -> tuple[list[i
     return seen, unseen
 
 
-def species_json(species: list[Species], seen: list[int], unseen: list[int]) -> str:
-    return json.dumps({"species": [s.to_dict() for s in species], "seen": seen, "unseen": unseen},
-                      indent=2)
+def species_json(species: list[Species], seen: list[int], unseen: list[int],
+                 test_groups: dict[str, list[int]] | None = None) -> str:
+    """species.json: every species, the ``seen`` / ``unseen`` ids and, for a long-tail world,
+    ``test_groups`` (the test species of head, tail and unseen)."""
+    data = {"species": [s.to_dict() for s in species], "seen": seen, "unseen": unseen}
+    if test_groups:
+        data["test_groups"] = test_groups
+    return json.dumps(data, indent=2)
 
 
 def load_species(path) -> tuple[list[Species], list[int], list[int]]:
