@@ -15,8 +15,8 @@ from reco.react.train import ReactTrainConfig, react_train
 
 # the defaults (600 steps, ~31 s on one idle core). On the 80-species tiny world, world seed 0,
 # zero-shot top-1 on all species gains +0 after 100 steps, +10 after 300, +19.6 after 600.
-FAST = ReactTrainConfig()
-SLOW = ReactTrainConfig()
+FAST = ReactTrainConfig(image_source="world")
+SLOW = ReactTrainConfig(image_source="world")
 
 
 @pytest.fixture(scope="module")
