@@ -19,17 +19,6 @@ from reco.config import RecoConfig
 from reco.react.config import ReactConfig
 
 
-class _Skip:
-    """Samples each DataLoader worker skips to resume at batch ``start`` (workers take batches
-    round-robin: worker w made batches w, w + n, ...)."""
-
-    def __init__(self, start: int, batch: int):
-        self.start, self.batch = start, batch
-
-    def __call__(self, wid: int, nw: int) -> int:
-        return self.batch * len(range(wid, self.start, nw))
-
-
 @torch.no_grad()
 def encode_captions(clip, captions: list[str], batch_size: int = 512) -> torch.Tensor:
     """Locked text tower: L2-normalised caption embeddings."""
@@ -54,7 +43,7 @@ class ShardBatches:
 
         stream = ShardStream(self.tars, self.clip.preprocess, seed=self.o.seed, rank=self.rank,
                              world=self.world, shuffle_buffer=self.o.shuffle_buffer,
-                             skip=_Skip(start, self.batch))
+                             start=start, batch=self.batch)
         for pixels, captions in loader(stream, self.batch, self.o.workers):
             yield pixels.float(), encode_captions(self.clip, list(captions))
 

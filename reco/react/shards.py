@@ -95,14 +95,18 @@ class ShardStream(IterableDataset):
         preprocess: PIL image -> (3, H, W) tensor (the CLIP's ``preprocess``).
         rank, world: DDP rank and world size; shards go to (rank, worker) round-robin.
         shuffle_buffer: samples held by the shuffle buffer (0: none).
-        skip: samples of each worker's stream to skip (resume), before decoding.
+        start, batch: resume at batch ``start`` of ``batch`` samples. DataLoader workers take
+            batches round-robin from worker 0, so worker w plays the part of logical reader
+            (w + start) % n, which had made batches r, r + n, ... < start: those samples are
+            skipped (before decoding).
     """
 
     def __init__(self, tars: list[str], preprocess: Callable, *, seed: int = 0, rank: int = 0,
-                 world: int = 1, shuffle_buffer: int = 512, skip: Callable[[int, int], int] | None = None):
+                 world: int = 1, shuffle_buffer: int = 512, start: int = 0, batch: int = 1):
         super().__init__()
         self.tars, self.preprocess, self.seed = list(tars), preprocess, seed
-        self.rank, self.world, self.buffer, self.skip = rank, world, shuffle_buffer, skip
+        self.rank, self.world, self.buffer = rank, world, shuffle_buffer
+        self.start, self.batch = start, batch
 
     def check(self, workers: int) -> None:
         slots = self.world * max(1, workers)
@@ -123,8 +127,9 @@ class ShardStream(IterableDataset):
         import webdataset as wds
 
         wid, nw = _worker()
-        slot, slots = self.rank * nw + wid, self.world * nw
-        to_skip = self.skip(wid, nw) if self.skip else 0
+        reader = (wid + self.start) % nw
+        slot, slots = self.rank * nw + reader, self.world * nw
+        to_skip = self.batch * len(range(reader, self.start, nw))
         decode = wds.autodecode.Decoder([wds.autodecode.imagehandler("pil")])
         epoch = 0
         while True:
