@@ -35,7 +35,7 @@ RECO = $(VENV)/bin/reco
 STAGE = $(RECO) $@ --preset $(PRESET) --workdir $(WORKDIR) $(STAGE_BEAM) $(STAGE_INPUT) $(ARGS)
 
 .PHONY: install world embed-memory import-embeddings build-index precompute-neighbours train evaluate ablations \
-        query demo react-retrieve react-train compare bench test test-slow clean
+        query demo react-retrieve react-download react-train compare bench test test-slow clean
 
 install: $(VENV)/.installed
 
@@ -46,7 +46,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 world embed-memory import-embeddings build-index precompute-neighbours train evaluate ablations \
-query demo react-retrieve react-train compare bench: install
+query demo react-retrieve react-download react-train compare bench: install
 	$(STAGE)
 
 embed-memory precompute-neighbours: STAGE_BEAM = $(foreach f,$(BEAM_FLAGS),--beam-option=$(f))

@@ -116,7 +116,7 @@ def test_react_download_over_loopback_records_failures(foreign_run, tmp_path):
     assert "404" in by_key[keys[3]]["error_message"] and by_key[keys[5]]["status"] == "refused"
     assert len(list_tars(out)) == 3
     stream = ShardStream(list_tars(out), lambda im: torch.tensor(im.size), shuffle_buffer=0)
-    sizes = [px.tolist() for (px, _), _ in zip(stream, range(10))]
+    sizes = [px.tolist() for (px, _), _ in zip(stream.samples(), range(10))]
     assert len(sizes) == 10 and all(max(s) == 32 for s in sizes)
 
 

@@ -39,13 +39,15 @@ class ShardBatches:
         self.pairs = _count_success(self.tars)
 
     def __call__(self, start: int):
+        import functools
+
         from reco.react.shards import ShardStream, loader
 
         stream = ShardStream(self.tars, self.clip.preprocess, seed=self.o.seed, rank=self.rank,
                              world=self.world, shuffle_buffer=self.o.shuffle_buffer,
-                             start=start, batch=self.batch)
-        for pixels, captions in loader(stream, self.batch, self.o.workers):
-            yield pixels.float(), encode_captions(self.clip, list(captions))
+                             start=start, batch=self.batch,
+                             encode=functools.partial(encode_captions, self.clip))
+        yield from loader(stream, self.o.workers)
 
 
 def _count_success(tars: list[str]) -> int | None:

@@ -88,7 +88,9 @@ def _worker() -> tuple[int, int]:
 
 
 class ShardStream(IterableDataset):
-    """(pixels, caption) samples of this rank's share of the tars (see the module docstring).
+    """Batches (pixels (b, 3, H, W), targets) of this rank's share of the tars (see the module
+    docstring): ``targets`` is ``encode(captions)`` (the locked text tower, run in the DataLoader
+    worker, beside decoding) or the caption list when ``encode`` is None.
 
     Args:
         tars: tar paths (:func:`list_tars`).
@@ -102,8 +104,10 @@ class ShardStream(IterableDataset):
     """
 
     def __init__(self, tars: list[str], preprocess: Callable, *, seed: int = 0, rank: int = 0,
-                 world: int = 1, shuffle_buffer: int = 512, start: int = 0, batch: int = 1):
+                 world: int = 1, shuffle_buffer: int = 512, start: int = 0, batch: int = 1,
+                 encode: Callable[[list[str]], torch.Tensor] | None = None):
         super().__init__()
+        self.encode = encode
         self.tars, self.preprocess, self.seed = list(tars), preprocess, seed
         self.rank, self.world, self.buffer = rank, world, shuffle_buffer
         self.start, self.batch = start, batch
@@ -124,6 +128,18 @@ class ShardStream(IterableDataset):
         return wds.DataPipeline(*stages)
 
     def __iter__(self):
+        pixels, captions = [], []
+        for px, caption in self.samples():
+            pixels.append(px)
+            captions.append(caption)
+            if len(pixels) == self.batch:
+                with torch.no_grad():
+                    targets = self.encode(captions) if self.encode else captions
+                yield torch.stack(pixels).float(), targets
+                pixels, captions = [], []
+
+    def samples(self):
+        """(pixels, caption) of each sample of this reader's stream, forever (epochs)."""
         import webdataset as wds
 
         wid, nw = _worker()
@@ -153,10 +169,10 @@ class ShardStream(IterableDataset):
         return self.preprocess(image.convert("RGB")), caption
 
 
-def loader(stream: ShardStream, batch_size: int, workers: int) -> torch.utils.data.DataLoader:
-    """DataLoader of ``batch_size`` samples (pixels, captions) over ``workers`` processes."""
+def loader(stream: ShardStream, workers: int) -> torch.utils.data.DataLoader:
+    """DataLoader of the stream's batches over ``workers`` processes (each makes whole batches)."""
     stream.check(workers)
-    return torch.utils.data.DataLoader(stream, batch_size=batch_size, num_workers=workers,
+    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
                                        persistent_workers=False, prefetch_factor=4 if workers else None)
 
 
