@@ -2,7 +2,8 @@
 
 A synthetic customisation set of ``n`` coloured-square JPEGs (32 px, captions naming the colour) is
 written twice: as ``react-download``'s tar shards (:class:`reco.react.shards.ShardWriter`) and as
-files behind URLs for the in-memory ``world`` source (which decodes the whole set into one
+files in the world's layout (``urls/set.parquet`` row i -> ``images/set/{i:06d}.png``, JPEG
+bytes) for the in-memory ``world`` source (which decodes the whole set into one
 tensor first). A random-init ``reco-tiny`` CLIP is trained for the same steps in a fresh process
 per run (torch on one thread; the stream with ``react.workers`` DataLoader workers). Per run:
 training samples/s (loop only; the in-memory run's decode is reported apart) and the process's
@@ -68,7 +69,7 @@ def write_set(root: Path, n: int, shard_size: int = 500, seed: int = 0) -> None:
     for i in range(n):
         name = names[i % len(names)]
         image = _jpeg(COLOURS[name], rng)
-        rel = f"images/set/{i:07d}.jpg"
+        rel = f"images/set/{i:06d}.png"        # the world layout: row i of urls/set.parquet
         path = root / "work" / "world" / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(image)
@@ -81,6 +82,9 @@ def write_set(root: Path, n: int, shard_size: int = 500, seed: int = 0) -> None:
         writer.add(row, image)
         rows.append({**row, "memory_id": i})
     writer.close()
+    (root / "work" / "world" / "urls").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"url": [r["url"] for r in rows]}),
+                   root / "work" / "world" / "urls" / "set.parquet")
     pq.write_table(pa.Table.from_pylist([{k: r[k] for k in ("url", "caption", "key", "memory_id",
                                                             "class_id")} for r in rows]),
                    root / "set.parquet")
