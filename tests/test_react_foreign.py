@@ -103,7 +103,7 @@ def test_react_download_over_loopback_records_failures(foreign_run, tmp_path):
         table = table.set_column(table.column_names.index("url"), "url", pa.array(urls))
         pq.write_table(table, tmp_path / "set.parquet")
         cfg = config(root)
-        cfg = dataclasses.replace(cfg, embed=dataclasses.replace(cfg.embed, allow_private=True),
+        cfg = dataclasses.replace(cfg, embed=dataclasses.replace(cfg.embed, allow_networks=("127.0.0.0/8",)),
                                   react=dataclasses.replace(cfg.react, shard_size=5, reuse=None))
         out, info = react_download(cfg, customisation=tmp_path / "set.parquet",
                                    out=tmp_path / "shards", image_size=32)

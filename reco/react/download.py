@@ -6,7 +6,7 @@ Two ways, chosen by ``react.reuse``:
   embed path's own transforms: the set's rows in shards of ``react.shard_size`` ->
   :class:`~reco.pipelines.urls.FilterUnsafeUrls` -> :class:`~reco.pipelines.download.DownloadShards`
   (img2dataset behind the network guard, resized to the model's input size, ``embed.*`` options:
-  threads, timeout, retries, encode_format, allow_private) -> one tar + results Parquet per shard
+  threads, timeout, retries, encode_format, allow_networks) -> one tar + results Parquet per shard
   (:class:`~reco.react.shards.ShardWriter`);
 * reuse: an existing img2dataset webdataset download (``react.reuse``: folder/glob of ``.tar``,
   read through the ``webdataset`` input kind of embed-memory, sidecars honoured) is streamed once;
@@ -81,7 +81,7 @@ def download_shards(cfg: RecoConfig, rows: list[dict], out: Path, image_size: in
     with beam.Pipeline(options=pipeline_options(cfg.embed, beam_options)) as pipeline:
         _ = (pipeline
              | "Shards" >> beam.Create(shards)
-             | "SafetyFilter" >> FilterUnsafeUrls(cfg.embed.allow_private)
+             | "SafetyFilter" >> FilterUnsafeUrls(cfg.embed.allow_networks)
              | "Download" >> DownloadShards(image_size, cfg.embed)
              | "WriteTars" >> beam.ParDo(_WriteShard(str(out), cfg.embed.encode_format)))
     return [{"shard": s} for s, _ in shards]
