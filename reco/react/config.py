@@ -33,7 +33,6 @@ class ReactConfig:
     workers: int = 0                  # DataLoader workers per rank (shards are split over them)
     shuffle_buffer: int = 512         # samples held by the shuffle buffer (webdataset .shuffle)
     eval_shards: str | None = None    # webdataset holding the labelled split's images (by URL)
-    device: str = "cpu"
     # download (react-download)
     reuse: str | None = None          # an existing img2dataset webdataset download to take from
     shard_size: int = 1000            # samples per written tar

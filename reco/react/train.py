@@ -11,7 +11,7 @@ checkpoints (the trainer's ``save_checkpoint``). The output folder holds ``gated
 ``gated.json``, loadable in one call with :meth:`reco.react.model.ReactModel.load`.
 
 Options: the run config's ``react`` section (``--set react.steps=300``). Under ``torchrun`` the
-gated blocks and the temperature train with DDP (gloo on CPU, nccl on GPU; the loss all-gathers
+gated blocks and the temperature train with DDP (gloo on CPU, nccl with ``--device cuda``, one GPU per rank; the loss all-gathers
 the embeddings); checkpoints every ``react.checkpoint_every`` steps (safetensors) and
 ``react.resume=true`` continues exactly from the last one; TensorBoard events in ``OUT/tb``; a
 tqdm bar with ETA on rank 0.
@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -134,7 +135,10 @@ def react_train(cfg: RecoConfig, *, k_blocks: int | None = None, steps: int | No
         from reco.react import images
 
         images.get_source(options.image_source)
-    with process_group(options.device):
+    device = cfg.clip.device
+    if device.startswith("cuda") and "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))     # "cuda" = this rank's GPU
+    with process_group(device):
         return _train(cfg, options, Path(out_dir) if out_dir else default_out_dir(cfg),
                       customisation, evaluate, clip)
 
@@ -160,16 +164,17 @@ def _train(cfg, options: ReactConfig, out: Path, customisation, evaluate: bool, 
     decode_s = time.perf_counter() - t0
     torch.manual_seed(options.seed)
     model = customise(clip.model, options.k_blocks, init=options.init)
+    device = next(model.parameters()).device
     temperature = options.init_temperature or float(1.0 / clip.model.logit_scale.exp())
     loss_fn = _loss(temperature, rank, world)
     optimizer = build_optimizer(model, loss_fn, options)
     step_module = _Step(model, loss_fn)
     start, history = _resume_or_clear(out, options, model, loss_fn, optimizer, rank)
-    net = nn.parallel.DistributedDataParallel(step_module) if world > 1 else step_module
+    net = _ddp(step_module, device) if world > 1 else step_module
     writer, bar = _monitors(out, options, start, rank)
     t1, it = time.perf_counter(), iter(batches(start))
     for step in range(start, options.steps):
-        pixels, targets = next(it)
+        pixels, targets = (t.to(device, non_blocking=True) for t in next(it))
         lr = lr_at(step, options)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
@@ -209,6 +214,11 @@ def _train(cfg, options: ReactConfig, out: Path, customisation, evaluate: bool, 
             info["zeroshot"] = _evaluate(cfg, out, clip, model, options)
     _barrier(world)
     return info
+
+
+def _ddp(module: nn.Module, device: torch.device) -> nn.Module:
+    ids = {"device_ids": [device.index]} if device.type == "cuda" else {}
+    return nn.parallel.DistributedDataParallel(module, **ids)
 
 
 def _evaluate(cfg, out: Path, clip, model, options: ReactConfig):
