@@ -38,7 +38,7 @@ PRESET_FLAG = $(if $(filter command line environment,$(origin PRESET)),--preset 
 STAGE = $(RECO) $@ $(PRESET_FLAG) --workdir $(WORKDIR) $(STAGE_BEAM) $(STAGE_INPUT) $(ARGS)
 
 .PHONY: install world embed-memory import-embeddings build-index precompute-neighbours train evaluate ablations \
-        query demo react-retrieve react-train compare bench test test-slow clean experiment-longtail
+        query demo react-retrieve react-download react-train compare bench test test-slow clean experiment-longtail
 
 install: $(VENV)/.installed
 
@@ -49,7 +49,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 world embed-memory import-embeddings build-index precompute-neighbours train evaluate ablations \
-query demo react-retrieve react-train compare bench: install
+query demo react-retrieve react-download react-train compare bench: install
 	$(STAGE)
 
 embed-memory precompute-neighbours: STAGE_BEAM = $(foreach f,$(BEAM_FLAGS),--beam-option=$(f))

@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "query": ("reco.evaluation.query", "show the memory neighbours of an image or a text"),
     "demo": ("reco.demo", "run the whole chain on the embedded default and print the table"),
     "react-retrieve": ("reco.react.retrieve", "REACT: retrieve a customisation set for class names"),
+    "react-download": ("reco.react.download", "REACT: the customisation set's images as webdataset shards"),
     "react-train": ("reco.react.train", "REACT: train gated blocks on the customisation set"),
     "compare": ("reco.evaluation.compare", "frozen CLIP vs RECO vs REACT in one table"),
     "bench": ("reco.bench.cli", "benchmarks; results written to a file"),

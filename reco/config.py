@@ -24,6 +24,7 @@ from reco.pipelines.config import PRESETS as EMBED_PRESETS, EmbedConfig
 from reco.trainer.config import PRESETS as TRAIN_PRESETS, TrainConfig
 from reco.fixture_config import PRESETS as WORLD_PRESETS, WorldConfig
 from reco.fixture_config import BASE_CLIP_PRESETS, BaseClipConfig
+from reco.react.config import ReactConfig
 
 PRESET_NAMES = ("tiny", "demo", "longtail", "longtail_small")
 # presets whose stages have no preset of their own take another's (longtail: tiny's pipeline)
@@ -63,6 +64,7 @@ class RecoConfig:
     neighbours: NeighboursConfig = field(default_factory=NeighboursConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    react: ReactConfig = field(default_factory=ReactConfig)
 
     SECTION = ""
     RULES = dict(workdir=o.NON_EMPTY, preset=o.Choice(PRESET_NAMES), seed=o.SEED)

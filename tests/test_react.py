@@ -131,7 +131,7 @@ def test_world_urls_map_to_world_files(tmp_path):
         (root / "images/memory/000123.png").resolve()
     with pytest.raises(FormatError, match="not name a file under the world"):
         images.world_file(root, "http://h/../../etc/passwd")
-    with pytest.raises(ConfigError, match="choose one of embedded, world"):
+    with pytest.raises(ConfigError, match="choose one of embedded, webdataset, world"):
         images.get_source("s3")
 
 
@@ -206,7 +206,8 @@ def test_react_train_improves_zero_shot_on_stand_in_world(world, clip, tmp_path)
     before = {n: p.clone() for n, p in clip.model.state_dict().items()}
     out = tmp_path / "react"
     info = react_train(cfg, out_dir=out, clip=clip, options=ReactTrainConfig(
-        k_blocks=2, steps=120, batch_size=32, lr=2e-3, warmup_steps=10, checkpoint_every=60))
+        k_blocks=2, steps=120, batch_size=32, lr=2e-3, warmup_steps=10, checkpoint_every=60,
+        image_source="world"))
     assert all(torch.equal(before[n], p) for n, p in clip.model.state_dict().items())
     assert info["final_loss"] < info["first_loss"]
     assert any(abs(g["attn"]) > 0 or abs(g["mlp"]) > 0 for g in info["gates"])
@@ -250,8 +251,8 @@ def test_cli_commands(world, clip, tmp_path, monkeypatch):
     set_path = cfg.paths.react / "customisation.parquet"
     assert pq.read_table(set_path).num_rows <= 3 * len(CLASSNAMES)
     out = tmp_path / "m"
-    assert cli.main(["react-train", *common, "--steps", "3", "--batch-size", "8", "--no-eval",
-                     "--out", str(out)]) == 0
+    assert cli.main(["react-train", *common, "--set", "react.steps=3", "--set", "react.batch_size=8",
+                     "--set", "react.image_source=world", "--no-eval", "--out", str(out)]) == 0
     assert (out / "gated.safetensors").is_file() and (out / "train.json").is_file()
-    assert cli.main(["react-train", *common, "--steps", "0"]) == 2
+    assert cli.main(["react-train", *common, "--set", "react.steps=0"]) == 2
 

@@ -15,8 +15,8 @@ from reco.react.train import ReactTrainConfig, react_train
 
 # the defaults (600 steps, ~31 s on one idle core). On the 80-species tiny world, world seed 0,
 # zero-shot top-1 on all species gains +0 after 100 steps, +10 after 300, +19.6 after 600.
-FAST = ReactTrainConfig()
-SLOW = ReactTrainConfig()
+FAST = ReactTrainConfig(image_source="world")
+SLOW = ReactTrainConfig(image_source="world")
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +75,30 @@ def test_react_improvement_is_seed_robust(indexed, customisation, tmp_path, seed
     _report(f"slow seed {seed}", zs)
     assert zs["react"]["all"]["top1"] >= zs["frozen"]["all"]["top1"] + 15
     assert zs["react"]["unseen"]["top1"] >= zs["frozen"]["unseen"]["top1"] + 10
+
+
+@pytest.mark.slow
+def test_react_table_through_downloaded_shards(indexed, customisation, tmp_path):
+    """The README's REACT row through the new path: the memory exported as an img2dataset
+    webdataset download, react-download reusing it (by URL), react-train streaming the shards,
+    evaluation reading the test images from an exported download of the test split."""
+    import dataclasses
+
+    from reco.react.download import react_download
+    from tests.foreign import world_samples, write_webdataset
+
+    table, _ = customisation
+    wanted = set(table.column("url").to_pylist())
+    memory = [s for s in world_samples(indexed, "memory") if s["url"] in wanted]
+    write_webdataset(memory, tmp_path / "download", per_shard=200)
+    write_webdataset(world_samples(indexed, "test"), tmp_path / "evalset", per_shard=200)
+    cfg = dataclasses.replace(indexed, react=dataclasses.replace(
+        indexed.react, reuse=str(tmp_path / "download"), shards=str(tmp_path / "shards"),
+        eval_shards=str(tmp_path / "evalset"), shard_size=200))
+    _, down = react_download(cfg)
+    info = react_train(cfg, out_dir=tmp_path / "react")
+    zs = info["zeroshot"]
+    _report("shards", zs)
+    print("download", down["status_counts"], "samples/s", info["samples_per_s"])
+    assert down["status_counts"].get("success", 0) >= 0.9 * table.num_rows
+    assert zs["react"]["all"]["top1"] >= zs["frozen"]["all"]["top1"] + 15

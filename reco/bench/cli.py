@@ -20,6 +20,7 @@ BENCHES = {
     "index": "reco.bench.index:bench_index",
     "train": "reco.bench.train:bench_train",
     "import": "reco.bench.importer:bench_import",
+    "react": "reco.bench.react:bench_react",
 }
 
 

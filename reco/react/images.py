@@ -72,7 +72,18 @@ def embedded_images(cfg: RecoConfig, rows: pa.Table, split: str = "memory") -> l
     return [found[int(i)] for i in wanted]
 
 
-SOURCES: dict[str, ImageSource] = {"world": world_images, "embedded": embedded_images}
+def webdataset_images(cfg: RecoConfig, rows: pa.Table) -> list[bytes]:
+    """Images of ``rows`` found by URL in the webdataset download ``cfg.react.eval_shards``."""
+    from reco.react.shards import images_by_url
+
+    if not cfg.react.eval_shards:
+        raise ConfigError("image source 'webdataset' needs react.eval_shards (a webdataset "
+                          "download holding the images, matched by URL)")
+    return images_by_url(cfg.react.eval_shards, rows.column("url").to_pylist(), cfg.embed)
+
+
+SOURCES: dict[str, ImageSource] = {"world": world_images, "embedded": embedded_images,
+                                   "webdataset": webdataset_images}
 
 
 def get_source(name: str) -> ImageSource:

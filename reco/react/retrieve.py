@@ -6,8 +6,9 @@ and/or text -> memory captions (``Memory.search(q, "txt", k)``; the default, see
 ``DEFAULT_SEARCHES``). Per class, the best ``per_class`` distinct memory items are kept (best raw
 inner product over templates and searches); an item retrieved for several classes is kept once,
 for the class it scores best on, and memory images that duplicate evaluation images are left out.
-The set is joined back to the embedded memory shards (url, caption) — the images are not
-downloaded again — and written as a Parquet URL/caption list
+The set is joined back to the embedded memory shards (url, caption; any memory, an imported
+clip-retrieval release included) and written as a Parquet URL list (url, caption, key, class)
+for ``react-download``:
 ``cfg.paths.react / customisation.parquet`` (+ ``retrieval.json`` with per-class counts).
 """
 from __future__ import annotations
@@ -40,6 +41,7 @@ CANDIDATE_FACTOR = 2
 CUSTOMISATION_SCHEMA = pa.schema([
     pa.field("url", pa.string()),
     pa.field("caption", pa.string()),
+    pa.field("key", pa.string()),              # webdataset sample key of react-download's tars
     pa.field("memory_id", pa.int64(), nullable=False),
     pa.field("class_id", pa.int64(), nullable=False),
     pa.field("classname", pa.string()),
@@ -47,6 +49,11 @@ CUSTOMISATION_SCHEMA = pa.schema([
     pa.field("search", pa.string()),         # index that found it at its best score: img | txt
     pa.field("memory_label", pa.int64()),     # the memory row's own label (analysis), null if none
 ], metadata={b"reco.format": b"react-customisation/1"})
+
+
+def key_of(memory_id: int) -> str:
+    """The webdataset key of a memory row in the customisation set (its id, zero-padded)."""
+    return f"{memory_id:09d}"
 
 
 def load_frozen_clip(cfg: RecoConfig):
@@ -207,6 +214,7 @@ def _to_table(cfg: RecoConfig, memory, chosen, classnames) -> pa.Table:
     data = {
         "url": [rows[int(i)]["url"] for i in ids],
         "caption": [rows[int(i)]["caption"] for i in ids],
+        "key": [key_of(int(i)) for i in ids],
         "memory_id": ids.astype(np.int64),
         "class_id": np.asarray([c for c, _, _, _ in chosen], dtype=np.int64),
         "classname": [classnames[c] for c, _, _, _ in chosen],
