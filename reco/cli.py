@@ -55,7 +55,8 @@ EXAMPLES: dict[str, str] = {
     "query": "reco query --workdir runs/tiny --text 'a photo of a azure thornwick.' --k 5",
     "demo": "reco demo --preset tiny",
     "react-retrieve": "reco react-retrieve --workdir runs/tiny --per-class 20",
-    "react-train": "reco react-train --workdir runs/tiny",
+    "react-download": "reco react-download --workdir runs/tiny --set react.shard_size=500",
+    "react-train": "reco react-train --workdir runs/tiny --set react.workers=2",
     "compare": "reco compare --workdir runs/tiny",
     "bench": "reco bench --only index",
     "config": "reco config show --workdir runs/tiny      (or: reco config keys)",
@@ -63,7 +64,8 @@ EXAMPLES: dict[str, str] = {
 # commands that run a stage of the run: they record its config (WORKDIR/config.yaml)
 RECORDS_CONFIG = frozenset({"world", "embed-memory", "import-embeddings", "build-index",
                             "precompute-neighbours", "train",
-                            "evaluate", "ablations", "demo", "react-retrieve", "react-train"})
+                            "evaluate", "ablations", "demo", "react-retrieve", "react-download",
+                            "react-train"})
 # commands that run the CLIP on this machine (clip.device is checked before any work)
 LOCAL_DEVICE = frozenset(RECORDS_CONFIG - {"embed-memory", "import-embeddings"} | {"query"})
 CLIP_FLAGS = (("model", "--model"), ("pretrained", "--pretrained"), ("device", "--device"))
@@ -99,7 +101,8 @@ class _Parser(argparse.ArgumentParser):
 # the config section a command's bare option name most likely means (``reco train --steps``)
 SECTION_OF = {"train": "train", "embed-memory": "embed", "import-embeddings": "embed",
               "build-index": "index", "world": "world",
-              "precompute-neighbours": "neighbours", "evaluate": "eval", "ablations": "eval"}
+              "precompute-neighbours": "neighbours", "evaluate": "eval", "ablations": "eval",
+              "react-download": "react", "react-train": "react"}
 
 
 def _flag_hint(flag: str, flags: list[str], command: str) -> str | None:

@@ -48,7 +48,8 @@ class WorldConfig:
                  n_pretrain=COUNT, n_memory=COUNT, n_train=COUNT, n_test_per_species=COUNT,
                  unseen_fraction=o.Range(0, 0.9), pretrain_name_rate=RATE, memory_name_rate=RATE,
                  train_name_rate=RATE, noise=RATE, dead_link_rate=RATE, host=o.NON_EMPTY,
-                 port=o.Range(0, 65535))
+                 port=o.Range(0, 65535), train_zipf=o.Range(0, 10), test_group_size=o.Range(0, 100000),
+                 tail_max=o.Range(1, o.MAX_ROWS))
 
     def __post_init__(self):
         o.check(self)

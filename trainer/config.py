@@ -24,7 +24,8 @@ class HeadConfig:
 
     SECTION = "train.head"
     RULES = dict(layers=o.Range(1, 64), heads=o.Range(1, 64), mlp_ratio=o.Range(0, 64, lo_open=True),
-                 dropout=o.Range(0, 1, lo_open=False))
+                 dropout=o.Range(0, 1, lo_open=False), token_dropout=o.Range(0, 0.99),
+                 memory_noise=o.Range(0, 1))
 
     def __post_init__(self):
         o.check(self)
