@@ -18,7 +18,7 @@ class EmbedConfig:
     batch_size: int = 256             # open_clip forward batch
     processes: int = 1                # img2dataset processes per shard (1: in the worker, no spawn)
     threads: int = 16                 # img2dataset download threads per process
-    timeout: int = 10                 # seconds per URL: one deadline for connect + headers + body
+    timeout: float = 10.0             # seconds per URL: one deadline for connect + headers + body
     retries: int = 0
     allow_networks: tuple[str, ...] = ()   # CIDRs allowed although not global (127.0.0.0/8 for
                                       # the loopback world); link-local/metadata never allowed

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from reco.clip import resolve_model_spec
+from reco.clip import model_identity, resolve_model_spec
 from reco.formats import STATUS_OK, Manifest, decode_vectors
 
 
@@ -27,7 +27,7 @@ def test_world_splits_embedded(tiny_embedded):
         assert table.column("id").to_pylist() == list(range(urls.num_rows))
         assert table.column("url").to_pylist() == urls.column("url").to_pylist()
         assert table.column("label").to_pylist() == urls.column("label").to_pylist()
-        assert manifest.info["model_id"] == f"{model}|{pretrained or ''}"
+        assert manifest.info["model_id"] == model_identity(model, pretrained)   # what, not where
         assert manifest.counts["refused"] == 0                 # loopback allowed for the world
         ok = table.filter(pa.compute.equal(table.column("status"), STATUS_OK))
         assert ok.num_rows >= 0.9 * urls.num_rows

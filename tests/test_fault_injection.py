@@ -290,7 +290,7 @@ def eval_reference(tiny_neighbours, train_reference, tmp_path_factory):
 
 
 def _comparable(results: dict) -> dict:
-    return {k: v for k, v in results.items() if k not in ("heads", "memory")}   # workdir paths
+    return {k: v for k, v in results.items() if k not in ("heads", "memory", "data")}   # workdir paths
 
 
 def eval_case(cfg, heads: Path, want: dict, tmp_path, seed, timed=False):

@@ -61,6 +61,7 @@ def filter_tensors(src: str | Path, dst: str | Path, drop_ids: np.ndarray) -> di
     manifest = Manifest.read(src, kind="tensors")
     drop = pa.array(np.asarray(drop_ids, dtype=np.int64))
     kept = total = 0
+    counts = dict(manifest.counts)
     for name, path in zip(manifest.shards, manifest.shard_paths(src)):
         table = read_parquet(path, required=["id"])
         part = table.filter(pc.invert(pc.is_in(table["id"], value_set=drop)))
@@ -69,7 +70,11 @@ def filter_tensors(src: str | Path, dst: str | Path, drop_ids: np.ndarray) -> di
                               f"species; lower eval.ablation_val_fraction")
         atomic_write_table(part, Path(dst) / name)
         kept, total = kept + part.num_rows, total + table.num_rows
-    Manifest(kind="tensors", shards=list(manifest.shards), counts={**manifest.counts, "rows": kept},
+        if name in counts:                                  # rows per shard, as written
+            counts[name] = part.num_rows
+    if "total" in counts:
+        counts["total"] = kept
+    Manifest(kind="tensors", shards=list(manifest.shards), counts={**counts, "rows": kept},
              info={**manifest.info, "held_out_rows": total - kept}).write(dst)
     return {"rows": kept, "of": total}
 
