@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,7 @@ def foreign_run(exported):
     _, root, data, _ = exported
     b, work = BUCKET, root / "run"
     common = ["--preset", "tiny", "--workdir", str(work), "--model", f"local-dir:{data / 'clip'}"]
+    start = time.perf_counter()
     ran = run_reco([
         ["import-embeddings", *common, "--input", f"{b}/release", "--output", f"{b}/memory"],
         ["embed-memory", *common, "--input", str(data / "train-wds"), "--output", f"{b}/train"],
@@ -104,6 +106,7 @@ def foreign_run(exported):
          "--no-gallery", "--output", f"{b}/eval"],
     ], root, upload={str(data / "release"): f"{b}/release"},
         download={f"{b}/{name}": str(root / "bucket" / name) for name in ON_BUCKET}, timeout=1800)
+    print(f"foreign chain (import .. evaluate, one process): {time.perf_counter() - start:.0f} s")
     return {**ran, "work": work, "bucket": root / "bucket"}
 
 
