@@ -7,18 +7,38 @@
 * :func:`write_release`: a clip-retrieval embedding release (``img_emb/img_emb_N.npy``,
   ``text_emb/text_emb_N.npy``, ``metadata/metadata_N.parquet``) from an embedded folder;
 * :func:`world_samples`: the samples of a generated-world split (url, caption, image bytes of
-  the file that serves the url, or None for a dead link).
+  the file that serves the url, or None for a dead link);
+* :func:`write_image_folder`, :func:`write_clip_benchmark_wds`: labelled test images as an
+  ImageFolder and in CLIP_benchmark's webdataset layout;
+* :func:`run_watched`, :func:`run_reco`: a command (or ``reco`` subcommands in one process, with
+  a ``memory://`` bucket filled before and read after) in a fresh process that reports the
+  ``reco.world`` modules it imported.
 
 A sample is a dict ``{key, url, caption, image (bytes or None), status, error_message}``.
 """
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+# Written into PYTHONPATH: every child process reports the reco.world modules it imported.
+SITECUSTOMIZE = """
+import atexit, os, sys
+def _report():
+    with open(os.environ["RECO_MODULES_OUT"], "w") as f:
+        f.write("\\n".join(m for m in sys.modules if m == "reco.world" or m.startswith("reco.world.")))
+atexit.register(_report)
+"""
 
 
 def world_samples(cfg, split: str) -> list[dict]:
@@ -114,3 +134,60 @@ def write_release(embedded: Path, out: Path, parts: int, *, dtype: str = "float1
         meta = meta.append_column("key", pa.array([f"{i:09d}" for i in range(a, b)]))
         pq.write_table(meta, out / "metadata" / f"metadata_{part}.parquet")
     return n
+
+
+def write_image_folder(folder: Path, samples) -> None:
+    """``folder/<label:02d>/<i>.<ext>`` from ``[(image path, label)]`` (ImageFolder layout)."""
+    for i, (path, label) in enumerate(samples):
+        dest = folder / f"{label:02d}" / f"{i:05d}{path.suffix}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(path.read_bytes())
+
+
+def write_clip_benchmark_wds(root: Path, samples, classnames: str, templates: str,
+                             shards: int = 2) -> None:
+    """CLIP_benchmark's wds layout of ``[(image path, label)]``: ``test/{0..}.tar`` +
+    ``nshards.txt``, ``classnames.txt`` and ``zeroshot_classification_templates.txt``."""
+    import webdataset as wds
+
+    (root / "test").mkdir(parents=True)
+    size = -(-len(samples) // shards)
+    for shard in range(shards):
+        with wds.TarWriter(str(root / "test" / f"{shard}.tar")) as sink:
+            for i, (path, label) in enumerate(samples[shard * size:(shard + 1) * size]):
+                sink.write({"__key__": f"s{shard}_{i:05d}", "png": path.read_bytes(), "cls": label})
+    (root / "test" / "nshards.txt").write_text(str(shards))
+    (root / "classnames.txt").write_text(classnames)
+    (root / "zeroshot_classification_templates.txt").write_text(templates)
+
+
+def run_watched(argv: list[str], cwd: Path, *, env: dict | None = None,
+                timeout: int = 600) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """Run ``argv`` in a fresh process (must succeed); returns it and the ``reco.world``
+    modules it imported (reported at exit by a sitecustomize on its PYTHONPATH)."""
+    with tempfile.TemporaryDirectory(prefix="reco-watched-") as scratch:
+        (Path(scratch) / "sitecustomize.py").write_text(SITECUSTOMIZE)
+        out = Path(scratch) / "modules.txt"
+        env = {**os.environ, **(env or {}), "RECO_MODULES_OUT": str(out),
+               "PYTHONPATH": os.pathsep.join([scratch, str(REPO)])}
+        proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return proc, [m for m in out.read_text().splitlines() if m]
+
+
+def run_reco(commands: list[list[str]], cwd: Path, *, upload: dict[str, str] | None = None,
+             download: dict[str, str] | None = None, timeout: int = 600) -> dict:
+    """Run ``reco`` subcommands in one fresh process; ``upload`` ({local folder: memory:// URL})
+    fills the process's ``memory://`` bucket first, ``download`` ({URL: local folder}) copies
+    from it last. Returns the ``reco.world`` modules the process imported and its stdout."""
+    script = ("import fsspec\nfrom reco.cli import main\nbucket = fsspec.filesystem('memory')\n"
+              f"for src, dst in {sorted((upload or {}).items())!r}:\n"
+              "    bucket.put(src.rstrip('/') + '/', dst, recursive=True)\n"
+              f"for argv in {commands!r}:\n"
+              "    rc = main(argv)\n"
+              "    assert rc == 0, (argv, rc)\n"
+              f"for src, dst in {sorted((download or {}).items())!r}:\n"
+              "    bucket.get(src.rstrip('/') + '/', dst, recursive=True)\n")
+    proc, modules = run_watched([sys.executable, "-c", script], cwd,
+                                env={"NO_ALBUMENTATIONS_UPDATE": "1"}, timeout=timeout)
+    return {"world_modules": modules, "stdout": proc.stdout}

@@ -11,24 +11,15 @@ path's (``reco evaluate`` on the embedded test split, unseen species among thems
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-BIN = Path(sys.executable).parent
+from tests.foreign import BIN, run_watched, write_clip_benchmark_wds, write_image_folder
+
 TEMPLATES = "a photo of a {c}.\n"
-# Written into PYTHONPATH: every child process reports the reco.world modules it imported.
-SITECUSTOMIZE = """
-import atexit, os, sys
-def _report():
-    with open(os.environ["RECO_MODULES_OUT"], "w") as f:
-        f.write("\\n".join(m for m in sys.modules if m == "reco.world" or m.startswith("reco.world.")))
-atexit.register(_report)
-"""
+ENV = {"OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -51,52 +42,19 @@ def byod(tiny_trained, tmp_path_factory):
     samples = [(world_file(cfg.paths.world, r["url"]), unseen.index(r["label"]))
                for r in rows if r["label"] in unseen]
     data = root / "data"
-    _image_folder(data / "folder", samples)
+    write_image_folder(data / "folder", samples)
     (data / "classnames.txt").write_text("".join(f"{names[s]}\n" for s in unseen))
     (data / "templates.txt").write_text(TEMPLATES)
-    _wds_layout(data / "wds", samples, data)
-    (root / "site").mkdir()
-    (root / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    write_clip_benchmark_wds(data / "wds", samples, (data / "classnames.txt").read_text(), TEMPLATES)
     return cfg, work, data, world_results
-
-
-def _image_folder(folder: Path, samples) -> None:
-    for i, (path, label) in enumerate(samples):
-        dest = folder / f"{label:02d}" / f"{i:05d}{path.suffix}"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(path.read_bytes())
-
-
-def _wds_layout(root: Path, samples, data: Path) -> None:
-    """CLIP_benchmark's wds layout: test/{0..1}.tar + nshards.txt, class names, templates."""
-    import webdataset as wds
-
-    (root / "test").mkdir(parents=True)
-    half = (len(samples) + 1) // 2
-    for shard, part in enumerate((samples[:half], samples[half:])):
-        with wds.TarWriter(str(root / "test" / f"{shard}.tar")) as sink:
-            for i, (path, label) in enumerate(part):
-                sink.write({"__key__": f"s{shard}_{i:05d}", "png": path.read_bytes(), "cls": label})
-    (root / "test" / "nshards.txt").write_text("2")
-    (root / "classnames.txt").write_text((data / "classnames.txt").read_text())
-    (root / "zeroshot_classification_templates.txt").write_text(TEMPLATES)
-
-
-def _run(root: Path, argv: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess, list[str]]:
-    out = root / f"modules-{len(list(root.glob('modules-*')))}.txt"
-    env = {**os.environ, "PYTHONPATH": str(root / "site"), "RECO_MODULES_OUT": str(out),
-           "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc, [m for m in out.read_text().splitlines() if m]
 
 
 def _evaluate(byod, *flags: str) -> dict:
     cfg, work, data, _ = byod
     model = f"local-dir:{cfg.paths.base_clip}"
-    _, world_modules = _run(data.parent, [str(BIN / "reco"), "evaluate", "--preset", "tiny",
-                                          "--workdir", str(work), "--model", model,
-                                          "--modes", "off,both", *flags], cwd=data.parent)
+    _, world_modules = run_watched([str(BIN / "reco"), "evaluate", "--preset", "tiny",
+                                    "--workdir", str(work), "--model", model,
+                                    "--modes", "off,both", *flags], data.parent, env=ENV)
     assert world_modules == []
     return json.loads((work / "eval" / "results.json").read_text())
 
@@ -139,10 +97,11 @@ def test_evaluate_webdataset_and_clip_benchmark_wds_by_name(byod, folder_results
 def test_clip_benchmark_command_line_on_a_reco_run(byod):
     cfg, work, data, world = byod
     out = data.parent / "cb.json"
-    proc, world_modules = _run(data.parent, [
+    proc, world_modules = run_watched([
         str(BIN / "reco-clip-benchmark"), "eval", "--model_type", "reco", "--model", str(work),
         "--pretrained", "both", "--dataset", "wds/tiny", "--dataset_root", str(data / "wds"),
-        "--output", str(out), "--num_workers", "0", "--batch_size", "64", "--no_amp"], cwd=data.parent)
+        "--output", str(out), "--num_workers", "0", "--batch_size", "64", "--no_amp"], data.parent,
+        env=ENV)
     assert world_modules == []
     acc = json.loads(out.read_text())["metrics"]["acc1"]
     mine = world["modes"]["both"]["zeroshot"]["unseen_among_unseen"]["top1"]

@@ -6,11 +6,6 @@ process that never imports ``reco.world``, and their output is compared with the
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +16,8 @@ from reco.clip import model_identity
 
 from reco.formats import Manifest, decode_vectors
 from tests.fixtures.embed import make_images
-from tests.foreign import world_samples, write_parquet_images, write_release, write_webdataset
+from tests.foreign import run_reco, world_samples, write_parquet_images, write_release, write_webdataset
 
-REPO = Path(__file__).resolve().parents[1]
 WORLD_ROWS = 240          # rows of the world's memory split exported as img2dataset output
 
 
@@ -39,22 +33,6 @@ def read_folder(folder: Path) -> dict:
         for j, rec in enumerate(t.select(["id", "url", "caption", "status", "error_message"]).to_pylist()):
             out[rec["id"]] = {**rec, "key": keys[j], "image": img[j], "text": txt[j]}
     return out
-
-
-def run_reco(commands: list[list[str]], cwd: Path) -> dict:
-    """Run ``reco`` subcommands in one fresh process; returns the world modules it imported."""
-    script = ("import json, sys\nfrom reco.cli import main\n"
-              f"for argv in {commands!r}:\n"
-              "    rc = main(argv)\n"
-              "    assert rc == 0, (argv, rc)\n"
-              "print('WORLD=' + json.dumps(sorted(m for m in sys.modules "
-              "if m == 'reco.world' or m.startswith('reco.world.'))))\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "NO_ALBUMENTATIONS_UPDATE": "1"}
-    done = subprocess.run([sys.executable, "-c", script], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    line = [x for x in done.stdout.splitlines() if x.startswith("WORLD=")][-1]
-    return {"world_modules": json.loads(line[len("WORLD="):]), "stdout": done.stdout}
 
 
 # ---------------------------------------------------------------------------------------------
