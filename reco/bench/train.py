@@ -149,12 +149,14 @@ def _peak(folder: Path, mode: str, batch: int, steps: int) -> dict:
     return {"peak_mib": round(got["peak_mib"], 1), "above_setup_mib": round(got["peak_mib"] - got["base_mib"], 1)}
 
 
-def bench_train(out_dir: str | Path, quick: bool = True) -> dict:
+def bench_train(out_dir: str | Path, quick: bool = True, options: dict | None = None) -> dict:
     """Streaming vs in-memory samples/s for the same step, and peak memory at 1x / 10x data.
 
     Args:
         out_dir: scratch folder for the synthetic shards; ``bench_train.json`` is written there.
         quick: small dims/rows (dim 128, 8k rows) instead of CLIP-B-like (dim 512, 40k rows).
+        options: ``train.batch_size`` (the step's batch) and ``train.num_workers`` (the streaming
+            loader's workers; default: 0 and 1 compared), from ``reco bench --set``.
     Timings use one torch thread (the machine is shared); memory is measured in subprocesses.
     """
     import torch
@@ -163,6 +165,8 @@ def bench_train(out_dir: str | Path, quick: bool = True) -> dict:
 
     out = Path(out_dir)
     dim, k, rows, batch, steps = (128, 10, 8192, 256, 20) if quick else (512, 10, 40000, 512, 40)
+    batch = (options or {}).get("train.batch_size", batch)
+    workers = [options["train.num_workers"]] if "train.num_workers" in (options or {}) else [0, 1]
     for name, scale, plain in (("plain-x1", 1, True), ("plain-x10", 10, True), ("default-x1", 1, False)):
         if not (out / name / "manifest.json").exists():
             _write(out / name, rows * scale, dim, k, plain=plain)
@@ -172,7 +176,7 @@ def bench_train(out_dir: str | Path, quick: bool = True) -> dict:
         result = {"dim": dim, "k": k, "rows_1x": rows, "batch": batch, "steps": steps, "torch_threads": 1,
                   "read_samples_per_s": {enc: read_rate(out / f"{enc}-x1", batch=batch)
                                          for enc in ("plain", "default")},
-                  "throughput": [throughput(out / "plain-x1", batch=batch, steps=steps, workers=w) for w in (0, 1)]}
+                  "throughput": [throughput(out / "plain-x1", batch=batch, steps=steps, workers=w) for w in workers]}
     finally:
         torch.set_num_threads(threads)
     result["peak_rss"] = {f"{mode}_x{scale}": _peak(out / f"plain-x{scale}", mode, batch, steps)
