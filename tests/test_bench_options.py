@@ -2,6 +2,8 @@
 (issue 21). Unit level: the benches' measuring functions are replaced, nothing is timed."""
 from __future__ import annotations
 
+import pytest
+
 from reco import cli
 from reco.bench import embed as bench_embed_mod
 from reco.bench import index as bench_index_mod
@@ -52,3 +54,37 @@ def test_option_a_bench_cannot_use_is_refused(tmp_path, capsys):
     rc = cli.main(["bench", "--only", "import", "--set", "train.steps=5", "--workdir", str(tmp_path / "run"),
                    "--out", str(tmp_path / "out")])
     assert rc == 2 and "train.steps does not apply to the import benchmark" in capsys.readouterr().err
+
+
+def test_gpu_bench_says_skipped_without_a_gpu(tmp_path):
+    """`make bench-gpu` on a CPU machine: exit 0, "no GPU: skipped", results written."""
+    import json
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the benchmark would run")
+    done = subprocess.run([sys.executable, "-m", "reco.bench.gpu", "--size", "tiny", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "no GPU: skipped" in done.stdout
+    assert json.loads((tmp_path / "gpu.json").read_text())["skipped"].startswith("no GPU: skipped")
+
+
+@pytest.mark.slow                      # ~45 s on the shared 2-core machine
+def test_gpu_bench_code_runs_on_cpu_at_tiny_size(tmp_path):
+    """The script's own code (embed, trainer) as a lent GPU would run it, on the CPU with reco-tiny:
+    figures written (not asserted: speed goes in benchmarks); faiss-cpu: the kNN part says skipped."""
+    import faiss
+
+    from reco.bench.gpu import bench_gpu
+
+    out = bench_gpu(tmp_path, size="tiny", options={"clip.model": "reco-tiny", "clip.precision": "fp32"},
+                    device="cpu")
+    assert out["embed"]["encode_images_per_s"] > 0 and out["embed"]["raw_forward_images_per_s"] > 0
+    assert out["train"]["steps_per_s"] > 0 and out["train"]["device"] == "cpu"
+    if faiss.get_num_gpus() == 0:
+        assert "faiss has no GPU" in out["knn"]["skipped"]
+    assert (tmp_path / "gpu.json").exists()

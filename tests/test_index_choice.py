@@ -95,3 +95,20 @@ def test_index_that_cannot_move_to_gpu_is_an_error(hard_pq, monkeypatch):
     monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", refuse)
     with pytest.raises(ConfigError, match="index.use_gpu=true: this IndexIVFPQFastScan cannot move"):
         memory_lib.to_gpu(hard_pq[0], True)
+
+
+def test_gpu_training_recipe_builds_a_searchable_cpu_index(monkeypatch):
+    """train_on_gpus (k-means through a GPU clustering index) with the GPU copy replaced by the
+    CPU index itself: the same recipe, checked on a machine without a GPU."""
+    from reco.index.build import train_on_gpus
+
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", lambda index: index)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4000, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    plan = choose_index_key(4000, 16, IndexConfig(exact_below=100), gpu=True)
+    assert plan.key.endswith(",Flat") and not measured_bad(plan.key)
+    index = train_on_gpus(x, plan)
+    assert index.ntotal == 4000 and index.is_trained
+    faiss.extract_index_ivf(index).nprobe = faiss.extract_index_ivf(index).nlist
+    assert (index.search(x[:50], 1)[1][:, 0] == np.arange(50)).all()     # exhaustive probe: exact

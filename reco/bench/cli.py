@@ -23,6 +23,7 @@ BENCHES = {
     "train": "reco.bench.train:bench_train",
     "import": "reco.bench.importer:bench_import",
     "react": "reco.bench.react:bench_react",
+    "gpu": "reco.bench.gpu:bench_gpu",          # skipped without a CUDA device (make bench-gpu)
 }
 
 
