@@ -83,9 +83,9 @@ def to_gpu(index: faiss.Index, use_gpu: bool) -> faiss.Index:
     except RuntimeError as exc:
         first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
         raise ConfigError(f"index.use_gpu=true: this {type(faiss.downcast_index(index)).__name__} cannot "
-                          f"move to the GPU ({first[:160]}); rebuild it with index.use_gpu=true on a GPU "
-                          f"machine (GPU keys: IVF...,Flat/SQfp16/SQ8), or set index.use_gpu=false "
-                          f"to search on the CPU") from None
+                          f"move to the GPU ({first[:160]}); rebuild it with GPU keys (IVF...,Flat/SQfp16/SQ8) "
+                          f"on a GPU machine: reco build-index --force --set index.use_gpu=true; or set "
+                          f"index.use_gpu=false to search on the CPU") from None
 
 
 def _flat_vectors(index: faiss.Index | None, n: int, dim: int) -> np.ndarray | None:
