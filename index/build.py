@@ -94,6 +94,10 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean(hits))
 
 
+# largest re-ranking shortlist tried (x k): hard data (clusters of ~1000 near items) needs ~128-256
+MAX_K_FACTOR = 512
+
+
 def tune_search(index: faiss.Index, vectors: np.ndarray, plan: IndexPlan, cfg: IndexConfig) -> dict:
     """Smallest nprobe (then larger re-ranking shortlists) reaching ``cfg.target_recall``.
 
@@ -114,7 +118,8 @@ def tune_search(index: faiss.Index, vectors: np.ndarray, plan: IndexPlan, cfg: I
     nlist = faiss.extract_index_ivf(index).nlist
     top = min(nlist, cfg.max_nprobe)
     nprobes = [p for p in (2 ** i for i in range(20)) if min(cfg.min_nprobe, top) <= p <= top]
-    k_factors = [cfg.refine_k_factor * 2 ** i for i in range(3)] if isinstance(index, faiss.IndexRefine) else [None]
+    k_factors = ([cfg.refine_k_factor * 2 ** i for i in range(12) if cfg.refine_k_factor * 2 ** i <= MAX_K_FACTOR]
+                 if isinstance(index, faiss.IndexRefine) else [None])
     curve, best = [], None
     for k_factor in k_factors:
         previous = -1.0
