@@ -70,12 +70,14 @@ def train_on_gpus(vectors: np.ndarray, plan: IndexPlan) -> faiss.Index:
     metric = faiss.METRIC_INNER_PRODUCT if plan.metric == "ip" else faiss.METRIC_L2
     index = faiss.index_factory(vectors.shape[1], plan.key, metric)
     ivf = faiss.extract_index_ivf(index)
-    ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(vectors.shape[1]))
+    gpu_flat = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(vectors.shape[1]))
+    ivf.clustering_index = gpu_flat        # (a borrowed pointer: gpu_flat lives until training ends)
     rng = np.random.default_rng(0)
     n_train = min(len(vectors), max(ivf.nlist * GPU_TRAIN_POINTS, 1))
     sample = vectors[np.sort(rng.choice(len(vectors), n_train, replace=False))]
     index.train(sample)
     ivf.clustering_index = None
+    del gpu_flat
     index.add(vectors)
     return index
 
