@@ -38,7 +38,7 @@ PRESET_FLAG = $(if $(filter command line environment,$(origin PRESET)),--preset 
 STAGE = $(RECO) $@ $(PRESET_FLAG) --workdir $(WORKDIR) $(STAGE_BEAM) $(STAGE_INPUT) $(ARGS)
 
 .PHONY: install world embed-memory import-embeddings build-index precompute-neighbours train evaluate ablations \
-        query demo react-retrieve react-download react-train compare bench test test-slow clean experiment-longtail
+        query demo react-retrieve react-download react-train compare bench bench-gpu test test-slow clean experiment-longtail
 
 install: $(VENV)/.installed
 
@@ -54,6 +54,11 @@ query demo react-retrieve react-download react-train compare bench: install
 
 embed-memory precompute-neighbours: STAGE_BEAM = $(foreach f,$(BEAM_FLAGS),--beam-option=$(f))
 import-embeddings: STAGE_INPUT = $(if $(INPUT),--input $(INPUT))
+
+# issue 21: ViT-B-32 embed img/s, faiss-gpu kNN of 1M queries, trainer steps/s on a GPU ("no GPU:
+# skipped" without one); results in bench-results/results.json and bench-results/gpu/gpu.json
+bench-gpu: install
+	$(RECO) bench --only gpu --full --out bench-results $(ARGS)
 
 test: install
 	@$(VENV)/bin/python -m pytest -q $(ARGS); rc=$$?; \

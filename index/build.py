@@ -21,13 +21,13 @@ import numpy as np
 
 from reco.config import RecoConfig
 from reco.console import captured_output
-from reco.errors import FormatError, MismatchError
+from reco.errors import ConfigError, FormatError, MismatchError
 from reco.formats import atomic_save_npy, atomic_write_text, remove_temporaries
 from reco.index.config import IndexConfig
 from reco.index.dedup import eval_duplicate_mask
 from reco.index.embedded import open_split, read_split
 from reco.index.keys import IndexPlan, choose_index_key
-from reco.index.memory import EMB_FILES, IDS_FILE, INDEX_FILES, INFO_FILE, set_search_params
+from reco.index.memory import EMB_FILES, IDS_FILE, INDEX_FILES, INFO_FILE, gpus_for, set_search_params
 from reco.record import FILE as RECORD_FILE
 from reco.record import Record, locked, outputs_of
 from reco.validate import INDEX_INFO_KEYS, read_json
@@ -41,8 +41,12 @@ def normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def train_index(vectors: np.ndarray, plan: IndexPlan, cfg: IndexConfig) -> faiss.Index:
-    """autofaiss.build_index with the explicit key of ``plan`` (nothing written to disk)."""
+def train_index(vectors: np.ndarray, plan: IndexPlan, cfg: IndexConfig, gpus: int = 0) -> faiss.Index:
+    """The index of ``plan`` over ``vectors`` (nothing written to disk): autofaiss on the CPU;
+    with ``gpus`` (faiss-gpu, ``index.use_gpu``) the IVF k-means runs on the GPUs
+    (:func:`train_on_gpus`)."""
+    if gpus and not plan.exact:
+        return train_on_gpus(vectors, plan)
     from autofaiss import build_index
 
     index, _ = build_index(
@@ -53,6 +57,28 @@ def train_index(vectors: np.ndarray, plan: IndexPlan, cfg: IndexConfig) -> faiss
         nb_cores=cfg.nb_cores or None, use_gpu=False, verbose=logging.WARNING)
     if index is None:
         raise RuntimeError(f"autofaiss could not build {plan.key} (see its log above)")
+    return index
+
+
+GPU_TRAIN_POINTS = 256        # training vectors per inverted list (faiss warns below 39)
+
+
+def train_on_gpus(vectors: np.ndarray, plan: IndexPlan) -> faiss.Index:
+    """faiss's recipe for GPU training: the CPU index of ``plan.key`` whose coarse k-means
+    assigns on the GPUs (``clustering_index``), trained on a sample, then filled. The index
+    stays a CPU index (written to disk as any other; ``Memory.load(use_gpu=True)`` moves it)."""
+    metric = faiss.METRIC_INNER_PRODUCT if plan.metric == "ip" else faiss.METRIC_L2
+    index = faiss.index_factory(vectors.shape[1], plan.key, metric)
+    ivf = faiss.extract_index_ivf(index)
+    gpu_flat = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(vectors.shape[1]))
+    ivf.clustering_index = gpu_flat        # (a borrowed pointer: gpu_flat lives until training ends)
+    rng = np.random.default_rng(0)
+    n_train = min(len(vectors), max(ivf.nlist * GPU_TRAIN_POINTS, 1))
+    sample = vectors[np.sort(rng.choice(len(vectors), n_train, replace=False))]
+    index.train(sample)
+    ivf.clustering_index = None
+    del gpu_flat
+    index.add(vectors)
     return index
 
 
@@ -68,6 +94,10 @@ def _leave_one_out(labels: np.ndarray, sample: np.ndarray, k: int) -> np.ndarray
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     hits = [len(set(f[f >= 0]) & set(t[t >= 0])) / max((t >= 0).sum(), 1) for f, t in zip(found, truth)]
     return float(np.mean(hits))
+
+
+# largest re-ranking shortlist tried (x k): hard data (clusters of ~1000 near items) needs ~128-256
+MAX_K_FACTOR = 512
 
 
 def tune_search(index: faiss.Index, vectors: np.ndarray, plan: IndexPlan, cfg: IndexConfig) -> dict:
@@ -90,7 +120,8 @@ def tune_search(index: faiss.Index, vectors: np.ndarray, plan: IndexPlan, cfg: I
     nlist = faiss.extract_index_ivf(index).nlist
     top = min(nlist, cfg.max_nprobe)
     nprobes = [p for p in (2 ** i for i in range(20)) if min(cfg.min_nprobe, top) <= p <= top]
-    k_factors = [cfg.refine_k_factor * 2 ** i for i in range(3)] if isinstance(index, faiss.IndexRefine) else [None]
+    k_factors = ([cfg.refine_k_factor * 2 ** i for i in range(12) if cfg.refine_k_factor * 2 ** i <= MAX_K_FACTOR]
+                 if isinstance(index, faiss.IndexRefine) else [None])
     curve, best = [], None
     for k_factor in k_factors:
         previous = -1.0
@@ -110,10 +141,24 @@ def tune_search(index: faiss.Index, vectors: np.ndarray, plan: IndexPlan, cfg: I
             if point["recall"] - previous < 0.002:   # plateau: the shortlist is the limit
                 break
             previous = point["recall"]
-    log.warning("index %s: recall@%d %.3f below target %.3f at the largest nprobe/k_factor tried",
-                plan.key, k, best["recall"], cfg.target_recall)
     set_search_params(index, best["nprobe"], best["k_factor"])
-    return {**best, "recall_curve": curve}
+    return check_recall({**best, "recall_curve": curve}, plan.key, cfg)
+
+
+def check_recall(tuned: dict, key: str, cfg: IndexConfig) -> dict:
+    """``tuned`` when its recall reaches ``cfg.target_recall`` (or ``cfg.allow_low_recall``:
+    then a warning); otherwise a ConfigError naming the key, the recall reached and the target."""
+    if tuned["recall"] is None or tuned["recall"] >= cfg.target_recall:
+        return tuned
+    where = f"nprobe={tuned.get('nprobe')}" + (f", k_factor={tuned['k_factor']}" if tuned.get("k_factor") else "")
+    what = (f"index {key}: recall@{cfg.recall_k} {tuned['recall']:.3f} is below "
+            f"index.target_recall={cfg.target_recall} (best reached, at {where})")
+    if cfg.allow_low_recall:
+        log.warning("%s; kept because index.allow_low_recall=true", what)
+        return tuned
+    raise ConfigError(f"{what}; choose another index.index_key, raise index.max_index_memory_usage "
+                      f"(larger codes), lower index.target_recall, or set index.allow_low_recall=true "
+                      f"to keep this index")
 
 
 def write_index(index: faiss.Index, path: Path) -> int:
@@ -128,10 +173,11 @@ def write_index(index: faiss.Index, path: Path) -> int:
 
 def build_one(vectors: np.ndarray, name: str, cfg: IndexConfig) -> tuple[faiss.Index, dict]:
     """Build and tune one modality's index in memory (nothing written); returns it and its info."""
-    plan = choose_index_key(len(vectors), vectors.shape[1], cfg)
+    gpus = gpus_for(cfg.use_gpu)
+    plan = choose_index_key(len(vectors), vectors.shape[1], cfg, gpu=gpus > 0)
     t0 = time.perf_counter()
     with captured_output(log):            # autofaiss's and embedding-reader's bars: to the log
-        index = train_index(vectors, plan, cfg)
+        index = train_index(vectors, plan, cfg, gpus)
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     tuned = tune_search(index, vectors, plan, cfg)
@@ -140,7 +186,7 @@ def build_one(vectors: np.ndarray, name: str, cfg: IndexConfig) -> tuple[faiss.I
     return index, {"key": plan.key, "metric": plan.metric, "reason": plan.reason, **tuned,
                    "recall_k": cfg.recall_k, "build_seconds": round(build_s, 2),
                    "tune_seconds": round(time.perf_counter() - t0, 2),
-                   "estimated_bytes": plan.estimated_bytes}
+                   "estimated_bytes": plan.estimated_bytes, "trained_on_gpus": gpus}
 
 
 def source_fingerprint(cfg: RecoConfig) -> str:
@@ -170,7 +216,8 @@ def _eval_images(cfg: RecoConfig, model_id: str, dim: int) -> np.ndarray | None:
 
 
 # IndexConfig options that do not change the index (where and how fast it is built/read)
-NOT_SHAPING = ("use_gpu", "mmap", "nb_cores", "current_memory_available")
+# (allow_low_recall: the index is the same; a reused one is checked against the target again)
+NOT_SHAPING = ("use_gpu", "mmap", "nb_cores", "current_memory_available", "allow_low_recall")
 
 
 def index_plan(cfg: RecoConfig, split, test) -> Record:
@@ -231,6 +278,10 @@ def _build(cfg: RecoConfig, force: bool) -> dict:
     planned = index_plan(cfg, split, test)
     previous = None if force else _previous(out, planned)
     if previous is not None:
+        for m, meta in previous.get("indices", {}).items():
+            check_recall({"recall": meta.get("recall"), "nprobe": meta.get("nprobe"),
+                          "k_factor": meta.get("k_factor")}, f"{meta.get('key')} ({out / INDEX_FILES[m]})",
+                         cfg.index)
         log.info("index in %s is up to date; skipping (--force rebuilds)", out)
         return {**previous, "skipped": True}
     t_start = time.perf_counter()

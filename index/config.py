@@ -13,9 +13,11 @@ class IndexConfig:
     max_index_memory_usage: str = "4G"
     current_memory_available: str = "16G"
     target_recall: float = 0.95        # nprobe is tuned until recall@recall_k reaches this
+    allow_low_recall: bool = False     # keep an index whose tuned recall stays below target
+                                       # (a warning); False: build-index fails, naming it
     recall_k: int = 10
     recall_sample: int = 1000
-    use_gpu: bool = False
+    use_gpu: bool = False              # faiss-gpu: GPU k-means + GPU-searchable keys (keys.py)
     mmap: bool = False
     refine_k_factor: int = 8           # shortlist = k_factor * k codes re-ranked exactly (doubled
                                        # during tuning when nprobe alone cannot reach the target)

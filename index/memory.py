@@ -19,7 +19,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from reco.errors import FormatError, MismatchError
+from reco.errors import ConfigError, FormatError, MismatchError
 from reco.formats import parse_field, to_float32
 from reco.validate import INDEX_INFO_KEYS, load_npy, read_json
 
@@ -60,15 +60,32 @@ def set_search_params(index: faiss.Index, nprobe: int | None = None, k_factor: f
             pass                          # not an IVF index (Flat): nothing to set
 
 
+def gpus_for(use_gpu: bool, option: str = "index.use_gpu") -> int:
+    """GPUs faiss sees when ``use_gpu`` (0 when not asked); asked with none: a loud warning (the
+    work runs on the CPU)."""
+    if not use_gpu:
+        return 0
+    count = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if count == 0:
+        log.warning("%s=true but faiss sees no GPU (faiss-cpu installed, or no CUDA device; "
+                    "pip install '.[gpu]' on a GPU machine): running on the CPU", option)
+    return count
+
+
 def to_gpu(index: faiss.Index, use_gpu: bool) -> faiss.Index:
-    """Move an index to all GPUs when asked and available; CPU otherwise (or if unsupported)."""
-    if not use_gpu or not hasattr(faiss, "get_num_gpus") or faiss.get_num_gpus() == 0:
+    """Move an index to all GPUs when asked. Asked with no GPU visible to faiss: a loud warning,
+    the CPU searches; an index type faiss-gpu cannot hold (fast-scan PQ, refine stages): a
+    ConfigError naming it (never a silent CPU search)."""
+    if not gpus_for(use_gpu):
         return index
     try:
         return faiss.index_cpu_to_all_gpus(index)
     except RuntimeError as exc:
-        log.warning("index type not supported on GPU (%s); searching on CPU", str(exc)[:80])
-        return index
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        raise ConfigError(f"index.use_gpu=true: this {type(faiss.downcast_index(index)).__name__} cannot "
+                          f"move to the GPU ({first[:160]}); rebuild it with GPU keys (IVF...,Flat/SQfp16/SQ8) "
+                          f"on a GPU machine: reco build-index --force --set index.use_gpu=true; or set "
+                          f"index.use_gpu=false to search on the CPU") from None
 
 
 def _flat_vectors(index: faiss.Index | None, n: int, dim: int) -> np.ndarray | None:

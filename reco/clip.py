@@ -54,6 +54,7 @@ class LoadedClip:
     embed_dim: int
     image_size: int
     identity: str = ""            # model_identity(name, pretrained): what the model IS
+    precision: str = "fp32"       # open_clip precision the model was created with
 
     @property
     def model_id(self) -> str:
@@ -155,7 +156,8 @@ def load_clip(model: str, pretrained: str | None = None, device: str = "cpu",
     if isinstance(image_size, (list, tuple)):
         image_size = image_size[0]
     return LoadedClip(clip, preprocess, tokenizer, model, pretrained or "",
-                      int(cfg.get("embed_dim", 0)), int(image_size), model_identity(model, pretrained))
+                      int(cfg.get("embed_dim", 0)), int(image_size), model_identity(model, pretrained),
+                      precision)
 
 
 def _check_model_name(model: str) -> None:
@@ -222,15 +224,54 @@ def _model_device(clip: LoadedClip) -> torch.device:
     return next(clip.model.parameters()).device
 
 
+# amp precisions: (autocast dtype on CUDA, on CPU); CPU autocast runs bf16 (fp16 is slow there)
+AMP_DTYPES = {"amp": (torch.float16, torch.bfloat16), "amp_bf16": (torch.bfloat16, torch.bfloat16),
+              "amp_bfloat16": (torch.bfloat16, torch.bfloat16)}
+
+
+def input_dtype(clip: LoadedClip) -> torch.dtype:
+    """The dtype the model's first layer expects: bf16/fp16 for the low-precision modes
+    (``fp16``, ``bf16``, ``pure_*``: open_clip casts the weights), float32 otherwise."""
+    import open_clip
+
+    return open_clip.get_input_dtype(clip.precision) or torch.float32
+
+
+def autocast(clip: LoadedClip, device: torch.device):
+    """``torch.autocast`` for the amp precisions, a no-op context otherwise."""
+    dtypes = AMP_DTYPES.get(clip.precision)
+    if dtypes is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtypes[0] if device.type == "cuda" else dtypes[1])
+
+
+def to_device(x: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Host -> device copy through pinned memory when the device is CUDA (asynchronous), then
+    the cast (on the device, so the copy moves the smaller uint8/fp16 tensor when it can)."""
+    if device.type == "cuda" and x.device.type == "cpu":
+        x = x.pin_memory().to(device, non_blocking=True)
+    else:
+        x = x.to(device)
+    return x.to(dtype) if dtype is not None and x.is_floating_point() else x
+
+
 @torch.no_grad()
 def encode_images(clip: LoadedClip, pixels: torch.Tensor) -> torch.Tensor:
-    """Unit-norm float32 image embeddings on the CPU (pixels moved to the model's device)."""
-    pixels = pixels.to(_model_device(clip), non_blocking=True)
-    return torch.nn.functional.normalize(clip.model.encode_image(pixels).float(), dim=-1).cpu()
+    """Unit-norm float32 image embeddings on the CPU (pixels moved to the model's device through
+    pinned memory on CUDA, cast to the model's input dtype, autocast for the amp precisions)."""
+    device = _model_device(clip)
+    pixels = to_device(pixels, device, input_dtype(clip))
+    with autocast(clip, device):
+        emb = clip.model.encode_image(pixels)
+    return torch.nn.functional.normalize(emb.float(), dim=-1).cpu()
 
 
 @torch.no_grad()
 def encode_texts(clip: LoadedClip, texts: list[str]) -> torch.Tensor:
-    """Unit-norm float32 text embeddings on the CPU (tokens moved to the model's device)."""
-    tokens = clip.tokenizer(list(texts)).to(_model_device(clip))
-    return torch.nn.functional.normalize(clip.model.encode_text(tokens).float(), dim=-1).cpu()
+    """Unit-norm float32 text embeddings on the CPU (tokens moved to the model's device, autocast
+    for the amp precisions)."""
+    device = _model_device(clip)
+    tokens = to_device(clip.tokenizer(list(texts)), device)
+    with autocast(clip, device):
+        emb = clip.model.encode_text(tokens)
+    return torch.nn.functional.normalize(emb.float(), dim=-1).cpu()

@@ -189,14 +189,17 @@ def apply_sets(cfg: RecoConfig, items: typing.Iterable[str]) -> RecoConfig:
     """``--set section.option=value`` strings, one at a time (the error names the one at fault)."""
     for item in items:
         key, value = parse_set(item)
-        data: dict[str, Any] = {}
-        node = data
-        *sections, leaf = key.split(".")
-        for s in sections:
-            node = node.setdefault(s, {})
-        node[leaf] = value
-        cfg = merge(cfg, data, f"--set {item}")
+        cfg = merge(cfg, tree_of(key, value), f"--set {item}")
     return cfg
+
+
+def tree_of(key: str, value: Any) -> dict[str, Any]:
+    """``section.option`` and its value as the nested tree :func:`merge` takes."""
+    *sections, leaf = key.split(".")
+    data: dict[str, Any] = {leaf: value}
+    for s in reversed(sections):
+        data = {s: data}
+    return data
 
 
 def _one_line(exc: BaseException) -> str:

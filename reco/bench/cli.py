@@ -1,7 +1,9 @@
 """``reco bench``: every stage's benchmark, results written to a JSON file (never asserted in tests).
 
 Benchmarks live beside their stage (``reco/bench/<stage>.py``), each a function
-``bench_<stage>(out_dir, quick) -> dict`` registered in :data:`BENCHES`.
+``bench_<stage>(out_dir, quick, options) -> dict`` registered in :data:`BENCHES`; ``options``
+holds the ``--set``/``--model``/``--device``/``--pretrained`` values the bench honours
+(``reco.bench.options.HONOURS``; others are refused before any work).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ BENCHES = {
     "train": "reco.bench.train:bench_train",
     "import": "reco.bench.importer:bench_import",
     "react": "reco.bench.react:bench_react",
+    "gpu": "reco.bench.gpu:bench_gpu",          # skipped without a CUDA device (make bench-gpu)
 }
 
 
@@ -30,23 +33,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="bench-results", help="folder for results.json")
 
 
-def run_benches(names: list[str], out_dir: Path, quick: bool) -> dict:
+def run_benches(names: list[str], out_dir: Path, quick: bool,
+                options: dict[str, dict] | None = None) -> dict:
     results = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                            "cpus": __import__("os").cpu_count()}, "quick": quick}
     for name in names:
         module, func = BENCHES[name].split(":")
         t0 = time.perf_counter()
         print(f"bench {name} ...", flush=True)
-        results[name] = getattr(importlib.import_module(module), func)(out_dir / name, quick=quick)
+        given = (options or {}).get(name) or {}
+        kwargs = {"options": given} if given else {}
+        results[name] = getattr(importlib.import_module(module), func)(out_dir / name, quick=quick, **kwargs)
+        results[name]["options"] = given
         results[name]["bench_seconds"] = round(time.perf_counter() - t0, 1)
         print(json.dumps(results[name], indent=2), flush=True)
     return results
 
 
 def main(cfg: RecoConfig, args: argparse.Namespace) -> int:
+    from reco.bench.options import bench_options
+
+    names = args.only or sorted(BENCHES)
+    options = bench_options(names, args, cfg)           # refused before any work
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = run_benches(args.only or sorted(BENCHES), out, quick=not args.full)
+    results = run_benches(names, out, quick=not args.full, options=options)
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     print(f"results written to {out / 'results.json'}")
     return 0

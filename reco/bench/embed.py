@@ -63,12 +63,14 @@ def _resized_rows(clip, files: list[Path], captions: list[str]) -> list[dict]:
 
 
 def bench_model(model: str, pretrained: str | None, n: int, batch: int, threads: int,
-                image_px: int, work: Path) -> dict:
+                image_px: int, work: Path, device: str = "cpu", precision: str = "fp32") -> dict:
+    from reco.clip import resolve_device
     from reco.pipelines.download import IMAGE_KEY
     from reco.pipelines.embed import decode, embed_rows
 
     torch.set_num_threads(threads)
-    clip = load_clip(model, pretrained)
+    device = resolve_device(device)
+    clip = load_clip(model, pretrained, device=device, precision=precision)
     names = _png_corpus(work / "images", n, image_px)
     captions = [f"a photo of object number {i}" for i in range(n)]
     rows = _resized_rows(clip, [work / "images" / f for f in names], captions)
@@ -80,18 +82,21 @@ def bench_model(model: str, pretrained: str | None, n: int, batch: int, threads:
             if with_text:
                 encode_texts(clip, captions[s:s + batch])
 
-    out = {"model": model, "images": n, "batch": batch, "torch_threads": threads,
+    out = {"model": model, "device": device, "precision": precision, "images": n, "batch": batch,
+           "torch_threads": threads,
            "raw_image_forward": _rate(n, lambda: forward(False)),
            "raw_forward": _rate(n, lambda: forward(True)),
            "decode_preprocess": _rate(n, lambda: [decode(clip, r[IMAGE_KEY]) for r in rows]),
            "embed_stage": _rate(n, lambda: embed_rows(clip, rows, batch))}
     out["ratio"] = out["embed_stage"] / out["raw_forward"]
     out["ratio_vs_image_forward"] = out["embed_stage"] / out["raw_image_forward"]
-    out["pipeline"] = _pipeline_rate(clip, model, pretrained, names, captions, batch, threads, work)
+    out["pipeline"] = _pipeline_rate(clip, model, pretrained, names, captions, batch, threads, work,
+                                     device=device, precision=precision)
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
 
 
-def _pipeline_rate(clip, model, pretrained, names, captions, batch, threads, work: Path) -> float:
+def _pipeline_rate(clip, model, pretrained, names, captions, batch, threads, work: Path,
+                   device: str = "cpu", precision: str = "fp32") -> float:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -103,7 +108,7 @@ def _pipeline_rate(clip, model, pretrained, names, captions, batch, threads, wor
         urls = [server.base_url + name for name in names]
         pq.write_table(pa.table({"url": urls, "caption": captions}), work / "urls.parquet")
         cfg = EmbedConfig(shard_size=max(1, len(names) // 2), batch_size=batch, allow_networks=("127.0.0.0/8",),
-                          torch_threads=threads, threads=16)
+                          torch_threads=threads, threads=16, device=device, precision=precision)
         start = time.perf_counter()
         _, info = embed_urls(str(work / "urls.parquet"), str(work / f"out-{time.time_ns()}"),
                              model=model, pretrained=pretrained, embed_cfg=cfg)
@@ -112,19 +117,31 @@ def _pipeline_rate(clip, model, pretrained, names, captions, batch, threads, wor
     return len(names) / seconds
 
 
-def bench_embed(out_dir: str | Path, quick: bool = True) -> dict:
-    """Run the benchmark, write ``embed.json`` into ``out_dir`` and return the results."""
-    out_dir = Path(out_dir)
+def bench_embed(out_dir: str | Path, quick: bool = True, options: dict | None = None) -> dict:
+    """Run the benchmark, write ``embed.json`` into ``out_dir`` and return the results.
+
+    ``options`` (``reco bench --only embed --model ... --device ... --set ...``): ``clip.model``
+    (+ ``clip.pretrained``) benchmarks that model instead of reco-tiny; ``clip.device``,
+    ``clip.precision``, ``embed.batch_size`` and ``embed.torch_threads`` apply to every model.
+    """
+    out_dir, opt = Path(out_dir), options or {}
     n, batch = (512, 256) if quick else (2048, 256)
+    batch, threads = opt.get("embed.batch_size", batch), opt.get("embed.torch_threads", 2)
+    run = dict(device=opt.get("clip.device", "cpu"), precision=opt.get("clip.precision", "fp32"))
     results = {"quick": quick, "note": "noisy shared machine; images/s, best of 2 after warm-up",
                "models": []}
     with tempfile.TemporaryDirectory(prefix="reco-bench-embed-") as tmp:
         work = Path(tmp)
         torch.manual_seed(0)
-        spec = save_local_dir(load_clip("reco-tiny").model, "reco-tiny", work / "reco-tiny")
-        results["models"].append(bench_model(spec, None, n, batch, 2, 64, work / "tiny"))
-        if not quick:
-            results["models"].append(bench_model("ViT-B-32", None, n // 8, 64, 2, 256, work / "b32"))
+        if "clip.model" in opt:
+            results["models"].append(bench_model(opt["clip.model"], opt.get("clip.pretrained"), n // 4,
+                                                 batch, threads, 256, work / "model", **run))
+        else:
+            spec = save_local_dir(load_clip("reco-tiny").model, "reco-tiny", work / "reco-tiny")
+            results["models"].append(bench_model(spec, None, n, batch, threads, 64, work / "tiny", **run))
+        if not quick and "clip.model" not in opt:
+            results["models"].append(bench_model("ViT-B-32", None, n // 8, min(batch, 64), threads, 256,
+                                                 work / "b32", **run))
     atomic_write_text(out_dir / "embed.json", json.dumps(results, indent=2))
     return results
 

@@ -87,8 +87,13 @@ def _recall(found: np.ndarray, truth: np.ndarray) -> float:
     return round(float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)])), 4)
 
 
-def _cfg(root: Path):
-    return config_lib.preset("demo", workdir=str(root))
+def _cfg(root: Path, options: dict | None = None):
+    """The demo preset in ``root`` with the bench's ``index.*``/``neighbours.*`` options (given,
+    or saved in ``root`` for the measured subprocesses)."""
+    from reco.bench import options as bench_options
+
+    cfg = config_lib.preset("demo", workdir=str(root))
+    return bench_options.apply(cfg, bench_options.load(root) if options is None else options)
 
 
 def _train_queries(cfg) -> dict[str, np.ndarray]:
@@ -220,7 +225,10 @@ def _pass_vs_raw(cfg, root: Path, n: int, centers, startup: float) -> dict:
             "cpu_ratio": round(raw_cpu / done["cpu_seconds"], 3)}
 
 
-def _one(root: Path, n_memory: int, dim: int, pass_sizes: tuple[int, ...]) -> dict:
+def _one(root: Path, n_memory: int, dim: int, pass_sizes: tuple[int, ...], options: dict) -> dict:
+    from reco.bench import options as bench_options
+
+    bench_options.save(root, options)
     cfg = _cfg(root)
     img, txt, _, centers = clustered_pairs(n_memory, dim, n_memory // 100, seed=0)
     write_embedded(cfg.paths.embedded("memory"), img, txt, shard_size=50000)
@@ -245,15 +253,33 @@ def _one(root: Path, n_memory: int, dim: int, pass_sizes: tuple[int, ...]) -> di
     return out
 
 
-def bench_index(out_dir: str | Path, quick: bool = True) -> dict:
-    """Run the benchmark in ``out_dir`` (work folders are kept there); returns the figures."""
-    out_dir = Path(out_dir)
+def hard_recall(n: int = 50_000, dim: int = 64, budgets: tuple[str, ...] = ("100M", "5M")) -> list[dict]:
+    """Tuned recall@10 on the hard distribution (clusters of ~1000 near items) for the key each
+    memory budget gets (``python -m reco.bench.index hard``)."""
+    from reco.index.build import build_one
+    from reco.index.config import IndexConfig
+
+    img, _, _, _ = clustered_pairs(n, dim, max(n // 1000, 1), seed=0)
+    out = []
+    for budget in budgets:
+        cfg = IndexConfig(exact_below=1000, max_index_memory_usage=budget, allow_low_recall=True)
+        _, info = build_one(normalise(img), "img", cfg)
+        out.append({"n": n, "dim": dim, "budget": budget, "key": info["key"], "recall_at_10": info["recall"],
+                    "nprobe": info["nprobe"], "k_factor": info["k_factor"]})
+    return out
+
+
+def bench_index(out_dir: str | Path, quick: bool = True, options: dict | None = None) -> dict:
+    """Run the benchmark in ``out_dir`` (work folders are kept there); returns the figures.
+    ``options``: ``index.*``/``neighbours.*`` values (``reco bench --set``) over the demo preset."""
+    out_dir, options = Path(out_dir), options or {}
     results = {"note": ("raw = index.search of the same training queries, k = k + search_margin, "
                         "image and text, same index/nprobe/threads; ratio = pass / raw pairs per "
                         "second; timings on shared CPU cores are noisy (cpu_ratio: CPU seconds)"),
-               "d64": _one(out_dir / "d64", 200_000, 64, (20_000, 200_000))}
+               "d64": _one(out_dir / "d64", 200_000, 64, (20_000, 200_000), options)}
     if not quick:
-        results["d512"] = _one(out_dir / "d512", 200_000, 512, (20_000,))
+        results["d512"] = _one(out_dir / "d512", 200_000, 512, (20_000,), options)
+    results["hard_distribution"] = hard_recall()
     results["peak_rss_mb"] = _peak_rss_mb()
     return results
 
@@ -262,6 +288,9 @@ if __name__ == "__main__":               # the measured processes, see measure_r
     import logging
 
     logging.disable(logging.WARNING)
-    what, workdir = sys.argv[1], sys.argv[2]
-    result = measure_raw(workdir) if what == "raw" else measure_pass(workdir)
+    what = sys.argv[1]
+    if what == "hard":
+        result = hard_recall()
+    else:
+        result = measure_raw(sys.argv[2]) if what == "raw" else measure_pass(sys.argv[2])
     print(json.dumps(result))

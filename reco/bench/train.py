@@ -38,7 +38,7 @@ def _write(folder: Path, n: int, dim: int, k: int, plain: bool = True) -> None:
     Manifest("tensors", shards, {"rows": n}, {"dim": dim, "k": k, "fields": list(fields)}).write(folder)
 
 
-def _setup(folder: Path, batch: int, workers: int):
+def _setup(folder: Path, batch: int, workers: int, device: str = "cpu"):
     import torch
 
     from reco.trainer.config import HeadConfig, TrainConfig
@@ -48,7 +48,7 @@ def _setup(folder: Path, batch: int, workers: int):
     info = read_tensors_info(folder, need=("v_img_txt", "t_txt_img"))
     tc = TrainConfig(batch_size=batch, k=info.k, num_workers=workers, head=HeadConfig())
     torch.manual_seed(0)
-    model = build_train_model(tc, info.dim)
+    model = build_train_model(tc, info.dim).to(device)
     stream = TensorStream(info, fields=("v_img_txt", "t_txt_img"), k=info.k, batch_size=batch,
                           shuffle_buffer=tc.shuffle_buffer, num_workers=workers)
     return info, model, build_optimizer(model, tc), stream
@@ -62,16 +62,18 @@ def _load_all(info) -> dict[str, np.ndarray]:
     return {key: value.numpy() for key, value in next(iter(everything)).items()}
 
 
-def _time_steps(model, optimizer, batches, steps: int, warmup: int = 3) -> float:
+def _time_steps(model, optimizer, batches, steps: int, warmup: int = 3, device: str = "cpu") -> float:
+    """Seconds of ``steps`` training steps (each ends with the loss read back: synchronised)."""
     import torch
 
     from reco.trainer.train import train_step
 
+    where = torch.device(device)
     for _ in range(warmup):
-        train_step(model, optimizer, next(batches), lr=1e-4, device=torch.device("cpu"))
+        train_step(model, optimizer, next(batches), lr=1e-4, device=where)
     t0 = time.perf_counter()
     for _ in range(steps):
-        train_step(model, optimizer, next(batches), lr=1e-4, device=torch.device("cpu"))
+        train_step(model, optimizer, next(batches), lr=1e-4, device=where)
     return time.perf_counter() - t0
 
 
@@ -86,14 +88,16 @@ def _in_memory_batches(arrays, batch: int):
             yield {key: torch.from_numpy(a[idx]) for key, a in arrays.items()}
 
 
-def throughput(folder: Path, *, batch: int, steps: int, workers: int) -> dict:
+def throughput(folder: Path, *, batch: int, steps: int, workers: int, device: str = "cpu") -> dict:
     from reco.trainer.data import make_loader
 
-    info, model, optimizer, stream = _setup(folder, batch, workers)
-    stream_s = _time_steps(model, optimizer, iter(make_loader(stream)), steps)
+    info, model, optimizer, stream = _setup(folder, batch, workers, device)
+    loader = make_loader(stream, pin_memory=device.startswith("cuda"))
+    stream_s = _time_steps(model, optimizer, iter(loader), steps, device=device)
     arrays = _load_all(info)
-    memory_s = _time_steps(model, optimizer, _in_memory_batches(arrays, batch), steps)
-    return {"workers": workers, "streaming_samples_per_s": steps * batch / stream_s,
+    memory_s = _time_steps(model, optimizer, _in_memory_batches(arrays, batch), steps, device=device)
+    return {"workers": workers, "device": device, "steps_per_s": steps / memory_s,
+            "streaming_steps_per_s": steps / stream_s, "streaming_samples_per_s": steps * batch / stream_s,
             "in_memory_samples_per_s": steps * batch / memory_s, "ratio": memory_s / stream_s}
 
 
@@ -149,12 +153,14 @@ def _peak(folder: Path, mode: str, batch: int, steps: int) -> dict:
     return {"peak_mib": round(got["peak_mib"], 1), "above_setup_mib": round(got["peak_mib"] - got["base_mib"], 1)}
 
 
-def bench_train(out_dir: str | Path, quick: bool = True) -> dict:
+def bench_train(out_dir: str | Path, quick: bool = True, options: dict | None = None) -> dict:
     """Streaming vs in-memory samples/s for the same step, and peak memory at 1x / 10x data.
 
     Args:
         out_dir: scratch folder for the synthetic shards; ``bench_train.json`` is written there.
         quick: small dims/rows (dim 128, 8k rows) instead of CLIP-B-like (dim 512, 40k rows).
+        options: ``train.batch_size`` (the step's batch) and ``train.num_workers`` (the streaming
+            loader's workers; default: 0 and 1 compared), from ``reco bench --set``.
     Timings use one torch thread (the machine is shared); memory is measured in subprocesses.
     """
     import torch
@@ -163,6 +169,8 @@ def bench_train(out_dir: str | Path, quick: bool = True) -> dict:
 
     out = Path(out_dir)
     dim, k, rows, batch, steps = (128, 10, 8192, 256, 20) if quick else (512, 10, 40000, 512, 40)
+    batch = (options or {}).get("train.batch_size", batch)
+    workers = [options["train.num_workers"]] if "train.num_workers" in (options or {}) else [0, 1]
     for name, scale, plain in (("plain-x1", 1, True), ("plain-x10", 10, True), ("default-x1", 1, False)):
         if not (out / name / "manifest.json").exists():
             _write(out / name, rows * scale, dim, k, plain=plain)
@@ -172,7 +180,7 @@ def bench_train(out_dir: str | Path, quick: bool = True) -> dict:
         result = {"dim": dim, "k": k, "rows_1x": rows, "batch": batch, "steps": steps, "torch_threads": 1,
                   "read_samples_per_s": {enc: read_rate(out / f"{enc}-x1", batch=batch)
                                          for enc in ("plain", "default")},
-                  "throughput": [throughput(out / "plain-x1", batch=batch, steps=steps, workers=w) for w in (0, 1)]}
+                  "throughput": [throughput(out / "plain-x1", batch=batch, steps=steps, workers=w) for w in workers]}
     finally:
         torch.set_num_threads(threads)
     result["peak_rss"] = {f"{mode}_x{scale}": _peak(out / f"plain-x{scale}", mode, batch, steps)
