@@ -249,6 +249,7 @@ def _validate_manifest(manifest: "Manifest", path: str) -> "Manifest":
 #   v_txt_txt / t_img_img                                         (cross-modal search ablation)
 #   v_txt_img / t_img_txt                                         (cross search + uni fusion)
 MODALITIES = {"img": "image", "txt": "text"}
+CONTEXT_FIELDS = tuple(f"{q}_{s}_{f}" for q in "vt" for s in MODALITIES for f in MODALITIES)
 DEFAULT_FIELDS = ("v_img_txt", "t_txt_img")
 
 

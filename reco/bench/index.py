@@ -166,8 +166,8 @@ def _core_vs_raw(cfg, memory: Memory, pair: dict, reps: int = 3) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from reco.index import neighbour_shards as shards
-    from reco.index.neighbours import materialise, neighbour_batch
+    from reco.pipelines.neighbours import shards
+    from reco.pipelines.neighbours.search import materialise, neighbour_batch
 
     n, nb = len(pair["img"]), cfg.neighbours
     k_search = nb.k + nb.search_margin

@@ -1,8 +1,29 @@
 """Output shards of the neighbour pass: planning, Arrow tables, writing, resume and manifests
 (no Beam, no faiss).
 
-The format itself is documented in ``reco.pipelines.neighbours`` (trainer tensors: the layout
-of ``reco.formats.tensors_schema``, format ``tensors/2``). Tables are built from whole numpy
+Output, under ``cfg.paths.neighbours``:
+
+``ids/part-NNNNN.parquet`` (``reco.formats.neighbours_schema(k, searches)``)
+    ``id`` (training pair id) and per search ``s`` in ``search_keys(fields)`` (e.g. ``v_img``):
+    ``{s}_ids`` memory ids best first (-1 = none) and ``{s}_scores`` inner products (-inf = none).
+    The schema metadata ``reco.stats`` holds the shard's exclusion counts (JSON).
+``tensors/part-NNNNN.parquet`` (``reco.formats.tensors_schema(dim, k, fields)``, format
+``tensors/2``)
+    ``id``, ``v``, ``t`` (the pair's embeddings) and one column per context field (e.g.
+    ``v_img_txt``): the (k, dim) block of the memory embeddings of the fused modality of the
+    hits, best first; zero rows where the id is -1. Every vector column is fixed-size binary:
+    per row the little-endian float16 values, row-major (``v``/``t``: 2*dim bytes, a field:
+    2*k*dim bytes), written and read with ``reco.formats.encode_block`` / ``decode_block``.
+    Rows are in the same order as in ``ids/``. Shards hold ``neighbours.shard_size`` rows (the
+    last one fewer).
+``ids/manifest.json``, ``tensors/manifest.json`` (kind ``neighbours`` / ``tensors``)
+    complete shards in order, ``counts`` (rows per shard and ``total``), ``info`` (dim, k, fields,
+    searches, model_id, dedup options, index info). Written after all shards; every file is
+    written atomically. ``plan.json`` records what the shards were computed from: a run with
+    other inputs or options (or shards of an older tensors format, or computed from embedded
+    shards of an older format) starts over instead of resuming.
+
+Tables are built from whole numpy
 buffers without per-row objects: ids/scores as one FixedSizeList per column over one flat array,
 the float16 vectors of the tensors as fixed-size binary values over the array's own buffer
 (``reco.formats.encode_block``, no copy). Both are written without statistics or dictionaries:
