@@ -25,7 +25,7 @@ from reco.errors import FormatError, MismatchError
 from reco.formats import atomic_save_npy, atomic_write_text, remove_temporaries
 from reco.index.config import IndexConfig
 from reco.index.dedup import eval_duplicate_mask
-from reco.index.embedded import open_split, read_split
+from reco.embedded import open_split, read_split
 from reco.index.keys import IndexPlan, choose_index_key
 from reco.index.memory import EMB_FILES, IDS_FILE, INDEX_FILES, INFO_FILE, set_search_params
 from reco.record import FILE as RECORD_FILE

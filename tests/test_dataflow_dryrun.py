@@ -72,7 +72,7 @@ def test_embed_memory_builds_for_dataflow(url_list, embed_model):
 
 def test_precompute_neighbours_builds_for_dataflow(tmp_path):
     from reco.index.build import build_memory_index
-    from reco.index.embedded import open_split
+    from reco.embedded import open_split
     from reco.pipelines.neighbours.shards import plan_shards
     from reco.pipelines.neighbours.job import PrecomputeNeighbours, make_settings
     from tests.fixtures.index import make_synthetic

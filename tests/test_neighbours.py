@@ -14,7 +14,7 @@ from reco.index.build import build_memory_index
 from reco.index.memory import Memory
 from reco.pipelines.neighbours.shards import plan_shards
 from reco.pipelines.neighbours.search import search_excluding
-from reco.index.embedded import open_split
+from reco.embedded import open_split
 from reco.index.synthetic import write_embedded
 from reco.pipelines.neighbours.job import (PrecomputeNeighbours, make_settings, pipeline_options,
                                           precompute_neighbours)

@@ -30,7 +30,8 @@ from reco.formats import atomic_write_bytes, atomic_write_text
 from reco.record import FILE as RECORD_FILE
 from reco.record import Record, locked, options_of, outputs_of
 from reco.trainer import checkpoint as ckpt_lib
-from reco.trainer.data import TensorStream, context_fields, make_loader, read_tensors_info
+from reco.trainer.data import TensorStream, context_fields, make_loader
+from reco.trainer.tensors import read_tensors_info
 from reco.trainer.heads import CLIP_B32_PARAMS, build_head, count_params
 from reco.trainer.loss import RecoLoss
 

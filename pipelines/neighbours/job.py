@@ -48,7 +48,7 @@ from reco.errors import ConfigError, FormatError
 from reco.pipelines.neighbours import shards
 from reco.pipelines.neighbours.config import NeighboursConfig
 from reco.index.build import normalise
-from reco.index.embedded import open_split, read_shard
+from reco.embedded import open_split, read_shard
 from reco.pipelines.neighbours.shards import ShardSpec
 from reco.record import FILE as RECORD_FILE
 from reco.record import Record, json_digest, locked, options_of, outputs_of

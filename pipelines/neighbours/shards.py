@@ -45,7 +45,8 @@ import pyarrow.parquet as pq
 
 from reco import formats
 from reco.errors import FormatError
-from reco.index.embedded import EmbeddedSplit, success_count
+from reco.validate import check_dim, check_ids
+from reco.embedded import EmbeddedFolder, success_count
 
 log = logging.getLogger(__name__)
 PLAN_FILE = "plan.json"
@@ -63,7 +64,7 @@ class ShardSpec:
     n_rows: int
 
 
-def plan_shards(split: EmbeddedSplit, shard_size: int) -> list[ShardSpec]:
+def plan_shards(split: EmbeddedFolder, shard_size: int) -> list[ShardSpec]:
     """Cut the success rows of ``split`` (manifest order) into output shards of ``shard_size``."""
     if shard_size < 1:
         raise FormatError(f"neighbours.shard_size must be >= 1, got {shard_size}")
@@ -180,6 +181,26 @@ def write_shard(out: str | Path, name: str, tables: dict[str, pa.Table]) -> None
     """Write {"ids": table, "tensors": table} atomically, tensors last (see is_complete)."""
     for sub in SUBDIRS:
         _atomic_write(tables[sub], os.path.join(str(out), sub, name), WRITE_OPTIONS[sub])
+
+
+def read_ids(path: str | Path, k: int | None = None) -> pa.Table:
+    """A neighbour-ids shard (``reco.formats.neighbours_schema``), validated against its own
+    metadata: ``reco.k`` (``k`` when given: MismatchError), the ``{search}_ids/_scores`` columns
+    at that k, ids non-null and unique."""
+    path = str(path)
+    table = formats.read_parquet(path)
+    found = formats.meta_int(table.schema, "k", path)
+    if found is None or found < 1:
+        raise FormatError(f"{path}: no reco.k metadata (not a neighbours shard?)")
+    if k is not None:
+        check_dim(found, k, path, what="k")
+    searches = sorted({n.rsplit("_", 1)[0] for n in table.schema.names
+                       if n.endswith("_ids") or n.endswith("_scores")})
+    if not searches:
+        raise FormatError(f"{path}: no '<search>_ids' columns")
+    formats.check_columns(table.schema, formats.neighbours_schema(found, searches), path)
+    check_ids(table.column("id"), path)
+    return table
 
 
 def shard_stats(out: Path, name: str) -> dict:

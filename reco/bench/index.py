@@ -93,7 +93,7 @@ def _cfg(root: Path):
 
 def _train_queries(cfg) -> dict[str, np.ndarray]:
     """The training pairs as the pass reads them (success rows, unit norm float32)."""
-    from reco.index.embedded import open_split, read_split
+    from reco.embedded import open_split, read_split
 
     data = read_split(open_split(cfg.paths.embedded("train")))
     return {"img": normalise(data["image"]), "txt": normalise(data["text"])}

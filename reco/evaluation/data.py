@@ -47,7 +47,7 @@ def load_embedded(folder: str | Path, model_id: str | None = None) -> EmbeddedSp
     paths = manifest.shard_paths(folder)
     if not paths:
         raise FormatError(f"{folder}: manifest lists no shards")
-    from reco.index.embedded import check_against_record
+    from reco.embedded import check_against_record
 
     check_against_record(str(folder), manifest)          # digests, shard list, rows
     tables, dim = [], None
