@@ -180,8 +180,8 @@ def read_table(path: str | Path, dim: int | None = None, columns: list[str] | No
     """One embedded shard as a table, validated: format ``embedded/2`` (``embedded/1``: rerun
     embed-memory --force) and schema from its footer (its dimension, from its metadata and column
     widths, must be ``dim`` when given: MismatchError), ids non-null and unique, statuses known,
-    the success rows' embeddings non-null, finite and not all-zero. ``columns``: only these
-    (each validated when read); default all."""
+    the success rows' embeddings non-null, finite and not all-zero. ``columns``: read (and
+    require) only these, each validated as above; default all the declared columns."""
     path = str(path)
     schema = shard_schema(path)
     found = formats.embedded_dim(schema, path)
@@ -189,7 +189,10 @@ def read_table(path: str | Path, dim: int | None = None, columns: list[str] | No
         raise FormatError(f"{path}: no embedding dimension (not an embedded shard?)")
     if dim is not None:
         check_dim(found, dim, path)
-    formats.check_columns(schema, formats.embedded_schema(found), path)
+    declared = formats.embedded_schema(found)
+    if columns is not None:                             # only these are required (and read)
+        declared = pa.schema([declared.field(c) for c in columns if c in declared.names])
+    formats.check_columns(schema, declared, path)
     table = formats.read_parquet(path, columns=columns)
     rows = _success_rows(table, path) if "status" in table.column_names else None
     if "id" in table.column_names:

@@ -16,9 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reco import embedded, formats
+from reco.embedded import open_split, read_shard, read_split
 from reco.errors import FormatError
 from reco.evaluation.data import load_embedded
-from reco.embedded import open_split, read_shard, read_split
 from reco.index.synthetic import write_embedded
 from tests.fixtures.old_formats import rewrite_embedded_v1
 

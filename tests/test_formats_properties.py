@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from reco import embedded, formats, validate
 from reco.errors import FormatError, MismatchError, RecoError
+from reco.index.memory import read_info
 from reco.pipelines.config import EmbedConfig
 from reco.pipelines.neighbours.shards import read_ids
 from reco.pipelines.urls import inspect_url_files, read_rows
@@ -248,13 +249,22 @@ def test_manifests(tmp_path, raw):
         assert all(isinstance(v, int) for v in manifest.counts.values())
 
 
-@pytest.mark.parametrize("base,keys", [(INDEX_INFO, validate.INDEX_INFO_KEYS),
-                                       (HEADS, validate.HEADS_META_KEYS)], ids=["index-info", "heads-json"])
+def _heads_meta(folder):
+    from reco.trainer.checkpoint import read_heads_meta
+    return read_heads_meta(folder)
+
+
+# (valid content, typed keys, file name, the production reader of the folder)
+JSON_ARTEFACTS = {"index-info": (INDEX_INFO, validate.INDEX_INFO_KEYS, "info.json", read_info),
+                  "heads-json": (HEADS, validate.HEADS_META_KEYS, "heads.json", _heads_meta)}
+
+
+@pytest.mark.parametrize("base,keys,name,read", JSON_ARTEFACTS.values(), ids=list(JSON_ARTEFACTS))
 @PROFILE
 @given(data=st.data())
-def test_json_artefacts(tmp_path, base, keys, data):
-    path = _write(tmp_path, "info.json", data.draw(mutated_json(base)))
-    got = clean(lambda: validate.read_json(path, keys), path)
+def test_json_artefacts(tmp_path, base, keys, name, read, data):
+    path = _write(tmp_path, name, data.draw(mutated_json(base)))
+    got = clean(lambda: read(tmp_path), path)
     if got is not None:
         assert all(isinstance(got[k], t) for k, t in keys.items())
 

@@ -15,8 +15,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from reco import formats
-from reco.trainer.tensors import read_tensors_shard
 from reco.errors import FormatError
+from reco.trainer.tensors import read_tensors_shard
 from tests.fixtures.old_formats import fp16_lists
 from tests.test_formats_properties import DIM, FIELDS, K, PROFILE, _unit, _write, parquet_bytes, tensors_table
 

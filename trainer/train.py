@@ -245,7 +245,7 @@ def _reuse(out: Path, planned: Record, force: bool, resume: bool) -> dict | None
     if not record.complete or not (out / ckpt_lib.HEADS_META).is_file():
         return None
     record.verify(out, command="train")
-    meta = json.loads((out / ckpt_lib.HEADS_META).read_text())
+    meta = ckpt_lib.read_heads_meta(out)
     log.info("heads in %s are up to date; skipping (--force trains again)", out)
     return {"out_dir": str(out), "skipped": True, "steps": meta.get("steps"), "start_step": meta.get("steps"),
             "first_loss": None, "final_loss": meta.get("final_loss"), "samples_per_s": None,

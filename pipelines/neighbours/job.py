@@ -44,11 +44,11 @@ from apache_beam.options.pipeline_options import StandardOptions
 from reco import formats
 from reco.config import RecoConfig
 from reco.console import advance, print_summary, tracked
+from reco.embedded import open_split, read_shard
 from reco.errors import ConfigError, FormatError
+from reco.index.build import normalise
 from reco.pipelines.neighbours import shards
 from reco.pipelines.neighbours.config import NeighboursConfig
-from reco.index.build import normalise
-from reco.embedded import open_split, read_shard
 from reco.pipelines.neighbours.shards import ShardSpec
 from reco.record import FILE as RECORD_FILE
 from reco.record import Record, json_digest, locked, options_of, outputs_of
