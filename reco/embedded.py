@@ -1,12 +1,18 @@
-"""Validated reading of embedded shards (``reco.formats.embedded_schema``) for the index stage.
+"""The one reader of embedded shards (``reco.formats.embedded_schema``, format ``embedded/2``),
+used by every stage that reads them: build-index, the neighbour pass, evaluation, REACT, and by
+the property tests.
 
-Only rows with ``status == "success"`` are used. Every problem is one :class:`FormatError` naming
-the file (and row): a shard listed in the manifest but missing on disk, a corrupt footer, a shard
-of the old format ``embedded/1`` (float16 lists: rerun ``reco embed-memory --force``), a wrong
-column type or dimension (all caught by :func:`open_split`, which reads every shard's footer, never
-its data, before any work starts), a null id or embedding, a NaN/inf embedding, a duplicate id.
-Embeddings are float16 fixed-size binary (format ``embedded/2``), decoded straight from the Arrow
-buffer (:func:`reco.formats.decode_vectors`).
+* :func:`open_split`: a split folder (manifest, run record, every shard's footer, no data);
+* :func:`read_shard` / :func:`read_split`: the success rows' ids and embeddings as arrays;
+* :func:`read_table`: one whole shard (or some of its columns) as a validated table.
+
+Only rows with ``status == "success"`` carry embeddings. Every problem is one :class:`FormatError`
+naming the file (and row): a shard listed in the manifest but missing on disk, a corrupt footer, a
+shard of the old format ``embedded/1`` (float16 lists: rerun ``reco embed-memory --force``), a
+wrong column type or dimension (all caught by :func:`open_split`, which reads every shard's
+footer, never its data, before any work starts), a null or duplicate id, an unknown status, a
+null, NaN/inf or all-zero embedding on a success row. Embeddings are float16 fixed-size binary,
+decoded straight from the Arrow buffer (:func:`reco.formats.decode_vectors`).
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -23,8 +30,6 @@ import pyarrow.parquet as pq
 from reco import formats
 from reco.errors import FormatError, MismatchError
 from reco.validate import READ_ERRORS, check_dim, check_ids
-
-COLUMNS = ["id", "status", "image_emb", "text_emb"]
 
 
 @dataclass(frozen=True)
@@ -54,12 +59,11 @@ def open_split(folder: str | Path, allow_empty: bool = False) -> EmbeddedFolder 
         raise FormatError(f"{folder}/manifest.json lists no shards")
     digest = check_against_record(folder, manifest)
     schemas = [shard_schema(path) for path in paths]
-    meta = schemas[0].metadata or {}
-    model_id = manifest.info.get("model_id") or _model_id_from_metadata(meta, paths[0])
+    model_id = manifest.info.get("model_id") or model_id_of(schemas[0], paths[0])
     dim = _split_dim(manifest.info.get("dim"), schemas[0], folder, paths[0])
     for path, schema in zip(paths, schemas):
         check_shard_schema(schema, dim, path)
-        got = _model_id_from_metadata(schema.metadata or {}, path)
+        got = model_id_of(schema, path)
         if got and model_id and got != model_id:
             raise MismatchError(f"{path}: embedded with model {got!r}, but {folder}/manifest.json "
                                 f"says {model_id!r} (a shard of another model copied in?); "
@@ -123,7 +127,9 @@ def shard_schema(path: str) -> pa.Schema:
     """The schema (with its ``reco.*`` metadata) from one shard's footer; a missing or corrupt
     file is a FormatError naming it."""
     try:
-        return pq.read_schema(path)
+        fs, fs_path = fsspec.core.url_to_fs(str(path))
+        with fs.open(fs_path, "rb") as f:
+            return pq.read_schema(f)
     except FileNotFoundError as exc:
         raise FormatError(f"{path}: file not found") from exc
     except READ_ERRORS as exc:
@@ -160,12 +166,11 @@ def _split_dim(recorded, schema: pa.Schema, folder: str, first: str) -> int:
     return dim
 
 
-def _model_id_from_metadata(meta: dict, path: str = "") -> str:
-    try:
-        model = meta.get(b"reco.model", b"").decode()
-        pretrained = meta.get(b"reco.pretrained", b"").decode()
-    except UnicodeDecodeError as exc:
-        raise FormatError(f"{path}: bad reco.model/reco.pretrained metadata") from exc
+def model_id_of(schema: pa.Schema, path: str) -> str:
+    """``model|pretrained`` from a shard's ``reco.model`` / ``reco.pretrained`` metadata ("" when
+    it names no model); bytes that are not UTF-8 are a FormatError naming ``path``."""
+    model = formats.meta_text(schema, "model", path) or ""
+    pretrained = formats.meta_text(schema, "pretrained", path) or ""
     return f"{model}|{pretrained}" if model else ""
 
 
@@ -195,11 +200,13 @@ def read_table(path: str | Path, dim: int | None = None, columns: list[str] | No
     formats.check_columns(schema, declared, path)
     table = formats.read_parquet(path, columns=columns)
     rows = _success_rows(table, path) if "status" in table.column_names else None
+    ids = None
     if "id" in table.column_names:
         check_ids(table.column("id"), path)
+        ids = table.column("id").to_numpy()[rows] if rows is not None else None
     for name in formats.VECTOR_COLUMNS:
         if name in table.column_names and rows is not None:
-            _success_vectors(table.column(name), rows, found, path, name)
+            _success_vectors(table.column(name), rows, found, path, name, ids=ids)
     return table
 
 
