@@ -3,7 +3,9 @@
 * no stage (``pipelines/``, ``index/``, ``trainer/``), ``reco/model.py`` or the core imports the
   generated world (``reco.world``: a test fixture) or the experiments package (``experiments/``);
 * the core (``reco/*.py`` but the command layer that runs the stages) imports no stage, except the
-  stages' config declarations, which ``reco.config.RecoConfig`` composes.
+  stages' config declarations, which ``reco.config.RecoConfig`` composes;
+* each artefact is read by the stages through its one reader (RELIABILITY.md), the function the
+  property tests corrupt files through; ``reco.validate`` keeps no test-only reader.
 """
 from __future__ import annotations
 
@@ -77,3 +79,26 @@ def test_the_core_imports_no_stage_but_their_configs():
         return under(name, STAGES) and "config" not in name.split(".")[2:]
     bad = {str(p.relative_to(REPO)): sorted(n for n in imports(p) if stage(n)) for p in core_files()}
     assert not {k: v for k, v in bad.items() if v}
+
+
+# the one reader of each artefact (what tests/test_formats_properties.py corrupts files through)
+# -> the stage modules that read that artefact with it
+READERS = {
+    "reco.embedded.read_table": ["reco/evaluation/data.py", "reco/evaluation/query.py",
+                                 "reco/react/retrieve.py", "reco/react/images.py", "pipelines/write.py"],
+    "reco.embedded.read_shard": ["pipelines/neighbours/job.py", "index/distributed.py"],
+    "reco.embedded.open_split": ["index/build.py", "pipelines/neighbours/job.py", "reco/evaluation/evaluate.py"],
+    "reco.trainer.tensors.read_row_group": ["trainer/data.py"],
+    "reco.trainer.tensors.read_tensors_info": ["trainer/train.py"],
+    "reco.index.memory.read_info": ["index/build.py"],
+    "reco.pipelines.source_webdataset.read_sidecar": ["reco/react/data.py", "reco/react/download.py"],
+}
+
+
+def test_stages_read_each_artefact_through_its_one_reader():
+    missing = {reader: [f for f in files if reader not in imports(REPO / f)]
+               for reader, files in READERS.items()}
+    assert not {k: v for k, v in missing.items() if v}
+    validate = {n.name for n in ast.parse((REPO / "reco" / "validate.py").read_text()).body
+                if isinstance(n, ast.FunctionDef)}
+    assert not validate & {"read_embedded", "read_neighbours", "read_tensors"}   # no test-only readers
