@@ -21,16 +21,16 @@ import numpy as np
 
 from reco.config import RecoConfig
 from reco.console import captured_output
+from reco.embedded import open_split, read_split
 from reco.errors import ConfigError, FormatError, MismatchError
 from reco.formats import atomic_save_npy, atomic_write_text, remove_temporaries
 from reco.index.config import IndexConfig
 from reco.index.dedup import eval_duplicate_mask
-from reco.index.embedded import open_split, read_split
 from reco.index.keys import IndexPlan, choose_index_key
-from reco.index.memory import EMB_FILES, IDS_FILE, INDEX_FILES, INFO_FILE, gpus_for, set_search_params
+from reco.index.memory import (EMB_FILES, IDS_FILE, INDEX_FILES, INFO_FILE, gpus_for, read_info,
+                               set_search_params)
 from reco.record import FILE as RECORD_FILE
 from reco.record import Record, locked, outputs_of
-from reco.validate import INDEX_INFO_KEYS, read_json
 
 log = logging.getLogger(__name__)
 MODALITY_COLUMNS = {"img": "image", "txt": "text"}
@@ -248,7 +248,7 @@ def _previous(out: Path, planned: Record) -> dict | None:
         return None
     try:
         record.verify(out, command="build-index")
-        return read_json(out / INFO_FILE, INDEX_INFO_KEYS)
+        return read_info(out)
     except FormatError as exc:
         log.warning("%s; rebuilding the index", exc)
         return None

@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from reco.embedded import open_split, read_shard
 from reco.errors import ConfigError
 from reco.formats import atomic_save_npy, atomic_write_table, atomic_write_text
 from reco.index.build import normalise
-from reco.index.embedded import open_split, read_shard
 from reco.index.keys import _pq_m, choose_nlist
 
 log = logging.getLogger(__name__)

@@ -21,6 +21,7 @@ import logging
 import tarfile
 
 import fsspec
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from reco.errors import FormatError
@@ -82,16 +83,7 @@ def inspect(files: list[str], cfg) -> list[ShardFile]:
     for shard, path in enumerate(files):
         side = sidecar_of(path)
         if side:
-            try:
-                with fsspec.open(side, "rb") as f:
-                    meta = pq.ParquetFile(f)
-                    names, rows = meta.schema_arrow.names, meta.metadata.num_rows
-            except (OSError, EOFError, ValueError) as exc:
-                raise FormatError(f"{side}: img2dataset sidecar of {path} is not readable "
-                                  f"Parquet ({exc}); delete it to read the tar alone") from exc
-            if "key" not in names:
-                raise FormatError(f"{side}: img2dataset sidecar of {path} has no 'key' column "
-                                  f"(has {names}); delete it to read the tar alone")
+            rows = read_sidecar(side, path, columns=[]).num_rows
         else:
             rows = count_samples(path)
         out.append(ShardFile(path, rows, offset, shard, side))
@@ -141,10 +133,28 @@ def _sample_row(id_: int, key: str, sample: dict, path: str, base: dict | None) 
     return row(id_, url=url, caption=caption, key=key, image=image)
 
 
+def read_sidecar(side: str, tar: str, columns: list[str] | None = None) -> pa.Table:
+    """An img2dataset sidecar (``NNNNN.parquet`` beside the tar ``NNNNN.tar``): the one reader of
+    this foreign format (embed-memory's webdataset input, REACT's downloads). ``columns``: those
+    of :data:`SIDECAR_COLUMNS` it has (default all of them; ``[]``: none, rows only). Unreadable
+    Parquet or no ``key`` column: a FormatError naming the sidecar and its tar."""
+    try:
+        with fsspec.open(side, "rb") as f:
+            meta = pq.ParquetFile(f)
+            names = meta.schema_arrow.names
+            if "key" not in names:
+                raise FormatError(f"{side}: img2dataset sidecar of {tar} has no 'key' column "
+                                  f"(has {names}); delete it to read the tar alone")
+            wanted = SIDECAR_COLUMNS if columns is None else columns
+            table = meta.read(columns=[c for c in wanted if c in names])
+    except (OSError, EOFError, ValueError, pa.ArrowException) as exc:
+        raise FormatError(f"{side}: img2dataset sidecar of {tar} is not readable "
+                          f"Parquet ({exc}); delete it to read the tar alone") from exc
+    return table
+
+
 def _sidecar_rows(file: ShardFile) -> list[dict]:
-    with fsspec.open(file.sidecar, "rb") as f:
-        meta = pq.ParquetFile(f)
-        table = meta.read(columns=[c for c in SIDECAR_COLUMNS if c in meta.schema_arrow.names])
+    table = read_sidecar(file.sidecar, file.path)
     rows = []
     for i, rec in enumerate(table.to_pylist()):
         status = rec.get("status") or STATUS_OK

@@ -110,12 +110,12 @@ class WriteShards(beam.PTransform):
 def check_model(output_dir: str, model_id: str) -> None:
     """Refuse to resume into a folder whose shards are of another format (``embedded/1``:
     FormatError saying to rerun with --force) or were embedded with another model."""
+    from reco.embedded import model_id_of, shard_schema
+
     for path in list(complete_shards(output_dir).values())[:1]:
-        with fsspec.open(path, "rb") as f:
-            schema = pq.read_schema(f)
+        schema = shard_schema(path)
         check_embedded_format(schema, path)
-        meta = schema.metadata or {}
-        got = f"{meta.get(b'reco.model', b'').decode()}|{meta.get(b'reco.pretrained', b'').decode()}"
+        got = model_id_of(schema, path) or "|"
         if got != model_id:
             raise MismatchError(f"{path}: embedded with model {got}, not {model_id}; use another "
                                 f"output folder or rerun `reco embed-memory --force`")
@@ -151,12 +151,13 @@ def shard_rows(output_dir: str) -> dict[str, int]:
 
 def write_manifest(output_dir: str, model_id: str, dim: int, info: dict | None = None) -> Manifest:
     """Manifest of the complete shards on disk: their names, counts by status, model, dim."""
+    from reco.embedded import read_table
+
     counts = Counter({s: 0 for s in STATUSES})
     shards = complete_shards(output_dir)
     rows = 0
     for path in shards.values():
-        with fsspec.open(path, "rb") as f:
-            status = pq.read_table(f, columns=["status"]).column("status").to_pylist()
+        status = read_table(path, columns=["status"]).column("status").to_pylist()
         counts.update(status)
         rows += len(status)
     manifest = Manifest(kind="embedded", shards=[p.rsplit("/", 1)[-1] for p in shards.values()],

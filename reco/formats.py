@@ -115,15 +115,9 @@ def embedded_dim(schema: pa.Schema, where: str) -> int:
     its vector columns, which must agree (2 * dim); 0 when neither says. The format is checked
     first (:func:`check_embedded_format`); FormatError naming ``where`` on any disagreement."""
     check_embedded_format(schema, where)
-    raw = (schema.metadata or {}).get(b"reco.dim")
-    dim = 0
-    if raw is not None:
-        try:
-            dim = int(raw.decode())
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise FormatError(f"{where}: bad reco.dim metadata {raw!r}") from exc
-        if dim < 1:
-            raise FormatError(f"{where}: bad reco.dim metadata {raw!r}")
+    raw, dim = meta_text(schema, "dim", where), meta_int(schema, "dim", where) or 0
+    if raw is not None and dim < 1:
+        raise FormatError(f"{where}: bad reco.dim metadata {raw!r}")
     for name in VECTOR_COLUMNS:
         i = schema.get_field_index(name)
         typ = schema.field(i).type if i >= 0 else None
@@ -140,6 +134,26 @@ def embedded_dim(schema: pa.Schema, where: str) -> int:
 # ---------------------------------------------------------------------------------------------
 # validated reads
 # ---------------------------------------------------------------------------------------------
+
+def meta_text(schema: pa.Schema, key: str, where: str) -> str | None:
+    """The ``reco.<key>`` metadata of a shard's schema as text (None when absent); bytes that
+    are not UTF-8 are a FormatError naming ``where``. The one parser of shard metadata."""
+    raw = (schema.metadata or {}).get(f"reco.{key}".encode())
+    try:
+        return raw.decode() if raw is not None else None
+    except UnicodeDecodeError as exc:
+        raise FormatError(f"{where}: bad reco.{key} metadata {raw!r}") from exc
+
+
+def meta_int(schema: pa.Schema, key: str, where: str) -> int | None:
+    """The integer ``reco.<key>`` metadata (``dim``, ``k``) of a shard's schema; None when absent
+    or empty; anything else than an integer is a FormatError naming ``where``."""
+    text = meta_text(schema, key, where)
+    try:
+        return int(text) if text else None
+    except ValueError as exc:
+        raise FormatError(f"{where}: bad reco.{key} metadata {text!r}") from exc
+
 
 def read_parquet(path: str | Path, required: pa.Schema | list[str] | None = None,
                  columns: list[str] | None = None) -> pa.Table:
@@ -249,6 +263,7 @@ def _validate_manifest(manifest: "Manifest", path: str) -> "Manifest":
 #   v_txt_txt / t_img_img                                         (cross-modal search ablation)
 #   v_txt_img / t_img_txt                                         (cross search + uni fusion)
 MODALITIES = {"img": "image", "txt": "text"}
+CONTEXT_FIELDS = tuple(f"{q}_{s}_{f}" for q in "vt" for s in MODALITIES for f in MODALITIES)
 DEFAULT_FIELDS = ("v_img_txt", "t_txt_img")
 
 

@@ -1,20 +1,19 @@
-"""Validated reading of reco's artefacts: one :class:`~reco.errors.FormatError` (or
-:class:`~reco.errors.MismatchError`) naming the file, never a raw pyarrow/json/KeyError traceback.
+"""The validated reading every artefact reader builds on: one :class:`~reco.errors.FormatError`
+(or :class:`~reco.errors.MismatchError`) naming the file, never a raw pyarrow/json/KeyError
+traceback.
 
-Formats are declared in :mod:`reco.formats`; these readers check a file against its declaration:
-
-* :func:`read_embedded` / :func:`read_neighbours` / :func:`read_tensors`: Parquet shards (schema
-  from the file's own ``reco.*`` metadata, compared with what the caller expects: ``dim``, ``k``);
-  ids unique and non-null; statuses known; vectors finite;
 * :func:`read_json`: JSON objects with typed required keys (index ``info.json``:
-  :data:`INDEX_INFO_KEYS`, ``heads.json``: :data:`HEADS_META_KEYS`, checkpoint ``state.json``);
+  :data:`INDEX_INFO_KEYS`, ``heads.json``: :data:`HEADS_META_KEYS`, checkpoint ``state.json``:
+  :data:`CHECKPOINT_STATE_KEYS`);
 * :func:`load_npy`: ``.npy`` arrays without pickles, dtype/ndim checked;
-* :func:`check_dim`, :func:`check_same_model`, :func:`check_config_match`, :func:`check_vectors`:
-  the mismatch checks a stage runs before any work.
+* :func:`check_ids` (an ``id`` column: non-null, unique), :func:`check_dim`, :func:`check_same_model`, :func:`check_config_match`, :func:`check_vectors`:
+  mismatch checks.
 
-Manifests (:meth:`reco.formats.Manifest.read`) and URL lists
-(:func:`reco.pipelines.urls.inspect_url_files`) validate themselves. ``tests/test_formats_properties.py``
-throws random corruption, truncation and wrong types at every reader.
+The one reader of each artefact (the function every stage and ``tests/test_formats_properties.py``
+call) is listed in RELIABILITY.md: embedded shards :mod:`reco.embedded`, neighbour ids
+:func:`reco.pipelines.neighbours.shards.read_ids`, trainer tensors :mod:`reco.trainer.tensors`,
+the memory index :class:`reco.index.memory.Memory`, heads :func:`reco.trainer.checkpoint.load_heads`,
+manifests :meth:`reco.formats.Manifest.read`, URL lists :func:`reco.pipelines.urls.inspect_url_files`.
 """
 from __future__ import annotations
 
@@ -27,10 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from reco.errors import FormatError, MismatchError
-from reco.formats import (STATUS_OK, STATUSES, VECTOR_COLUMNS, check_columns, check_finite,
-                          check_tensors_format, decode_block, decode_vectors, embedded_dim,
-                          embedded_schema, neighbours_schema, parse_field, read_parquet,
-                          tensors_schema)
+from reco.formats import check_finite
 
 READ_ERRORS = (OSError, EOFError, ValueError, TypeError, KeyError, IndexError, pa.ArrowException)
 INDEX_INFO_KEYS = {"model_id": str, "dim": int, "n": int}
@@ -112,93 +108,10 @@ def check_vectors(vectors: Any, dim: int, where: str) -> np.ndarray:
     return array
 
 
-def _meta_int(schema: pa.Schema, key: bytes, path: str) -> int | None:
-    raw = (schema.metadata or {}).get(key)
-    if raw is None:
-        return None
-    try:
-        return int(raw.decode())
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise FormatError(f"{path}: bad {key.decode()} metadata {raw!r}") from exc
-
-
-def _check_ids(table: pa.Table, path: str) -> None:
-    ids = table.column("id")
+def check_ids(ids: Any, where: str) -> None:
+    """An ``id`` column of one shard: no nulls, no duplicates (FormatError naming ``where``)."""
     if ids.null_count:
-        raise FormatError(f"{path}: column 'id' has {ids.null_count} null(s)")
+        raise FormatError(f"{where}: column 'id' has {ids.null_count} null(s)")
     values = ids.to_numpy()
     if len(np.unique(values)) != len(values):
-        raise FormatError(f"{path}: duplicate ids")
-
-
-def read_embedded(path: str | Path, dim: int | None = None) -> pa.Table:
-    """An embedded shard, validated: format ``embedded/2`` (``embedded/1``: rerun embed-memory
-    --force), schema (dimension from the file's metadata and column widths, checked against
-    ``dim``), ids unique and non-null, statuses known, success rows' embeddings finite."""
-    path = str(path)
-    table = read_parquet(path)
-    found = embedded_dim(table.schema, path)
-    if found < 1:
-        raise FormatError(f"{path}: no embedding dimension (not an embedded shard?)")
-    if dim is not None:
-        check_dim(found, dim, path)
-    check_columns(table.schema, embedded_schema(found), path)
-    _check_ids(table, path)
-    status = table.column("status").to_pylist()
-    unknown = [i for i, s in enumerate(status) if s not in STATUSES]
-    if unknown:
-        raise FormatError(f"{path}: row {unknown[0]}: unknown status {status[unknown[0]]!r}")
-    ok = np.flatnonzero(np.array([s == STATUS_OK for s in status], dtype=bool))
-    for name in VECTOR_COLUMNS:
-        column = table.column(name).take(pa.array(ok, pa.int64()))
-        if column.null_count:
-            raise FormatError(f"{path}: column {name!r} has null rows")
-        check_finite(decode_vectors(column, found, where=f"{path}: column {name!r}"),
-                     f"{path}: column {name!r}", rows=ok)
-    return table
-
-
-def read_neighbours(path: str | Path, k: int | None = None) -> pa.Table:
-    """A neighbour-ids shard (:func:`neighbours_schema`), validated against its own metadata."""
-    path = str(path)
-    table = read_parquet(path)
-    found = _meta_int(table.schema, b"reco.k", path)
-    if found is None or found < 1:
-        raise FormatError(f"{path}: no reco.k metadata (not a neighbours shard?)")
-    if k is not None:
-        check_dim(found, k, path, what="k")
-    searches = sorted({n.rsplit("_", 1)[0] for n in table.schema.names
-                       if n.endswith("_ids") or n.endswith("_scores")})
-    if not searches:
-        raise FormatError(f"{path}: no '<search>_ids' columns")
-    check_columns(table.schema, neighbours_schema(found, searches), path)
-    _check_ids(table, path)
-    return table
-
-
-def read_tensors(path: str | Path, dim: int | None = None, k: int | None = None) -> pa.Table:
-    """A trainer tensors shard (:func:`tensors_schema`), validated: format version (``tensors/1``
-    shards: rerun precompute-neighbours), schema from its metadata, ids, every vector finite."""
-    path = str(path)
-    table = read_parquet(path)
-    check_tensors_format(table.schema, path)
-    meta = table.schema.metadata or {}
-    found_dim, found_k = _meta_int(table.schema, b"reco.dim", path), _meta_int(table.schema, b"reco.k", path)
-    if not found_dim or not found_k or found_dim < 1 or found_k < 1:
-        raise FormatError(f"{path}: no reco.dim/reco.k metadata (not a tensors shard?)")
-    if dim is not None:
-        check_dim(found_dim, dim, path)
-    if k is not None:
-        check_dim(found_k, k, path, what="k")
-    try:
-        fields = tuple(f for f in meta.get(b"reco.fields", b"").decode().split(",") if f)
-    except UnicodeDecodeError as exc:
-        raise FormatError(f"{path}: bad reco.fields metadata") from exc
-    for name in fields:
-        parse_field(name)
-    check_columns(table.schema, tensors_schema(found_dim, found_k, fields), path)
-    _check_ids(table, path)
-    for name, k in [("v", 1), ("t", 1)] + [(f, found_k) for f in fields]:
-        values = decode_block(table.column(name), found_dim, k, f"{path}: column {name!r}")
-        check_finite(values.reshape(len(values), k * found_dim), f"{path}: column {name!r}")
-    return table
+        raise FormatError(f"{where}: duplicate ids")

@@ -174,8 +174,8 @@ def test_a_successful_stage_records_its_options(tmp_path, monkeypatch):
 
 
 def test_neighbours_k_is_capped_by_the_machine_before_any_work():
-    from reco.index.config import NeighboursConfig
-    from reco.pipelines.neighbours import check_k_fits
+    from reco.pipelines.neighbours.config import NeighboursConfig
+    from reco.pipelines.neighbours.job import check_k_fits
 
     check_k_fits(NeighboursConfig(k=16, shard_size=1000), memory_n=10, dim=64)       # padded, fine
     with pytest.raises(ConfigError, match=r"neighbours.k=1024: .* use neighbours.k <= \d+"):

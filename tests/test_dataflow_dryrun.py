@@ -72,9 +72,9 @@ def test_embed_memory_builds_for_dataflow(url_list, embed_model):
 
 def test_precompute_neighbours_builds_for_dataflow(tmp_path):
     from reco.index.build import build_memory_index
-    from reco.index.embedded import open_split
-    from reco.index.neighbour_shards import plan_shards
-    from reco.pipelines.neighbours import PrecomputeNeighbours, make_settings
+    from reco.embedded import open_split
+    from reco.pipelines.neighbours.shards import plan_shards
+    from reco.pipelines.neighbours.job import PrecomputeNeighbours, make_settings
     from tests.fixtures.index import make_synthetic
 
     cfg, _ = make_synthetic(tmp_path, n_memory=400, n_train=300, n_test=40, dim=32, n_clusters=8)

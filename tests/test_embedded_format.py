@@ -15,10 +15,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reco import formats, validate
+from reco import embedded, formats
+from reco.embedded import open_split, read_shard, read_split
 from reco.errors import FormatError
 from reco.evaluation.data import load_embedded
-from reco.index.embedded import open_split, read_shard, read_split
 from reco.index.synthetic import write_embedded
 from tests.fixtures.old_formats import rewrite_embedded_v1
 
@@ -88,7 +88,7 @@ def test_written_shards_are_format_2_and_read_back(split):
     assert data["id"].tolist() == np.flatnonzero(ok).tolist()
     np.testing.assert_allclose(data["image"], _unit(12)[ok], atol=2e-3)
     np.testing.assert_array_equal(read_shard(str(split / "part-00001.parquet"), D, 1, 3)["id"], [5, 7])
-    assert validate.read_embedded(path, dim=D).num_rows == 4
+    assert embedded.read_table(path, dim=D).num_rows == 4
     np.testing.assert_array_equal(load_embedded(split).text_emb, data["text"])
 
 
@@ -102,7 +102,7 @@ def test_old_format_is_one_error_with_the_rerun_advice(split, metadata):
     with pytest.raises(FormatError, match=advice):
         read_shard(str(path), D)
     with pytest.raises(FormatError, match=advice):
-        validate.read_embedded(path)
+        embedded.read_table(path)
     with pytest.raises(FormatError, match=advice):
         load_embedded(split)
     old = pq.read_table(path).column("image_emb")
@@ -124,7 +124,7 @@ def test_dimension_of_metadata_and_columns_must_agree(split):
     pq.write_table(table.replace_schema_metadata({**table.schema.metadata, b"reco.dim": b"6"}), path)
     match = rf"{path}: column 'image_emb' has type fixed_size_binary\[16\], expected fixed_size_binary\[12\]"
     for read in (lambda: open_split(split), lambda: read_shard(str(path), D),
-                 lambda: validate.read_embedded(path), lambda: load_embedded(split)):
+                 lambda: embedded.read_table(path), lambda: load_embedded(split)):
         with pytest.raises(FormatError, match=match):
             read()
 

@@ -1,6 +1,9 @@
 """Property-based tests (hypothesis) over the readers of every on-disk format: embedded shards,
 neighbour and tensor shards, manifests, URL lists (CSV/TSV/Parquet), JSON artefacts (heads.json,
-index info.json), npy arrays. A corrupted, truncated or ill-typed file is either read (and then
+index info.json), npy arrays. Each is read through the production reader, the function the
+stages call (``reco.embedded.read_table``, ``reco.pipelines.neighbours.shards.read_ids``,
+``reco.trainer.tensors.read_tensors_shard``, ``reco.formats.Manifest.read``,
+``reco.index.memory.read_info``, ``reco.trainer.checkpoint.load_heads``, ...). A corrupted, truncated or ill-typed file is either read (and then
 valid) or rejected with ONE reco.errors.RecoError whose message names the file; never a raw
 pyarrow/json/KeyError traceback, never a hang (each read runs under an alarm)."""
 from __future__ import annotations
@@ -18,10 +21,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reco import formats, validate
+from reco import embedded, formats, validate
 from reco.errors import FormatError, MismatchError, RecoError
+from reco.index.memory import read_info
 from reco.pipelines.config import EmbedConfig
+from reco.pipelines.neighbours.shards import read_ids
 from reco.pipelines.urls import inspect_url_files, read_rows
+from reco.trainer.tensors import read_tensors_shard
 
 DIM, K = 8, 3
 FIELDS = ("v_img_txt", "t_txt_img")
@@ -124,9 +130,9 @@ def _write(tmp_path: Path, name: str, data: bytes) -> Path:
 # ---------------------------------------------------------------------------------------------
 # Parquet shards
 # ---------------------------------------------------------------------------------------------
-SHARDS = {"embedded": (embedded_table, validate.read_embedded),
-          "neighbours": (neighbours_table, validate.read_neighbours),
-          "tensors": (tensors_table, validate.read_tensors)}
+SHARDS = {"embedded": (embedded_table, embedded.read_table),
+          "neighbours": (neighbours_table, read_ids),
+          "tensors": (tensors_table, read_tensors_shard)}
 
 
 @pytest.mark.parametrize("kind", SHARDS)
@@ -189,7 +195,7 @@ def test_nan_or_inf_vectors_are_refused(tmp_path, bad):
                              formats.encode_vectors(emb, DIM))
     path = _write(tmp_path, "part-00000.parquet", parquet_bytes(table))
     with pytest.raises(FormatError, match="NaN/inf.*row 1|NaN/inf"):
-        validate.read_embedded(path)
+        embedded.read_table(path)
     with pytest.raises(FormatError, match=r"NaN/inf, first at row 2"):
         validate.check_vectors(emb, DIM, "queries.npy")
 
@@ -197,7 +203,7 @@ def test_nan_or_inf_vectors_are_refused(tmp_path, bad):
 def test_wrong_dimension_is_a_mismatch(tmp_path):
     path = _write(tmp_path, "part-00000.parquet", parquet_bytes(embedded_table()))
     with pytest.raises(MismatchError, match=f"{path}.*dimension 8, expected 16"):
-        validate.read_embedded(path, dim=16)
+        embedded.read_table(path, dim=16)
     with pytest.raises(FormatError, match="expected \\(n, 16\\)"):
         validate.check_vectors(np.zeros((3, 8)), 16, "queries")
     with pytest.raises(MismatchError, match="made with model 'a|', expected 'b|'"):
@@ -243,13 +249,22 @@ def test_manifests(tmp_path, raw):
         assert all(isinstance(v, int) for v in manifest.counts.values())
 
 
-@pytest.mark.parametrize("base,keys", [(INDEX_INFO, validate.INDEX_INFO_KEYS),
-                                       (HEADS, validate.HEADS_META_KEYS)], ids=["index-info", "heads-json"])
+def _heads_meta(folder):
+    from reco.trainer.checkpoint import read_heads_meta
+    return read_heads_meta(folder)
+
+
+# (valid content, typed keys, file name, the production reader of the folder)
+JSON_ARTEFACTS = {"index-info": (INDEX_INFO, validate.INDEX_INFO_KEYS, "info.json", read_info),
+                  "heads-json": (HEADS, validate.HEADS_META_KEYS, "heads.json", _heads_meta)}
+
+
+@pytest.mark.parametrize("base,keys,name,read", JSON_ARTEFACTS.values(), ids=list(JSON_ARTEFACTS))
 @PROFILE
 @given(data=st.data())
-def test_json_artefacts(tmp_path, base, keys, data):
-    path = _write(tmp_path, "info.json", data.draw(mutated_json(base)))
-    got = clean(lambda: validate.read_json(path, keys), path)
+def test_json_artefacts(tmp_path, base, keys, name, read, data):
+    path = _write(tmp_path, name, data.draw(mutated_json(base)))
+    got = clean(lambda: read(tmp_path), path)
     if got is not None:
         assert all(isinstance(got[k], t) for k, t in keys.items())
 

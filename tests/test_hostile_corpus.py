@@ -15,7 +15,7 @@ import pytest
 
 from reco.clip import resolve_model_spec
 from reco.formats import STATUS_OK, STATUSES, Manifest, decode_vectors
-from reco.validate import read_embedded
+from reco.embedded import read_table as read_embedded
 from reco.world.build import base_url
 from reco.world.hostile import BAD_CAPTIONS, KINDS, write_hostile_urls
 

@@ -12,12 +12,12 @@ from reco import formats
 from reco.errors import ConfigError, FormatError, MismatchError
 from reco.index.build import build_memory_index
 from reco.index.memory import Memory
-from reco.index.neighbour_shards import plan_shards
-from reco.index.neighbours import search_excluding
-from reco.index.embedded import open_split
+from reco.pipelines.neighbours.shards import plan_shards
+from reco.pipelines.neighbours.search import search_excluding
+from reco.embedded import open_split
 from reco.index.synthetic import write_embedded
-from reco.pipelines.neighbours import (PrecomputeNeighbours, make_settings, pipeline_options,
-                                      precompute_neighbours)
+from reco.pipelines.neighbours.job import (PrecomputeNeighbours, make_settings, pipeline_options,
+                                          precompute_neighbours)
 from tests.fixtures.index import ALL_FIELDS, make_synthetic
 
 N_TRAIN, N_FAILED, N_COPIES = 1200, 40, 6

@@ -1,6 +1,6 @@
-"""The stage readers go through validated reading: a corrupt embedded shard (index stage:
-reco.index.embedded.open_split / read_shard / read_split) or a corrupt trainer tensors shard
-(reco.trainer.data.read_tensors_info / TensorStream) gives ONE reco.errors.RecoError naming the
+"""The stage readers go through validated reading: a corrupt embedded shard (reco.embedded:
+reco.embedded.open_split / read_shard / read_split) or a corrupt trainer tensors shard
+(reco.trainer.tensors.read_tensors_info / TensorStream) gives ONE reco.errors.RecoError naming the
 file, never a raw pyarrow/numpy traceback; footer damage is caught when the folder is opened,
 before any shard's data is read."""
 from __future__ import annotations
@@ -20,9 +20,10 @@ from hypothesis import strategies as st
 
 from reco import formats
 from reco.errors import FormatError, RecoError
-from reco.index.embedded import open_split, read_shard, read_split
+from reco.embedded import open_split, read_shard, read_split
 from reco.index.synthetic import write_embedded
-from reco.trainer.data import TensorStream, make_loader, read_tensors_info
+from reco.trainer.data import TensorStream, make_loader
+from reco.trainer.tensors import read_tensors_info
 from tests.fixtures.trainer import synthetic_retrieval, write_tensors
 from tests.test_formats_properties import alarm, corrupted
 

@@ -187,7 +187,7 @@ def neighbour_runs(tiny_indexed, tmp_path_factory, job_service):
 
 
 def _train_ids(cfg) -> list[int]:
-    from reco.index.embedded import open_split, read_split
+    from reco.embedded import open_split, read_split
 
     return sorted(int(i) for i in read_split(open_split(cfg.paths.embedded("train")),
                                              modalities=())["id"])

@@ -14,8 +14,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reco import formats, validate
+from reco import formats
 from reco.errors import FormatError
+from reco.trainer.tensors import read_tensors_shard
 from tests.fixtures.old_formats import fp16_lists
 from tests.test_formats_properties import DIM, FIELDS, K, PROFILE, _unit, _write, parquet_bytes, tensors_table
 
@@ -63,7 +64,7 @@ def test_format_1_tensors_are_refused_with_the_rerun_advice(tmp_path, metadata):
     path = _write(tmp_path, "part-00000.parquet", parquet_bytes(old_tensors_table(metadata=metadata)))
     with pytest.raises(FormatError, match=f"{path}: trainer tensors of format tensors/1.*"
                                           f"reco precompute-neighbours --force"):
-        validate.read_tensors(path)
+        read_tensors_shard(path)
     with pytest.raises(FormatError, match="tensors/1.*precompute-neighbours --force"):
         formats.decode_block(old_tensors_table().column("v"), DIM)
 
@@ -73,7 +74,7 @@ def test_other_tensors_format_is_refused(tmp_path):
     table = table.replace_schema_metadata({**table.schema.metadata, b"reco.format": b"tensors/3"})
     path = _write(tmp_path, "part-00000.parquet", parquet_bytes(table))
     with pytest.raises(FormatError, match=f"{path}: reco.format is b'tensors/3', expected 'tensors/2'"):
-        validate.read_tensors(path)
+        read_tensors_shard(path)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -85,4 +86,4 @@ def test_nan_or_inf_in_tensors_is_refused(tmp_path, bad):
     table = table.set_column(i, table.schema.field(i), formats.encode_block(block, DIM, K))
     path = _write(tmp_path, "part-00000.parquet", parquet_bytes(table))
     with pytest.raises(FormatError, match=f"{path}: column 't_txt_img'.*NaN/inf, first at row 3"):
-        validate.read_tensors(path)
+        read_tensors_shard(path)

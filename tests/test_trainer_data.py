@@ -9,7 +9,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from reco.errors import ConfigError, FormatError
-from reco.trainer.data import TensorStream, make_loader, read_tensors_info
+from reco.trainer.data import TensorStream, make_loader
+from reco.trainer.tensors import read_tensors_info
 from tests.fixtures.trainer import synthetic_retrieval, write_tensors
 
 FIELDS = ("v_img_txt", "t_txt_img")

@@ -145,6 +145,20 @@ def save_heads(out_dir: str | Path, heads: dict[str, torch.nn.Module], meta: dic
                       json.dumps({**meta, "sides": sorted(heads)}, indent=2, sort_keys=True))
 
 
+def read_heads_meta(folder: str | Path) -> dict:
+    """A heads folder's ``heads.json``, validated: typed keys (:data:`reco.validate.HEADS_META_KEYS`),
+    ``train.head`` an object, ``sides`` among :data:`SIDES` (FormatError naming the file)."""
+    from reco.validate import HEADS_META_KEYS, read_json
+
+    meta_path = Path(folder) / HEADS_META
+    meta = read_json(meta_path, HEADS_META_KEYS)          # typed keys; FormatError naming the file
+    if not isinstance(meta["train"].get("head"), dict):
+        raise FormatError(f"{meta_path}: missing train.head (the head config)")
+    if not all(isinstance(s, str) and s in SIDES for s in meta["sides"]):
+        raise FormatError(f"{meta_path}: sides {meta['sides']!r}, expected some of {SIDES}")
+    return meta
+
+
 def load_heads(folder: str | Path, device: str | torch.device = "cpu"
                ) -> tuple[dict[str, torch.nn.Module], dict[str, Any]]:
     """Trained heads of a folder -> ({"image"/"text": head in eval mode}, meta).
@@ -159,22 +173,16 @@ def load_heads(folder: str | Path, device: str | torch.device = "cpu"
 
     folder = Path(folder)
     meta_path, weights_path = folder / HEADS_META, folder / HEADS_WEIGHTS
-    from reco.validate import HEADS_META_KEYS, read_json
-
     if not meta_path.is_file() or not weights_path.is_file():
         raise FormatError(f"{folder}: no trained heads ({HEADS_META} or {HEADS_WEIGHTS} missing); "
                           f"run `reco train`")
+    meta = read_heads_meta(folder)
     try:
-        meta = read_json(meta_path, HEADS_META_KEYS)      # typed keys; FormatError naming the file
         tensors = load_file(weights_path)
     except FileNotFoundError as exc:
         raise FormatError(f"{folder}: no trained heads ({exc.filename} missing); run `reco train`") from exc
     except (OSError, json.JSONDecodeError, SafetensorError) as exc:
         raise FormatError(f"{folder}: unreadable heads ({exc})") from exc
-    if not isinstance(meta["train"].get("head"), dict):
-        raise FormatError(f"{meta_path}: missing train.head (the head config)")
-    if not all(isinstance(s, str) and s in SIDES for s in meta["sides"]):
-        raise FormatError(f"{meta_path}: sides {meta['sides']!r}, expected some of {SIDES}")
     head_cfg = from_dict(HeadConfig, meta["train"]["head"], where=f"{meta_path}:train.head")
     heads = {}
     for side in meta["sides"]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from reco import options as o
-from reco.index.config import CONTEXT_FIELDS
+from reco.formats import CONTEXT_FIELDS
 
 FUSIONS = ("transformer", "attention", "token_dropout", "noisy_memory", "weighted", "mean", "mlp")  # heads.HEADS
 PRECISIONS = ("fp32", "amp", "amp_bf16")         # reco.trainer.train.PRECISIONS

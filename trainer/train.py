@@ -30,7 +30,8 @@ from reco.formats import atomic_write_bytes, atomic_write_text
 from reco.record import FILE as RECORD_FILE
 from reco.record import Record, locked, options_of, outputs_of
 from reco.trainer import checkpoint as ckpt_lib
-from reco.trainer.data import TensorStream, context_fields, make_loader, read_tensors_info
+from reco.trainer.data import TensorStream, context_fields, make_loader
+from reco.trainer.tensors import read_tensors_info
 from reco.trainer.heads import CLIP_B32_PARAMS, build_head, count_params
 from reco.trainer.loss import RecoLoss
 
@@ -244,7 +245,7 @@ def _reuse(out: Path, planned: Record, force: bool, resume: bool) -> dict | None
     if not record.complete or not (out / ckpt_lib.HEADS_META).is_file():
         return None
     record.verify(out, command="train")
-    meta = json.loads((out / ckpt_lib.HEADS_META).read_text())
+    meta = ckpt_lib.read_heads_meta(out)
     log.info("heads in %s are up to date; skipping (--force trains again)", out)
     return {"out_dir": str(out), "skipped": True, "steps": meta.get("steps"), "start_step": meta.get("steps"),
             "first_loss": None, "final_loss": meta.get("final_loss"), "samples_per_s": None,

@@ -98,7 +98,7 @@ def _cfg(root: Path, options: dict | None = None):
 
 def _train_queries(cfg) -> dict[str, np.ndarray]:
     """The training pairs as the pass reads them (success rows, unit norm float32)."""
-    from reco.index.embedded import open_split, read_split
+    from reco.embedded import open_split, read_split
 
     data = read_split(open_split(cfg.paths.embedded("train")))
     return {"img": normalise(data["image"]), "txt": normalise(data["text"])}
@@ -171,8 +171,8 @@ def _core_vs_raw(cfg, memory: Memory, pair: dict, reps: int = 3) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from reco.index import neighbour_shards as shards
-    from reco.index.neighbours import materialise, neighbour_batch
+    from reco.pipelines.neighbours import shards
+    from reco.pipelines.neighbours.search import materialise, neighbour_batch
 
     n, nb = len(pair["img"]), cfg.neighbours
     k_search = nb.k + nb.search_margin

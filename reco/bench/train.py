@@ -42,7 +42,8 @@ def _setup(folder: Path, batch: int, workers: int, device: str = "cpu"):
     import torch
 
     from reco.trainer.config import HeadConfig, TrainConfig
-    from reco.trainer.data import TensorStream, read_tensors_info
+    from reco.trainer.data import TensorStream
+    from reco.trainer.tensors import read_tensors_info
     from reco.trainer.train import build_optimizer, build_train_model
 
     info = read_tensors_info(folder, need=("v_img_txt", "t_txt_img"))

@@ -11,9 +11,11 @@ import pyarrow.compute as pc
 
 from reco.errors import FormatError, MismatchError
 from reco.formats import (STATUS_OK, VECTOR_COLUMNS, Manifest, block_type, check_columns,
-                          decode_vectors, embedded_dim, read_parquet)
+                          decode_vectors, embedded_dim)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+COLUMNS = ["id", "url", "caption", "label", "status", "image_emb", "text_emb"]
+REQUIRED = ("id", "status", *VECTOR_COLUMNS)
 
 
 @dataclass
@@ -47,19 +49,17 @@ def load_embedded(folder: str | Path, model_id: str | None = None) -> EmbeddedSp
     paths = manifest.shard_paths(folder)
     if not paths:
         raise FormatError(f"{folder}: manifest lists no shards")
-    from reco.index.embedded import check_against_record
+    from reco.embedded import check_against_record, read_table, shard_schema
 
     check_against_record(str(folder), manifest)          # digests, shard list, rows
     tables, dim = [], None
     for path in paths:
-        table = read_parquet(path, required=["id", "status", *VECTOR_COLUMNS])
-        found = embedded_dim(table.schema, path)        # format embedded/2, reco.dim vs widths
-        if found < 1:
-            raise FormatError(f"{path}: no embedding dimension (not an embedded shard?)")
-        dim = dim or found
+        names = shard_schema(path).names                # url/caption/label are optional here
+        table = read_table(path, columns=[c for c in COLUMNS if c in names or c in REQUIRED])
+        dim = dim or embedded_dim(table.schema, path)
         check_columns(table.schema, pa.schema([pa.field(c, block_type(dim)) for c in VECTOR_COLUMNS]),
                       f"{path} (dimension {dim} from {paths[0]})")
-        tables.append(table.select(_cols(table)))
+        tables.append(table)
     table = pa.concat_tables(tables, promote_options="default")
     table = table.filter(pc.equal(table["status"], STATUS_OK))
     if table.num_rows == 0:
@@ -68,12 +68,6 @@ def load_embedded(folder: str | Path, model_id: str | None = None) -> EmbeddedSp
               else np.full(table.num_rows, -1))
     labels = np.where(pd_isnull(labels), -1, labels).astype(np.int64)
     vectors = {c: decode_vectors(table[c], dim, where=f"{folder}: {c}") for c in VECTOR_COLUMNS}
-    for name, v in vectors.items():
-        zero = ~v.any(axis=1)
-        if zero.any():
-            raise FormatError(f"{folder}: {int(zero.sum())} all-zero {name} on success rows, first "
-                              f"id {int(table['id'][int(np.argmax(zero))].as_py())}; rerun "
-                              f"`reco embed-memory --force`")
     return EmbeddedSplit(
         ids=table["id"].to_numpy().astype(np.int64),
         image_emb=vectors["image_emb"],
@@ -82,11 +76,6 @@ def load_embedded(folder: str | Path, model_id: str | None = None) -> EmbeddedSp
         captions=_strings(table, "caption"),
         urls=_strings(table, "url"),
         model_id=got, info=dict(manifest.info))
-
-
-def _cols(table: pa.Table) -> list[str]:
-    wanted = ["id", "url", "caption", "label", "status", "image_emb", "text_emb"]
-    return [c for c in wanted if c in table.column_names]
 
 
 def _strings(table: pa.Table, name: str) -> list[str]:

@@ -215,7 +215,7 @@ def _up_to_date(folder, previous: Record | None, planned: Record) -> bool:
 def eval_record(cfg, heads_dir, memory_dir, modes, k, gallery: bool, classnames=None, groups=None) -> Record:
     """What an evaluation depends on: its options, the heads', memory's and test split's records
     (each checked against its files) and the class names and groups."""
-    from reco.index.embedded import open_split
+    from reco.embedded import open_split
 
     world = Path(cfg.paths.world)
     inputs = {"heads": input_digest(Path(heads_dir or cfg.paths.heads), "train", command="train"),

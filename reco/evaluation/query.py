@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from reco.errors import ConfigError, FormatError
-from reco.formats import Manifest, read_parquet
+from reco.formats import Manifest
 from reco.options import MAX_K, flag_range
 
 
@@ -45,12 +45,14 @@ def main(cfg, args: argparse.Namespace) -> int:
 def memory_metadata(folder: str | Path) -> dict[int, dict[str, Any]]:
     """``{memory id: {"caption", "url", "label"}}`` from embedded shards (id/url/caption/label
     columns only)."""
+    from reco.embedded import read_table, shard_schema
+
     manifest = Manifest.read(folder, kind="embedded")
     out: dict[int, dict[str, Any]] = {}
     for path in manifest.shard_paths(folder):
-        table = read_parquet(path, required=["id"])
-        cols = [c for c in ("id", "url", "caption", "label") if c in table.column_names]
-        for row in table.select(cols).to_pylist():
+        names = shard_schema(path).names
+        cols = ["id"] + [c for c in ("url", "caption", "label") if c in names]
+        for row in read_table(path, columns=cols).to_pylist():
             out[int(row.pop("id"))] = row
     return out
 

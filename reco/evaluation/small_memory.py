@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from reco.errors import ConfigError
-from reco.formats import Manifest, atomic_write_table, atomic_write_text, read_parquet
+from reco.embedded import read_table
+from reco.formats import Manifest, atomic_write_table, atomic_write_text
 
 log = logging.getLogger(__name__)
 DONE = "small_memory.json"
@@ -34,7 +35,7 @@ def subsample_embedded(src: str | Path, dst: str | Path, fraction: float, seed: 
     rng = np.random.default_rng(np.random.SeedSequence([seed, 31]))
     counts, kept, total = Counter(), 0, 0
     for name, path in zip(manifest.shards, manifest.shard_paths(src)):
-        table = read_parquet(path, required=["id", "status"])
+        table = read_table(path)
         keep = rng.random(table.num_rows) < fraction
         part = table.filter(keep)
         atomic_write_table(part, Path(dst) / name)

@@ -54,14 +54,14 @@ def _count_success(tars: list[str]) -> int | None:
     """Pairs in the shards, from their results Parquet (None when a tar has none)."""
     import os
 
-    import pyarrow.parquet as pq
+    from reco.pipelines.source_webdataset import read_sidecar
 
     total = 0
     for tar in tars:
         side = tar[:-4] + ".parquet"
         if not os.path.isfile(side):
             return None
-        status = pq.read_table(side, columns=["status"]).column("status")
+        status = read_sidecar(side, tar, columns=["status"]).column("status")
         total += int(pa.compute.sum(pa.compute.equal(status, "success")).as_py() or 0)
     return total
 

@@ -142,8 +142,7 @@ def react_download(cfg: RecoConfig, *, customisation: str | Path | None = None,
                    beam_options=None) -> tuple[Path, dict[str, Any]]:
     """Images of the customisation set -> webdataset shards in ``out`` (default
     ``react.shards`` or ``WORKDIR/react/shards``). Returns (folder, info with status counts)."""
-    import pyarrow.parquet as pq
-
+    from reco.pipelines.source_webdataset import read_sidecar
     from reco.react.retrieve import SET_FILE, read_customisation_set
 
     table = read_customisation_set(customisation or cfg.paths.react / SET_FILE)
@@ -159,7 +158,8 @@ def react_download(cfg: RecoConfig, *, customisation: str | Path | None = None,
             from reco.react.retrieve import load_frozen_clip
             image_size = load_frozen_clip(cfg).image_size
         download_shards(cfg, rows, out, int(image_size), beam_options)
-    results = pa.concat_tables([pq.read_table(p) for p in sorted(out.glob("[0-9]*.parquet"))])
+    results = pa.concat_tables([read_sidecar(str(p), str(p.with_suffix(".tar")), columns=["status"])
+                                for p in sorted(out.glob("[0-9]*.parquet"))])
     statuses = results.column("status").to_pylist()
     info = {"out": str(out), "rows": len(rows), "mode": "reuse" if cfg.react.reuse else "download",
             "status_counts": {s: statuses.count(s) for s in sorted(set(statuses))},

@@ -47,8 +47,7 @@ def world_images(cfg: RecoConfig, rows: pa.Table) -> list[bytes]:
 
 
 def embedded_images(cfg: RecoConfig, rows: pa.Table, split: str = "memory") -> list[bytes]:
-    import pyarrow.parquet as pq
-
+    from reco.embedded import read_table, shard_schema
     from reco.formats import Manifest
 
     folder = cfg.paths.embedded(split)
@@ -56,11 +55,11 @@ def embedded_images(cfg: RecoConfig, rows: pa.Table, split: str = "memory") -> l
     wanted = rows.column(id_col).to_numpy()
     found: dict[int, bytes] = {}
     for shard in Manifest.read(folder).shard_paths(folder):
-        names = pq.read_schema(shard).names
+        names = shard_schema(shard).names
         if "image" not in names:
             raise FormatError(f"{shard}: no 'image' column; the embed job did not store images. "
                               f"Use --image-source world (images of the generated world) instead")
-        table = pq.read_table(shard, columns=["id", "image"])
+        table = read_table(shard, columns=["id", "image"])
         ids = table.column("id").to_numpy()
         keep = np.isin(ids, wanted)
         for i, img in zip(ids[keep], table.column("image").filter(pa.array(keep)).to_pylist()):

@@ -21,7 +21,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from reco.config import RecoConfig
 from reco.errors import ConfigError, FormatError, MismatchError
@@ -120,16 +119,18 @@ def select(best: dict[int, dict[int, tuple[float, str]]], per_class: int,
 
 def read_memory_rows(folder: str | Path, ids: np.ndarray) -> dict[int, dict[str, Any]]:
     """id -> {url, caption, label} of the embedded memory shards (only the ``ids`` asked for)."""
+    from reco.embedded import read_table, shard_schema
+
     manifest = Manifest.read(folder)
     wanted = set(int(i) for i in ids)
     rows: dict[int, dict[str, Any]] = {}
     for shard in manifest.shard_paths(folder):
-        names = pq.read_schema(shard).names
+        names = shard_schema(shard).names
         missing = [c for c in ("id", "url", "caption") if c not in names]
         if missing:
             raise FormatError(f"{shard}: missing column(s) {missing}")
         cols = ["id", "url", "caption"] + (["label"] if "label" in names else [])
-        for row in pq.read_table(shard, columns=cols).to_pylist():
+        for row in read_table(shard, columns=cols).to_pylist():
             if row["id"] in wanted:
                 rows[int(row["id"])] = row
     lost = sorted(wanted - set(rows))

@@ -96,7 +96,7 @@ def test_tensors_shard_replaced_by_another_is_refused(tiny_neighbours, tmp_path)
 
 
 def test_tensors_rows_disagreeing_with_the_manifest_are_refused(tiny_neighbours, tmp_path):
-    from reco.trainer.data import read_tensors_info
+    from reco.trainer.tensors import read_tensors_info
 
     cfg = copy_run(tiny_neighbours, tmp_path, ("neighbours",))
     tensors = cfg.paths.neighbours / "tensors"

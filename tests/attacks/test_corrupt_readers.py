@@ -92,7 +92,7 @@ def _build_index(run: dict):
 
 
 def _manifests(run: dict):
-    from reco.index import neighbour_shards
+    from reco.pipelines.neighbours import shards as neighbour_shards
 
     return neighbour_shards.shard_stats(run["cfg"].paths.neighbours, "part-00000.parquet")
 
@@ -147,7 +147,7 @@ def pristine(tmp_path_factory, embed_model):
     """A synthetic run folder: embedded splits, a built index, a neighbours plan and one ids
     shard, and an embed-memory output folder with its run record; plus a URL list."""
     from reco.index.build import build_memory_index
-    from reco.index.neighbour_shards import ids_table
+    from reco.pipelines.neighbours.shards import ids_table
     from reco.formats import atomic_write_text
 
     root = tmp_path_factory.mktemp("corrupt") / "run"

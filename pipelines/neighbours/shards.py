@@ -1,8 +1,29 @@
 """Output shards of the neighbour pass: planning, Arrow tables, writing, resume and manifests
 (no Beam, no faiss).
 
-The format itself is documented in ``reco.pipelines.neighbours`` (trainer tensors: the layout
-of ``reco.formats.tensors_schema``, format ``tensors/2``). Tables are built from whole numpy
+Output, under ``cfg.paths.neighbours``:
+
+``ids/part-NNNNN.parquet`` (``reco.formats.neighbours_schema(k, searches)``)
+    ``id`` (training pair id) and per search ``s`` in ``search_keys(fields)`` (e.g. ``v_img``):
+    ``{s}_ids`` memory ids best first (-1 = none) and ``{s}_scores`` inner products (-inf = none).
+    The schema metadata ``reco.stats`` holds the shard's exclusion counts (JSON).
+``tensors/part-NNNNN.parquet`` (``reco.formats.tensors_schema(dim, k, fields)``, format
+``tensors/2``)
+    ``id``, ``v``, ``t`` (the pair's embeddings) and one column per context field (e.g.
+    ``v_img_txt``): the (k, dim) block of the memory embeddings of the fused modality of the
+    hits, best first; zero rows where the id is -1. Every vector column is fixed-size binary:
+    per row the little-endian float16 values, row-major (``v``/``t``: 2*dim bytes, a field:
+    2*k*dim bytes), written and read with ``reco.formats.encode_block`` / ``decode_block``.
+    Rows are in the same order as in ``ids/``. Shards hold ``neighbours.shard_size`` rows (the
+    last one fewer).
+``ids/manifest.json``, ``tensors/manifest.json`` (kind ``neighbours`` / ``tensors``)
+    complete shards in order, ``counts`` (rows per shard and ``total``), ``info`` (dim, k, fields,
+    searches, model_id, dedup options, index info). Written after all shards; every file is
+    written atomically. ``plan.json`` records what the shards were computed from: a run with
+    other inputs or options (or shards of an older tensors format, or computed from embedded
+    shards of an older format) starts over instead of resuming.
+
+Tables are built from whole numpy
 buffers without per-row objects: ids/scores as one FixedSizeList per column over one flat array,
 the float16 vectors of the tensors as fixed-size binary values over the array's own buffer
 (``reco.formats.encode_block``, no copy). Both are written without statistics or dictionaries:
@@ -24,7 +45,8 @@ import pyarrow.parquet as pq
 
 from reco import formats
 from reco.errors import FormatError
-from reco.index.embedded import EmbeddedSplit, success_count
+from reco.validate import check_dim, check_ids
+from reco.embedded import EmbeddedFolder, success_count
 
 log = logging.getLogger(__name__)
 PLAN_FILE = "plan.json"
@@ -42,7 +64,7 @@ class ShardSpec:
     n_rows: int
 
 
-def plan_shards(split: EmbeddedSplit, shard_size: int) -> list[ShardSpec]:
+def plan_shards(split: EmbeddedFolder, shard_size: int) -> list[ShardSpec]:
     """Cut the success rows of ``split`` (manifest order) into output shards of ``shard_size``."""
     if shard_size < 1:
         raise FormatError(f"neighbours.shard_size must be >= 1, got {shard_size}")
@@ -159,6 +181,26 @@ def write_shard(out: str | Path, name: str, tables: dict[str, pa.Table]) -> None
     """Write {"ids": table, "tensors": table} atomically, tensors last (see is_complete)."""
     for sub in SUBDIRS:
         _atomic_write(tables[sub], os.path.join(str(out), sub, name), WRITE_OPTIONS[sub])
+
+
+def read_ids(path: str | Path, k: int | None = None) -> pa.Table:
+    """A neighbour-ids shard (``reco.formats.neighbours_schema``), validated against its own
+    metadata: ``reco.k`` (``k`` when given: MismatchError), the ``{search}_ids/_scores`` columns
+    at that k, ids non-null and unique."""
+    path = str(path)
+    table = formats.read_parquet(path)
+    found = formats.meta_int(table.schema, "k", path)
+    if found is None or found < 1:
+        raise FormatError(f"{path}: no reco.k metadata (not a neighbours shard?)")
+    if k is not None:
+        check_dim(found, k, path, what="k")
+    searches = sorted({n.rsplit("_", 1)[0] for n in table.schema.names
+                       if n.endswith("_ids") or n.endswith("_scores")})
+    if not searches:
+        raise FormatError(f"{path}: no '<search>_ids' columns")
+    formats.check_columns(table.schema, formats.neighbours_schema(found, searches), path)
+    check_ids(table.column("id"), path)
+    return table
 
 
 def shard_stats(out: Path, name: str) -> dict:

@@ -1,12 +1,18 @@
-"""Validated reading of embedded shards (``reco.formats.embedded_schema``) for the index stage.
+"""The one reader of embedded shards (``reco.formats.embedded_schema``, format ``embedded/2``),
+used by every stage that reads them: build-index, the neighbour pass, evaluation, REACT, and by
+the property tests.
 
-Only rows with ``status == "success"`` are used. Every problem is one :class:`FormatError` naming
-the file (and row): a shard listed in the manifest but missing on disk, a corrupt footer, a shard
-of the old format ``embedded/1`` (float16 lists: rerun ``reco embed-memory --force``), a wrong
-column type or dimension (all caught by :func:`open_split`, which reads every shard's footer, never
-its data, before any work starts), a null id or embedding, a NaN/inf embedding, a duplicate id.
-Embeddings are float16 fixed-size binary (format ``embedded/2``), decoded straight from the Arrow
-buffer (:func:`reco.formats.decode_vectors`).
+* :func:`open_split`: a split folder (manifest, run record, every shard's footer, no data);
+* :func:`read_shard` / :func:`read_split`: the success rows' ids and embeddings as arrays;
+* :func:`read_table`: one whole shard (or some of its columns) as a validated table.
+
+Only rows with ``status == "success"`` carry embeddings. Every problem is one :class:`FormatError`
+naming the file (and row): a shard listed in the manifest but missing on disk, a corrupt footer, a
+shard of the old format ``embedded/1`` (float16 lists: rerun ``reco embed-memory --force``), a
+wrong column type or dimension (all caught by :func:`open_split`, which reads every shard's
+footer, never its data, before any work starts), a null or duplicate id, an unknown status, a
+null, NaN/inf or all-zero embedding on a success row. Embeddings are float16 fixed-size binary,
+decoded straight from the Arrow buffer (:func:`reco.formats.decode_vectors`).
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -22,13 +29,11 @@ import pyarrow.parquet as pq
 
 from reco import formats
 from reco.errors import FormatError, MismatchError
-from reco.validate import READ_ERRORS
-
-COLUMNS = ["id", "status", "image_emb", "text_emb"]
+from reco.validate import READ_ERRORS, check_dim, check_ids
 
 
 @dataclass(frozen=True)
-class EmbeddedSplit:
+class EmbeddedFolder:
     folder: str
     shards: list[str]          # absolute paths, manifest order
     model_id: str
@@ -37,7 +42,7 @@ class EmbeddedSplit:
     digest: str = ""           # what a downstream record names it by (reco.record)
 
 
-def open_split(folder: str | Path, allow_empty: bool = False) -> EmbeddedSplit | None:
+def open_split(folder: str | Path, allow_empty: bool = False) -> EmbeddedFolder | None:
     """Read the manifest of an embedded folder and the footer of every listed shard (no data):
     each shard must be on disk, readable Parquet, with the embedded columns at the split's
     dimension. An empty folder is an error, or None with ``allow_empty``."""
@@ -54,17 +59,16 @@ def open_split(folder: str | Path, allow_empty: bool = False) -> EmbeddedSplit |
         raise FormatError(f"{folder}/manifest.json lists no shards")
     digest = check_against_record(folder, manifest)
     schemas = [shard_schema(path) for path in paths]
-    meta = schemas[0].metadata or {}
-    model_id = manifest.info.get("model_id") or _model_id_from_metadata(meta, paths[0])
+    model_id = manifest.info.get("model_id") or model_id_of(schemas[0], paths[0])
     dim = _split_dim(manifest.info.get("dim"), schemas[0], folder, paths[0])
     for path, schema in zip(paths, schemas):
         check_shard_schema(schema, dim, path)
-        got = _model_id_from_metadata(schema.metadata or {}, path)
+        got = model_id_of(schema, path)
         if got and model_id and got != model_id:
             raise MismatchError(f"{path}: embedded with model {got!r}, but {folder}/manifest.json "
                                 f"says {model_id!r} (a shard of another model copied in?); "
                                 f"rerun `reco embed-memory --force`")
-    return EmbeddedSplit(folder, paths, str(model_id), dim, manifest, digest)
+    return EmbeddedFolder(folder, paths, str(model_id), dim, manifest, digest)
 
 
 def check_against_record(folder: str, manifest: formats.Manifest) -> str:
@@ -123,7 +127,9 @@ def shard_schema(path: str) -> pa.Schema:
     """The schema (with its ``reco.*`` metadata) from one shard's footer; a missing or corrupt
     file is a FormatError naming it."""
     try:
-        return pq.read_schema(path)
+        fs, fs_path = fsspec.core.url_to_fs(str(path))
+        with fs.open(fs_path, "rb") as f:
+            return pq.read_schema(f)
     except FileNotFoundError as exc:
         raise FormatError(f"{path}: file not found") from exc
     except READ_ERRORS as exc:
@@ -160,12 +166,11 @@ def _split_dim(recorded, schema: pa.Schema, folder: str, first: str) -> int:
     return dim
 
 
-def _model_id_from_metadata(meta: dict, path: str = "") -> str:
-    try:
-        model = meta.get(b"reco.model", b"").decode()
-        pretrained = meta.get(b"reco.pretrained", b"").decode()
-    except UnicodeDecodeError as exc:
-        raise FormatError(f"{path}: bad reco.model/reco.pretrained metadata") from exc
+def model_id_of(schema: pa.Schema, path: str) -> str:
+    """``model|pretrained`` from a shard's ``reco.model`` / ``reco.pretrained`` metadata ("" when
+    it names no model); bytes that are not UTF-8 are a FormatError naming ``path``."""
+    model = formats.meta_text(schema, "model", path) or ""
+    pretrained = formats.meta_text(schema, "pretrained", path) or ""
     return f"{model}|{pretrained}" if model else ""
 
 
@@ -175,46 +180,99 @@ def success_count(path: str) -> int:
     return int(pc.sum(pc.equal(status, formats.STATUS_OK)).as_py() or 0)
 
 
+def read_table(path: str | Path, dim: int | None = None, columns: list[str] | None = None
+               ) -> pa.Table:
+    """One embedded shard as a table, validated: format ``embedded/2`` (``embedded/1``: rerun
+    embed-memory --force) and schema from its footer (its dimension, from its metadata and column
+    widths, must be ``dim`` when given: MismatchError), ids non-null and unique, statuses known,
+    the success rows' embeddings non-null, finite and not all-zero. ``columns``: read (and
+    require) only these, each validated as above; default all the declared columns."""
+    path = str(path)
+    schema = shard_schema(path)
+    found = formats.embedded_dim(schema, path)
+    if found < 1:
+        raise FormatError(f"{path}: no embedding dimension (not an embedded shard?)")
+    if dim is not None:
+        check_dim(found, dim, path)
+    declared = formats.embedded_schema(found)
+    if columns is not None:                             # only these are required (and read)
+        declared = pa.schema([declared.field(c) for c in columns if c in declared.names])
+    formats.check_columns(schema, declared, path)
+    table = formats.read_parquet(path, columns=columns)
+    rows = _success_rows(table, path) if "status" in table.column_names else None
+    ids = None
+    if "id" in table.column_names:
+        check_ids(table.column("id"), path)
+        ids = table.column("id").to_numpy()[rows] if rows is not None else None
+    for name in formats.VECTOR_COLUMNS:
+        if name in table.column_names and rows is not None:
+            _success_vectors(table.column(name), rows, found, path, name, ids=ids)
+    return table
+
+
 def read_shard(path: str, dim: int, start: int = 0, stop: int | None = None,
                modalities: tuple[str, ...] = ("image", "text")) -> dict[str, np.ndarray]:
     """Success rows ``[start:stop]`` of one shard: {"id": (n,), "image": (n, dim), "text": ...}
-    float32, validated (readable, format, column types, dimension, nulls, NaN/inf); every problem
-    is a FormatError naming ``path``."""
+    float32, validated (readable, format, column types, dimension, nulls, NaN/inf, all-zero);
+    every problem is a FormatError naming ``path``."""
     cols = ["id", "status"] + [f"{m}_emb" for m in modalities]
     check_shard_schema(shard_schema(path), dim, path, modalities)       # footer only
     table = formats.read_parquet(path, columns=cols)
-    for name in ("id", "status"):
-        if table.column(name).null_count:
-            raise FormatError(f"{path}: column {name!r} has {table.column(name).null_count} null(s)")
-    ok = pc.equal(table.column("status"), formats.STATUS_OK)
-    rows = np.flatnonzero(ok.to_numpy(zero_copy_only=False))[start:stop]
+    if table.column("id").null_count:
+        raise FormatError(f"{path}: column 'id' has {table.column('id').null_count} null(s)")
+    rows = _success_rows(table, path)[start:stop]
     out = {"id": table.column("id").to_numpy()[rows].astype(np.int64)}
     for m in modalities:
-        col = table.column(f"{m}_emb")
-        if col.null_count:                              # allowed in rows that are not success
-            nulls = col.is_null().to_numpy(zero_copy_only=False)[rows]
-            if nulls.any():
-                raise FormatError(f"{path}: row {int(rows[np.argmax(nulls)])} has status success "
-                                  f"but a null {m}_emb")
-            col, take = col.take(pa.array(rows, pa.int64())), slice(None)
-        else:
-            take = rows
-        half = formats.decode_vectors(col, dim, np.float16, f"{path}: column '{m}_emb'")[take]
-        vectors = formats.to_float32(half)
-        bad = ~np.isfinite(vectors).all(axis=1)
-        if bad.any():
-            raise FormatError(f"{path}: {int(bad.sum())} {m} embedding(s) contain NaN/inf, first "
-                              f"at row {int(rows[int(np.argmax(bad))])} (id {int(out['id'][np.argmax(bad)])})")
-        zero = ~half.any(axis=1)
-        if zero.any():
-            raise FormatError(f"{path}: {int(zero.sum())} all-zero {m} embedding(s) on success "
-                              f"rows, first at row {int(rows[int(np.argmax(zero))])} "
-                              f"(id {int(out['id'][np.argmax(zero)])}); rerun `reco embed-memory --force`")
-        out[m] = vectors
+        out[m] = _success_vectors(table.column(f"{m}_emb"), rows, dim, path, f"{m}_emb",
+                                  ids=out["id"])
     return out
 
 
-def read_split(split: EmbeddedSplit, modalities: tuple[str, ...] = ("image", "text")) -> dict[str, np.ndarray]:
+def _success_rows(table: pa.Table, path: str) -> np.ndarray:
+    """Row numbers of the success rows; a null or unknown status is a FormatError."""
+    status = table.column("status")
+    if status.null_count:
+        raise FormatError(f"{path}: column 'status' has {status.null_count} null(s)")
+    known = pc.is_in(status, value_set=pa.array(formats.STATUSES)).to_numpy(zero_copy_only=False)
+    if not known.all():
+        row = int(np.argmin(known))
+        raise FormatError(f"{path}: row {row}: unknown status {status[row].as_py()!r}")
+    return np.flatnonzero(pc.equal(status, formats.STATUS_OK).to_numpy(zero_copy_only=False))
+
+
+def _success_vectors(col: pa.ChunkedArray, rows: np.ndarray, dim: int, path: str, name: str,
+                     ids: np.ndarray | None = None) -> np.ndarray:
+    """The vectors of ``rows`` (success rows) of an embedding column as float32, or a
+    FormatError naming ``path`` and the row: null, NaN/inf, all-zero."""
+    modality = name.removesuffix("_emb")
+    ids = ids if ids is not None else rows
+
+    def first(mask: np.ndarray) -> str:
+        i = int(np.argmax(mask))
+        return f"row {int(rows[i])} (id {int(ids[i])})"
+
+    if col.null_count:                                  # allowed in rows that are not success
+        nulls = col.is_null().to_numpy(zero_copy_only=False)[rows]
+        if nulls.any():
+            raise FormatError(f"{path}: row {int(rows[np.argmax(nulls)])} has status success "
+                              f"but a null {name}")
+        col, take = col.take(pa.array(rows, pa.int64())), slice(None)
+    else:
+        take = rows
+    half = formats.decode_vectors(col, dim, np.float16, f"{path}: column '{name}'")[take]
+    vectors = formats.to_float32(half)
+    bad = ~np.isfinite(vectors).all(axis=1)
+    if bad.any():
+        raise FormatError(f"{path}: {int(bad.sum())} {modality} embedding(s) contain NaN/inf, "
+                          f"first at {first(bad)}")
+    zero = ~half.any(axis=1)
+    if zero.any():
+        raise FormatError(f"{path}: {int(zero.sum())} all-zero {modality} embedding(s) on success "
+                          f"rows, first at {first(zero)}; rerun `reco embed-memory --force`")
+    return vectors
+
+
+def read_split(split: EmbeddedFolder, modalities: tuple[str, ...] = ("image", "text")) -> dict[str, np.ndarray]:
     """All success rows of a split, concatenated in manifest order."""
     parts = [read_shard(p, split.dim, modalities=modalities) for p in split.shards]
     out = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
@@ -222,7 +280,7 @@ def read_split(split: EmbeddedSplit, modalities: tuple[str, ...] = ("image", "te
     return out
 
 
-def _check_unique(ids: np.ndarray, sizes: list[int], split: EmbeddedSplit) -> None:
+def _check_unique(ids: np.ndarray, sizes: list[int], split: EmbeddedFolder) -> None:
     """FormatError naming the shard(s) holding the first duplicated id."""
     values, counts = np.unique(ids, return_counts=True)
     if len(values) == len(ids):

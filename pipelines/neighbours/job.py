@@ -16,8 +16,8 @@ written, no manifest either, and the info says ``"dry_run": true``)::
   ever encoded between Beam stages: the DoFn loads the memory once per worker (``DoFn.setup``,
   memory-mapped), searches each block of ``batch_size`` queries with one faiss call per search
   (faiss's OpenMP threads over the queries), excludes near-duplicates of the pair and fetches
-  the hits' embeddings vectorised (``reco.index.neighbours``), and writes the two Parquet files
-  itself (``reco.index.neighbour_shards``). Three stages overlap: while shard i is fetched
+  the hits' embeddings vectorised (``reco.pipelines.neighbours.search``), and writes the two
+  Parquet files itself (``reco.pipelines.neighbours.shards``). Three stages overlap: while shard i is fetched
   (single-threaded), shard i+1 is READ in a background thread (not during the search: a reader
   competing with faiss's threads slowed the search by more than it saved), and shard i is
   WRITTEN in another background thread while shard i+1 is searched (at most one shard waits on
@@ -26,27 +26,7 @@ written, no manifest either, and the info says ``"dry_run": true``)::
   after the run, so the job's output never needs to come back from the runner. Beam counters
   (namespace ``reco.neighbours``) hold the pairs done and the milliseconds spent in each step.
 
-Output, under ``cfg.paths.neighbours``:
-
-``ids/part-NNNNN.parquet`` (``reco.formats.neighbours_schema(k, searches)``)
-    ``id`` (training pair id) and per search ``s`` in ``search_keys(fields)`` (e.g. ``v_img``):
-    ``{s}_ids`` memory ids best first (-1 = none) and ``{s}_scores`` inner products (-inf = none).
-    The schema metadata ``reco.stats`` holds the shard's exclusion counts (JSON).
-``tensors/part-NNNNN.parquet`` (``reco.formats.tensors_schema(dim, k, fields)``, format
-``tensors/2``)
-    ``id``, ``v``, ``t`` (the pair's embeddings) and one column per context field (e.g.
-    ``v_img_txt``): the (k, dim) block of the memory embeddings of the fused modality of the
-    hits, best first; zero rows where the id is -1. Every vector column is fixed-size binary:
-    per row the little-endian float16 values, row-major (``v``/``t``: 2*dim bytes, a field:
-    2*k*dim bytes), written and read with ``reco.formats.encode_block`` / ``decode_block``.
-    Rows are in the same order as in ``ids/``. Shards hold ``neighbours.shard_size`` rows (the
-    last one fewer).
-``ids/manifest.json``, ``tensors/manifest.json`` (kind ``neighbours`` / ``tensors``)
-    complete shards in order, ``counts`` (rows per shard and ``total``), ``info`` (dim, k, fields,
-    searches, model_id, dedup options, index info). Written after all shards; every file is
-    written atomically. ``plan.json`` records what the shards were computed from: a run with
-    other inputs or options (or shards of an older tensors format, or computed from embedded
-    shards of an older format) starts over instead of resuming.
+Output: ``reco.pipelines.neighbours.shards`` (format, planning, writing, manifests).
 """
 from __future__ import annotations
 
@@ -63,13 +43,13 @@ from apache_beam.options.pipeline_options import StandardOptions
 
 from reco import formats
 from reco.config import RecoConfig
-from reco.index.config import NeighboursConfig
 from reco.console import advance, print_summary, tracked
+from reco.embedded import open_split, read_shard
 from reco.errors import ConfigError, FormatError
-from reco.index import neighbour_shards as shards
 from reco.index.build import normalise
-from reco.index.embedded import open_split, read_shard
-from reco.index.neighbour_shards import ShardSpec
+from reco.pipelines.neighbours import shards
+from reco.pipelines.neighbours.config import NeighboursConfig
+from reco.pipelines.neighbours.shards import ShardSpec
 from reco.record import FILE as RECORD_FILE
 from reco.record import Record, json_digest, locked, options_of, outputs_of
 
@@ -112,7 +92,7 @@ def read_pairs(spec: ShardSpec, dim: int) -> dict[str, np.ndarray]:
 def search_shard(memory, pair: dict[str, np.ndarray], s: Settings):
     """{search: (scores (n, k), positions (n, k))} and exclusion counts, ``batch_size`` queries
     per faiss call (one call per search and block)."""
-    from reco.index.neighbours import neighbour_batch
+    from reco.pipelines.neighbours.search import neighbour_batch
 
     n = len(pair["id"])
     found = {q: (np.empty((n, s.k), np.float32), np.empty((n, s.k), np.int64)) for q in s.searches}
@@ -130,7 +110,7 @@ def search_shard(memory, pair: dict[str, np.ndarray], s: Settings):
 
 def shard_tables(memory, pair: dict[str, np.ndarray], found: dict, stats: dict, s: Settings) -> dict:
     """The ids and tensors tables of the shard (hits' embeddings fetched as float16)."""
-    from reco.index.neighbours import materialise
+    from reco.pipelines.neighbours.search import materialise
 
     ids, hits = np.asarray(memory.ids), {}
     for q, (scores, positions) in found.items():
@@ -313,7 +293,7 @@ def shard_bytes(n: NeighboursConfig, dim: int) -> int:
 
 
 def check_k_fits(n: NeighboursConfig, memory_n: int, dim: int, budget: int | None = None) -> None:
-    """Before any work: neighbours.k (range [1, 1024] in reco.index.config) must fit the
+    """Before any work: neighbours.k (range [1, 1024] in .config) must fit the
     machine's memory with the shard size (``budget``: half the physical memory); k above the
     memory's size pads every row with -1 (logged)."""
     budget = budget or _physical_bytes() // 2
