@@ -23,6 +23,18 @@ def _isolated_home(tmp_path_factory):
             os.environ[k] = v
 
 
+@pytest.fixture(autouse=True)
+def _console_reset():
+    """Each test starts with the terminal's defaults: a test that ran ``reco ... --json`` or
+    ``-q`` (reco.console's process-wide state) must not change what the next one prints."""
+    from reco import console
+
+    saved = dict(console._state)
+    yield
+    console._state.clear()
+    console._state.update(saved)
+
+
 # Session fixtures, one module per stage, each building on the previous one:
 #   tiny_world (world + base CLIP + loopback server) -> tiny_embedded -> tiny_indexed
 #   -> tiny_neighbours -> tiny_trained
