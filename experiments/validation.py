@@ -45,12 +45,13 @@ def validation_species(seen: np.ndarray, fraction: float, seed: int) -> np.ndarr
     """Sorted ids of ``round(fraction * len(seen))`` seen species held out for validation (at
     least 2 when ``fraction > 0``: a one-class validation set says nothing)."""
     if not 0.0 <= fraction < 1.0:
-        raise ConfigError(f"ablation_val_fraction={fraction} (--ablation-val-fraction): must be in [0, 1)")
+        raise ConfigError(f"ablation_val_fraction={fraction} (--ablation-val-fraction): must be in "
+                          f"[0, 1)")
     seen = np.asarray(sorted(int(s) for s in seen), dtype=np.int64)
     n = 0 if fraction == 0 else max(2, int(round(fraction * len(seen))))
     if n >= len(seen):
-        raise ConfigError(f"ablation_val_fraction={fraction} (--ablation-val-fraction): would hold out all {len(seen)} "
-                          f"seen species")
+        raise ConfigError(f"ablation_val_fraction={fraction} (--ablation-val-fraction): would hold "
+                          f"out all {len(seen)} seen species")
     rng = np.random.default_rng(np.random.SeedSequence([seed, 404]))
     return np.sort(rng.choice(seen, size=n, replace=False)) if n else seen[:0]
 

@@ -1,7 +1,8 @@
 """``reco``: one command-line tool, one subcommand per pipeline stage.
 
 Subcommands live in their own modules, registered in :data:`COMMANDS` and imported only when
-used (:func:`build_parser` is told which one runs). Each module provides ``add_arguments(parser)`` and ``main(cfg, args) -> int``; ``main``
+used (:func:`build_parser` is told which one runs). Each module provides
+``add_arguments(parser)`` and ``main(cfg, args) -> int``; ``main``
 turns its own options into typed values, so nothing below it sees an argparse namespace.
 Every make target calls exactly one subcommand.
 """
