@@ -171,8 +171,8 @@ def evaluate(cfg, *, heads_dir: str | Path | None = None, memory_dir: str | Path
                                 templates=_opt(templates))]
         classnames = None
     with locked(cfg.paths.eval, "evaluate"):
-        planned = eval_record(cfg, heads_dir, memory_dir, modes, k, gallery, classnames) \
-            if _recordable(cfg, data, templates, groups) else None
+        planned = eval_record(cfg, heads_dir, memory_dir, modes, k, gallery, classnames, groups) \
+            if _recordable(cfg, data, templates) else None
         if planned is not None and _up_to_date(cfg.paths.eval, Record.read(cfg.paths.eval, "evaluate"), planned):
             log.info("evaluation in %s is up to date (same heads, memory, test split and "
                      "options); skipping", cfg.paths.eval)
@@ -188,10 +188,11 @@ def evaluate(cfg, *, heads_dir: str | Path | None = None, memory_dir: str | Path
         return results
 
 
-def _recordable(cfg, data, templates, groups) -> bool:
-    """Only an evaluation of the run's own test split is recorded (and skipped when up to date);
-    other labelled sets are evaluated every time."""
-    return not data and templates is None and groups is None and \
+def _recordable(cfg, data, templates) -> bool:
+    """Only an evaluation of the run's own test split is recorded (and skipped when up to date;
+    its class-name and group files are recorded inputs); other labelled sets are evaluated every
+    time."""
+    return not data and templates is None and \
         (Path(cfg.paths.embedded("test")) / "manifest.json").is_file()
 
 
@@ -211,7 +212,7 @@ def _up_to_date(folder, previous: Record | None, planned: Record) -> bool:
     return True
 
 
-def eval_record(cfg, heads_dir, memory_dir, modes, k, gallery: bool, classnames=None) -> Record:
+def eval_record(cfg, heads_dir, memory_dir, modes, k, gallery: bool, classnames=None, groups=None) -> Record:
     """What an evaluation depends on: its options, the heads', memory's and test split's records
     (each checked against its files) and the class names and groups."""
     from reco.index.embedded import open_split
@@ -224,6 +225,8 @@ def eval_record(cfg, heads_dir, memory_dir, modes, k, gallery: bool, classnames=
         inputs[name] = file_digest(world / name) if (world / name).is_file() else None
     if classnames is not None:
         inputs["--classnames"] = file_digest(Path(classnames))
+    if groups is not None:
+        inputs["--groups"] = file_digest(Path(groups))
     options = {**options_of("eval", cfg.eval), "modes": list(modes), "k": k, "gallery": gallery,
                "clip.precision": cfg.clip.precision}
     return Record(stage="evaluate", options=options, inputs={n: d or "none" for n, d in inputs.items()})
