@@ -62,6 +62,7 @@ def filter_tensors(src: str | Path, dst: str | Path, drop_ids: np.ndarray) -> di
     manifest = Manifest.read(src, kind="tensors")
     drop = pa.array(np.asarray(drop_ids, dtype=np.int64))
     kept = total = 0
+    counts = dict(manifest.counts)
     for name, path in zip(manifest.shards, manifest.shard_paths(src)):
         table = read_parquet(path, required=["id"])
         part = table.filter(pc.invert(pc.is_in(table["id"], value_set=drop)))
@@ -70,7 +71,11 @@ def filter_tensors(src: str | Path, dst: str | Path, drop_ids: np.ndarray) -> di
                               f"species; lower ablation_val_fraction (--ablation-val-fraction)")
         atomic_write_table(part, Path(dst) / name)
         kept, total = kept + part.num_rows, total + table.num_rows
-    Manifest(kind="tensors", shards=list(manifest.shards), counts={**manifest.counts, "rows": kept},
+        if name in counts:                       # the manifest's rows per shard, as written
+            counts[name] = part.num_rows
+    if "total" in counts:
+        counts["total"] = kept
+    Manifest(kind="tensors", shards=list(manifest.shards), counts={**counts, "rows": kept},
              info={**manifest.info, "held_out_rows": total - kept}).write(dst)
     return {"rows": kept, "of": total}
 
@@ -91,7 +96,7 @@ def prepare_validation(cfg, fraction: float, workdir: str | Path, *, seed: int |
     tested = np.concatenate([groups.get(g, np.zeros(0, np.int64)) for g in ("head", "tail")])
     val = validation_species(np.setdiff1d(groups["seen"], tested), fraction, seed)
     source = Manifest.read(src, kind="tensors")
-    key = {"fraction": fraction, "seed": seed, "source": str(src.resolve()),
+    key = {"fraction": fraction, "seed": seed, "source": str(src.resolve()), "filter": 2,
            "shards": source.shards, "counts": source.counts, "val_species": val.tolist()}
     side = dataclasses.replace(cfg, workdir=str(workdir))
     done = workdir / DONE
