@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from experiments.ablations import run_ablations, variants_for
 from experiments.chain import prepare, seed_config
 from experiments.stats import (GROUPS, ROWS, delta_table, figure, k_sweep, mean_se, score_table,
                                selection_notes)
@@ -36,8 +37,6 @@ def run_seed(preset: str, seed: int, out: Path, *, variants: Sequence[str], over
              steps: int | None = None, use_cache: bool = True) -> dict[str, Any]:
     """Chain + ablations of one world seed; returns the ablation results plus timings."""
     import torch
-
-    from reco.evaluation.ablations import run_ablations, variants_for
 
     cfg = seed_config(preset, seed, out / f"seed{seed}", list(overrides))
     seconds = prepare(cfg, use_cache=use_cache)
@@ -82,7 +81,7 @@ def report(per_seed: list[dict[str, Any]], png_name: str = "k_saturation.png") -
              f"Zero-shot top-1 (%) of each group's test images among the group's own species "
              f"({first.get('n_per_group', '?')} each), mean ± one standard error over world seeds; every head trained "
              f"{first['steps']} steps, the checkpoint kept by the one-standard-error rule on "
-             f"held-out seen species (`reco.evaluation.validation`). Memory: "
+             f"held-out seen species (`experiments.validation`). Memory: "
              f"{first['memory_sizes']['full']} pairs.\n",
              score_table(per_seed, among="own"), "",
              f"Each group's test images among all {first.get('n_classes', '?')} species names:\n",

@@ -1,6 +1,6 @@
 """Tables and the k-saturation figure over world seeds, from ``run_ablations`` results.
 
-A result is ``reco.evaluation.ablations.run_ablations``'s dict plus ``seed``; figures are
+A result is ``experiments.ablations.run_ablations``'s dict plus ``seed``; figures are
 zero-shot top-1 (%), aggregated as mean ± one standard error (sample standard deviation over
 seeds / sqrt(seeds)).
 """

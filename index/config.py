@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from reco import options as o
-from reco.pipelines.neighbours.config import NeighboursConfig
 
 
 @dataclass(frozen=True)
@@ -40,19 +39,3 @@ class IndexConfig:
         o.check(self)
 
 
-PRESETS = {"tiny": IndexConfig(), "demo": IndexConfig()}
-
-# The defaults above (0.97) suit web-trained CLIPs, where near-duplicates (re-encoded, resized)
-# score >= 0.97 and different images of one concept far less. The presets embed the generated
-# world with its small base CLIP, whose image space is much tighter. Measured on the tiny world
-# (memory vs test images, fp16 embeddings renormalised): the planted exact copies score
-# 1 - 2e-7 .. 1; the other 2845 memory images have a best match of 1 - 5.8e-3 (median) ..
-# 1 - 1.1e-4 (max), and 0.97 would have removed 2832 of them (0.999: 129, 0.9999: 0). For the
-# training pairs, 0.97 would exclude ~100 memory items per pair (all of the top 16 for 97% of
-# pairs), 0.9999 none but copies. Hence copies-only thresholds for the world presets:
-WORLD_DUPLICATE = 0.99995
-NEIGHBOUR_PRESETS = {
-    "tiny": NeighboursConfig(shard_size=1000, dedup_threshold=WORLD_DUPLICATE,
-                             eval_dedup_threshold=WORLD_DUPLICATE),
-    "demo": NeighboursConfig(dedup_threshold=WORLD_DUPLICATE, eval_dedup_threshold=WORLD_DUPLICATE),
-}

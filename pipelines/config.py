@@ -53,5 +53,4 @@ class EmbedConfig:
         o.check(self)
 
 
-PRESETS = {"tiny": EmbedConfig(shard_size=500), "demo": EmbedConfig()}
 LOOPBACK = ("127.0.0.0/8",)           # embed.allow_networks of the loopback world server

@@ -20,7 +20,6 @@ Beam flags pass through (``--runner``, ``--direct_num_workers``...); default Dir
     reco embed-memory --preset tiny --workdir runs/tiny                 # world splits
     reco embed-memory --input urls.parquet --output out/ --model ViT-B-32 --pretrained openai \
         -- --direct_running_mode=multi_processing --direct_num_workers=2
-    python -m reco.pipelines.embed_memory --input urls.csv --output out/ --model reco-tiny
 """
 from __future__ import annotations
 
@@ -28,7 +27,6 @@ import argparse
 import dataclasses
 import logging
 import os
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -39,7 +37,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from reco.console import print_summary, seconds, tracked
-from reco.errors import ConfigError, FormatError, RecoError
+from reco.errors import ConfigError, FormatError
 from reco.formats import EMBEDDED_FORMAT, Manifest
 from reco.pipelines import inputs as input_kinds, runners
 from reco.pipelines.config import LOOPBACK, EmbedConfig
@@ -381,36 +379,3 @@ def main(cfg, args) -> int:
                          force=bool(getattr(args, "force", False)))
     print_summary("embed-memory", {**summary(infos), "output": cfg.paths.embeddings}, data=infos)
     return 0
-
-
-def run(argv=None) -> int:
-    """Standalone Beam entry point: ``--input``, ``--output``, ``--model``, ``--pretrained``;
-    every other flag goes to PipelineOptions."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--input", action="append", required=True)
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--pretrained", default=None)
-    parser.add_argument("--force", action="store_true", help="embed every shard again (no resume)")
-    parser.add_argument("--preset", default="demo", help="preset whose embed options are used")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="e.g. --set embed.shard_size=100")
-    known, beam_args = parser.parse_known_args(argv)
-    from reco.config import override, preset
-
-    cfg = override(preset(known.preset), known.overrides)
-    _, info = embed_urls(known.input, known.output, model=known.model, pretrained=known.pretrained,
-                         embed_cfg=cfg.embed, beam_options=beam_args, force=known.force)
-    _print_info(info, "embedded")
-    return 0
-
-
-if __name__ == "__main__":
-    from reco.console import setup_logging
-
-    setup_logging()
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    try:
-        sys.exit(run())
-    except RecoError as error:
-        sys.exit(f"embed_memory: error: {error}")

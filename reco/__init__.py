@@ -5,7 +5,9 @@ Sub-packages:
   reco.pipelines   Beam jobs (embed-memory, neighbours)          [folder: pipelines/]
   reco.index       faiss/autofaiss memory indices               [folder: index/]
   reco.trainer     fusion heads, loss, streaming loader, loop   [folder: trainer/]
-  reco.evaluation  zero-shot / retrieval evaluation, ablations
+  reco.evaluation  zero-shot / retrieval evaluation, gallery, query, compare
+  reco.react       REACT customisation (retrieve, download, train)
+(The ablations and other studies live outside the library, in the repo's experiments/.)
 """
 
 __version__ = "0.1.0"

@@ -1,7 +1,8 @@
 """``reco``: one command-line tool, one subcommand per pipeline stage.
 
 Subcommands live in their own modules, registered in :data:`COMMANDS` and imported only when
-used. Each module provides ``add_arguments(parser)`` and ``main(cfg, args) -> int``; ``main``
+used (:func:`build_parser` is told which one runs). Each module provides
+``add_arguments(parser)`` and ``main(cfg, args) -> int``; ``main``
 turns its own options into typed values, so nothing below it sees an argparse namespace.
 Every make target calls exactly one subcommand.
 """
@@ -16,6 +17,7 @@ import sys
 
 from reco import config as config_lib
 from reco import console
+from reco.demo import STAGES
 from reco.errors import ConfigError, RecoError
 
 # name -> (module, one-line help)
@@ -29,7 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "precompute-neighbours": ("reco.pipelines.neighbours", "kNN for every training pair, cached as tensors"),
     "train": ("reco.trainer.cli", "train the fusion heads on cached neighbour tensors"),
     "evaluate": ("reco.evaluation.cli", "zero-shot and retrieval evaluation of CLIP vs reco"),
-    "ablations": ("reco.evaluation.ablations", "the paper's ablations on the generated world"),
+    # an experiment (experiments/, outside the library): the CLI names it, reco never imports it
+    "ablations": ("experiments.ablations", "the paper's ablations on the generated world"),
     "query": ("reco.evaluation.query", "show the memory neighbours of an image or a text"),
     "demo": ("reco.demo", "run the whole chain on the embedded default and print the table"),
     "react-retrieve": ("reco.react.retrieve", "REACT: retrieve a customisation set for class names"),
@@ -61,11 +64,10 @@ EXAMPLES: dict[str, str] = {
     "bench": "reco bench --only index",
     "config": "reco config show --workdir runs/tiny      (or: reco config keys)",
 }
-# commands that run a stage of the run: they record its config (WORKDIR/config.yaml)
-RECORDS_CONFIG = frozenset({"world", "embed-memory", "import-embeddings", "build-index",
-                            "precompute-neighbours", "train",
-                            "evaluate", "ablations", "demo", "react-retrieve", "react-download",
-                            "react-train"})
+# commands that run a stage of the run (the chain's, reco.demo.STAGES, and the others): they
+# record its config (WORKDIR/config.yaml)
+RECORDS_CONFIG = frozenset({s.name for s in STAGES} | {
+    "import-embeddings", "ablations", "demo", "react-retrieve", "react-download", "react-train"})
 # commands that run the CLIP on this machine (clip.device is checked before any work)
 LOCAL_DEVICE = frozenset(RECORDS_CONFIG - {"embed-memory", "import-embeddings"} | {"query"})
 CLIP_FLAGS = (("model", "--model"), ("pretrained", "--pretrained"), ("device", "--device"))
@@ -125,7 +127,9 @@ def _flag_hint(flag: str, flags: list[str], command: str) -> str | None:
     return close[0] if close else None
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``reco`` parser; only ``command``'s module (the one that runs) is imported, for its
+    own options."""
     parser = _Parser(prog="reco", description=__doc__.splitlines()[0], formatter_class=_Formatter,
                      epilog="Each command's options: reco COMMAND --help. Every config option: "
                             "reco config keys. A run's config: reco config show --workdir W.")
@@ -136,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                            epilog=f"example:\n  {EXAMPLES[name]}")
         p.set_defaults(_parser=p)
         _add_common(p)
-        if name in sys.argv[1:2]:          # import only the module that runs
+        if name == command:
             _load(module).add_arguments(p)
             p.epilog += _section_keys(name)
     return parser
@@ -252,9 +256,8 @@ def _unknown(args: argparse.Namespace, extras: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    sys.argv = [sys.argv[0], *argv]
-    args, extras = build_parser().parse_known_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, extras = build_parser(argv[0] if argv else None).parse_known_args(argv)
     if extras:
         _unknown(args, extras)
     console.setup_logging(console.QUIET if args.quiet else args.verbose, json_summaries=args.json)

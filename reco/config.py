@@ -2,9 +2,11 @@
 
 Each stage owns its config dataclass in its own package (``reco.fixture_config`` for the world,
 ``reco.pipelines.config``, ``reco.index.config``, ``reco.trainer.config``,
-``reco.evaluation.config``) and a ``PRESETS`` dict of named instances. This module composes them
-into :class:`RecoConfig`, applies ``--set section.field=value`` overrides, and fixes the layout
-of a work directory (:class:`Paths`). Nothing below ``main`` ever sees an argparse namespace.
+``reco.evaluation.config``, ``reco.react.config``), whose defaults suit a real corpus. This
+module composes them into :class:`RecoConfig`, writes every named preset out whole
+(:data:`PRESETS`, at the end), applies ``--set section.field=value`` overrides, and fixes the
+layout of a work directory (:class:`Paths`). Nothing below ``main`` ever sees an argparse
+namespace.
 """
 from __future__ import annotations
 
@@ -17,18 +19,15 @@ from typing import Any
 
 from reco import options as o
 from reco.errors import ConfigError
-from reco.evaluation.config import PRESETS as EVAL_PRESETS, EvalConfig
-from reco.index.config import PRESETS as INDEX_PRESETS, IndexConfig, NeighboursConfig
-from reco.index.config import NEIGHBOUR_PRESETS
-from reco.pipelines.config import PRESETS as EMBED_PRESETS, EmbedConfig
-from reco.trainer.config import PRESETS as TRAIN_PRESETS, TrainConfig
-from reco.fixture_config import PRESETS as WORLD_PRESETS, WorldConfig
-from reco.fixture_config import BASE_CLIP_PRESETS, BaseClipConfig
+from reco.evaluation.config import EvalConfig
+from reco.fixture_config import BASE_CLIP_PRESETS, WORLD_PRESETS, BaseClipConfig, WorldConfig
+from reco.index.config import IndexConfig
+from reco.pipelines.neighbours.config import NeighboursConfig
+from reco.pipelines.config import EmbedConfig
+from reco.trainer.config import TrainConfig
 from reco.react.config import ReactConfig
 
 PRESET_NAMES = ("tiny", "demo", "longtail", "longtail_small")
-# presets whose stages have no preset of their own take another's (longtail: tiny's pipeline)
-_STAGE_PRESET = {"longtail": "tiny", "longtail_small": "longtail"}
 
 
 @dataclass(frozen=True)
@@ -119,24 +118,10 @@ class Paths:
 
 
 def preset(name: str, **top: Any) -> RecoConfig:
-    """The named preset (``tiny`` for tests/CI, ``demo`` for ``make demo``, ``longtail``: a
-    2,000-species world with Zipf training frequencies, issue 20's experiment)."""
-    if name not in PRESET_NAMES:
+    """The named preset (:data:`PRESETS`), with top-level fields ``top`` (e.g. ``workdir``)."""
+    if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
-    def pick(presets: dict, which: str = name) -> Any:
-        return presets.get(which) or pick(presets, _STAGE_PRESET[which])
-
-    cfg = RecoConfig(
-        preset=name,
-        world=pick(WORLD_PRESETS),
-        base_clip=pick(BASE_CLIP_PRESETS),
-        embed=pick(EMBED_PRESETS),
-        index=pick(INDEX_PRESETS),
-        neighbours=pick(NEIGHBOUR_PRESETS),
-        train=pick(TRAIN_PRESETS),
-        eval=pick(EVAL_PRESETS),
-    )
-    return dataclasses.replace(cfg, **top) if top else cfg
+    return dataclasses.replace(PRESETS[name], **top) if top else PRESETS[name]
 
 
 def load(path: str | Path) -> RecoConfig:
@@ -175,3 +160,53 @@ def override(cfg: RecoConfig, assignments: list[str]) -> RecoConfig:
     from reco import config_tree
 
     return config_tree.apply_sets(cfg, assignments)
+
+
+# ---------------------------------------------------------------------------------------------
+# presets: each written out whole. The world's sizes and its base CLIP are a test fixture
+# (reco.fixture_config); every other section is here.
+# ---------------------------------------------------------------------------------------------
+
+# The neighbour defaults (0.97) suit web-trained CLIPs, where near-duplicates (re-encoded,
+# resized) score >= 0.97 and different images of one concept far less. The presets embed the
+# generated world with its small base CLIP, whose image space is much tighter. Measured on the
+# tiny world (memory vs test images, fp16 embeddings renormalised): the planted exact copies score
+# 1 - 2e-7 .. 1; the other 2845 memory images have a best match of 1 - 5.8e-3 (median) ..
+# 1 - 1.1e-4 (max), and 0.97 would have removed 2832 of them (0.999: 129, 0.9999: 0). For the
+# training pairs, 0.97 would exclude ~100 memory items per pair (all of the top 16 for 97% of
+# pairs), 0.9999 none but copies. Hence copies-only thresholds for the world presets:
+WORLD_DUPLICATE = 0.99995
+# Train steps of the generated worlds, chosen on held-out validation species (never the test
+# species): heads trained far past the validation peak memorise the seen species. Demo world: the
+# validation top-1 of a 1000-step run peaked at step 100 (80.1%) and fell to 54.2% by step 1000;
+# tiny world: 100-step runs plateau from step ~50 on world seeds 0-4 (`reco ablations`, the
+# `selection` curve in results.json). A real corpus (CC12M) needs TrainConfig()'s long run.
+
+# tiny: what tests and CI use (80 species, 18.8k images)
+TINY = RecoConfig(
+    preset="tiny",
+    world=WORLD_PRESETS["tiny"], base_clip=BASE_CLIP_PRESETS["tiny"],
+    embed=EmbedConfig(shard_size=500),
+    index=IndexConfig(),
+    neighbours=NeighboursConfig(shard_size=1000, dedup_threshold=WORLD_DUPLICATE,
+                                eval_dedup_threshold=WORLD_DUPLICATE),
+    train=TrainConfig(batch_size=256, steps=100, warmup_steps=20, checkpoint_every=50),
+    eval=EvalConfig(),
+)
+# demo: what `make demo` uses (100 species, 38k images)
+DEMO = RecoConfig(
+    preset="demo",
+    world=WORLD_PRESETS["demo"], base_clip=BASE_CLIP_PRESETS["demo"],
+    embed=EmbedConfig(),
+    index=IndexConfig(),
+    neighbours=NeighboursConfig(dedup_threshold=WORLD_DUPLICATE, eval_dedup_threshold=WORLD_DUPLICATE),
+    train=TrainConfig(steps=200, warmup_steps=40, checkpoint_every=100),
+    eval=EvalConfig(),
+)
+PRESETS: dict[str, RecoConfig] = {
+    "tiny": TINY, "demo": DEMO,
+    # issue 20's long-tail worlds (2,000 / 400 species, Zipf training frequencies) on tiny's pipeline
+    **{name: dataclasses.replace(TINY, preset=name, world=WORLD_PRESETS[name],
+                                 base_clip=BASE_CLIP_PRESETS[name])
+       for name in ("longtail", "longtail_small")},
+}

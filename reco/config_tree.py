@@ -229,6 +229,10 @@ def load_recorded(workdir: str | Path) -> RecoConfig | None:
         return None
     data = read_file(path)
     data.pop("workdir", None)               # a run is where it is, not where it was made
+    for key in o.RETIRED:                   # options a newer reco no longer has
+        section, _, name = key.partition(".")
+        if isinstance(data.get(section), dict):
+            data[section].pop(name, None)
     name = data.get("preset", DEFAULT_PRESET)
     if name not in PRESET_NAMES:
         raise ConfigError(f"{path}: preset={name!r}: must be one of {', '.join(PRESET_NAMES)}")

@@ -7,7 +7,7 @@ Kept outside the ``reco.world`` package so that composing a run configuration
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from reco import options as o
 
@@ -79,7 +79,7 @@ class BaseClipConfig:
 # tiny (tests/CI): 80 species (24 unseen), 18.8k images. 80 rather than 40: with 40 the RECO
 # training set held only 21 species once the validation species were out, and on some world seeds
 # the heads memorised them instead of learning to read the memory (seed sweep in
-# reco.evaluation.seed_sweep; the README's Status). demo: 100 species, 38k images, 800 steps.
+# experiments.seed_sweep; the README's Status). demo: 100 species, 38k images, 800 steps.
 _TINY = WorldConfig(n_species=80, n_pretrain=8000, n_memory=6000, n_train=4000, n_test_per_species=10)
 # longtail: 2,000 species; the 12k training pairs follow a Zipf law (exponent 1) over 1,800 of
 # them, so ~1,400 species appear (most 1-5 times, the head hundreds of times) and ~600 never do;
@@ -93,14 +93,11 @@ _LONGTAIL = WorldConfig(n_species=2000, n_pretrain=8000, n_memory=16000, n_train
 # apart: what the 2-core sweep of issue 20 measured (README, Status)
 _LONGTAIL_SMALL = dataclasses.replace(_LONGTAIL, n_species=400, n_memory=4800, n_train=4000,
                                       test_group_size=24)
-PRESETS = {"tiny": _TINY, "demo": WorldConfig(), "longtail": _LONGTAIL, "longtail_small": _LONGTAIL_SMALL}
+# the worlds of the presets (reco.config.PRESETS)
+WORLD_PRESETS = {"tiny": _TINY, "demo": WorldConfig(), "longtail": _LONGTAIL, "longtail_small": _LONGTAIL_SMALL}
 BASE_CLIP_PRESETS = {"tiny": BaseClipConfig(steps=300, warmup=30),
                      "demo": BaseClipConfig(steps=800, warmup=60),
                      # 2,000 look-alike species: 300 steps left the base CLIP at 10.6% attribute
                      # zero-shot top-1 among them (world seed 0), near-blind to shape
                      "longtail": BaseClipConfig(steps=900, warmup=60),
                      "longtail_small": BaseClipConfig(steps=300, warmup=30)}
-
-
-def with_port(cfg: WorldConfig, port: int) -> WorldConfig:
-    return replace(cfg, port=port)

@@ -36,13 +36,9 @@ _DEFAULT_CONTEXT = {"image": "v_img_txt", "text": "t_txt_img"}
 
 
 def train_settings(meta: Mapping[str, Any]) -> dict[str, Any]:
-    """The training config recorded in the heads' meta (``meta["train"]`` or ``meta["config"]``,
-    which may itself be a whole RecoConfig dict with a ``train`` section)."""
-    for key in ("train", "train_config", "config"):
-        value = meta.get(key)
-        if isinstance(value, Mapping):
-            return dict(value.get("train", value)) if "train" in value else dict(value)
-    return dict(meta)
+    """The training config recorded in the heads' meta (``meta["train"]``, a TrainConfig dict)."""
+    value = meta.get("train")
+    return dict(value) if isinstance(value, Mapping) else {}
 
 
 class RecoModel(nn.Module):
@@ -324,9 +320,6 @@ def _model_and_memory(heads_dir: Path, meta: Mapping[str, Any]) -> tuple[str, st
     if not model:
         raise FormatError(f"{heads_dir / 'heads.json'}: no CLIP spec recorded and no config.yaml "
                           f"in {workdir}; pass the model explicitly (RecoModel.from_config)")
-    memory = meta.get("memory") or meta.get("memory_dir") or meta.get("index_dir")
-    memory = Path(memory) if memory else workdir / "index"
-    if not memory.is_absolute():
-        memory = real / memory if meta.get("memory") else workdir / memory
-    return model, (pretrained or None), memory
+    memory = meta.get("memory")           # relative to the (real) heads folder
+    return model, (pretrained or None), (real / memory if memory else workdir / "index")
 

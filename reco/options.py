@@ -147,6 +147,11 @@ class Items:
 NON_EMPTY = Pattern(r"(?s).*\S.*", "x", "non-empty")
 SIZE = Pattern(r"\d+(\.\d+)?[KMGT]B?", "4G, 512M")
 SEED = Range(0, MAX_SEED)
+# options that left the run config: a recorded config.yaml or stage record that holds them still
+# loads and matches (the ablations' options are the experiment's own: experiments.config)
+RETIRED = frozenset(f"eval.{name}" for name in (
+    "ablations", "ablation_steps", "small_memory_fraction", "ablation_train_k", "ablation_eval_k",
+    "ablation_val_fraction", "ablation_val_checkpoints"))
 
 
 def check(obj: Any) -> None:

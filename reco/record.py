@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from reco import options as o
 from reco.errors import ConfigError, FormatError, MismatchError, RecoError
 
 FORMAT = "reco.record/1"
@@ -160,7 +161,7 @@ class Record:
         if model_id is not None and self.model_id and self.model_id != model_id:
             raise StaleError(f"{where}: outputs made with model {self.model_id!r}, now "
                              f"{model_id!r} (another model or replaced weights); {redo}")
-        changed = sorted(k for k in set(options) | set(self.options)
+        changed = sorted(k for k in (set(options) | set(self.options)) - o.RETIRED
                          if self.options.get(k, "<absent>") != options.get(k, "<absent>"))
         if changed:
             what = ", ".join(f"{k} (recorded {self.options.get(k, '<absent>')!r}, now "

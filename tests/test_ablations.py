@@ -10,8 +10,9 @@ import torch
 
 from reco import config as config_lib
 from reco.errors import ConfigError
-from reco.evaluation.ablation_report import markdown_report, write_report
-from reco.evaluation.ablations import VARIANTS, _check_fields, run_variant, variants_for
+from experiments import config as ablation_config
+from experiments.ablation_report import markdown_report, write_report
+from experiments.ablations import VARIANTS, _check_fields, run_variant, variants_for
 from reco.evaluation.data import EmbeddedSplit
 from reco.evaluation.evaluate import EvalInputs
 from tests.fixtures.trainer import write_tensors
@@ -75,15 +76,16 @@ def world(clip, tmp_path_factory):
                         {"seen": np.arange(n_seen), "unseen": np.arange(n_seen, c)})
     cfg = config_lib.preset("tiny", workdir=str(work))
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, k=k, batch_size=128, steps=80, lr=5e-3,
-                                                             head=dataclasses.replace(cfg.train.head, heads=4)),
-                              eval=dataclasses.replace(cfg.eval, ablation_eval_k=(1, 8), ablation_train_k=(2,)))
-    return {"cfg": cfg, "memories": {"full": memory, "small": small}, "inputs": inputs}
+                                                             head=dataclasses.replace(cfg.train.head, heads=4)))
+    ablation = ablation_config.for_run(cfg, ablation_eval_k=(1, 8), ablation_train_k=(2,))
+    return {"cfg": cfg, "ablation": ablation, "memories": {"full": memory, "small": small}, "inputs": inputs}
 
 
 def _run(world, clip, name, out):
     cfg = world["cfg"]
-    return run_variant(cfg, name, variants_for(cfg)[name], out / name, clip=clip,
-                       memories=world["memories"], inputs=world["inputs"], steps=cfg.train.steps)
+    return run_variant(cfg, name, variants_for(cfg, world["ablation"])[name], out / name, clip=clip,
+                       memories=world["memories"], inputs=world["inputs"], steps=cfg.train.steps,
+                       ablation=world["ablation"])
 
 
 def test_variant_registry():
@@ -138,14 +140,14 @@ def test_variants_train_evaluate_and_report(world, clip, tmp_path):
 
 
 def test_unknown_variant(world):
-    from reco.evaluation.ablations import run_ablations
+    from experiments.ablations import run_ablations
 
     with pytest.raises(ConfigError, match="ablation variant 'nope'"):
-        run_ablations(world["cfg"], variants=("nope",))
+        run_ablations(world["cfg"], variants=("nope",), ablation=world["ablation"])
 
 
 def test_validation_species_are_held_out_seen_species():
-    from reco.evaluation.validation import validation_species
+    from experiments.validation import validation_species
 
     seen = np.arange(0, 56, 2)
     val = validation_species(seen, 0.25, seed=0)
@@ -159,7 +161,7 @@ def test_validation_species_are_held_out_seen_species():
 
 
 def test_filter_tensors_drops_the_held_out_rows(tmp_path):
-    from reco.evaluation.validation import filter_tensors
+    from experiments.validation import filter_tensors
     from reco.trainer.data import read_tensors_info
 
     rng = np.random.default_rng(0)
@@ -173,7 +175,7 @@ def test_filter_tensors_drops_the_held_out_rows(tmp_path):
 
 
 def test_one_standard_error_rule_prefers_the_earliest_step_within_noise():
-    from reco.evaluation.validation import pick_step
+    from experiments.validation import pick_step
 
     curve = {0: 40.6, 20: 32.8, 40: 41.7, 60: 36.0}            # +1.1 over step 0: noise on 1543
     step, se = pick_step(curve, 1543)
@@ -197,9 +199,9 @@ def test_variant_keeps_the_checkpoint_best_on_validation_species(world, clip, tm
     cfg = world["cfg"]
     rows = {}
     for name in ("reco", "mlp", "mean"):
-        rows[name] = run_variant(cfg, name, variants_for(cfg)[name], tmp_path / name, clip=clip,
-                                 memories=world["memories"], inputs=inputs, steps=cfg.train.steps,
-                                 val_inputs=val)
+        rows[name] = run_variant(cfg, name, variants_for(cfg, world["ablation"])[name], tmp_path / name,
+                                 clip=clip, memories=world["memories"], inputs=inputs, steps=cfg.train.steps,
+                                 val_inputs=val, ablation=world["ablation"])
     assert "selection" not in rows["mean"]["train_info"]              # nothing to select
     for name in ("reco", "mlp"):
         sel = rows[name]["train_info"]["selection"]
@@ -211,8 +213,9 @@ def test_variant_keeps_the_checkpoint_best_on_validation_species(world, clip, tm
             ev = rows[name]["eval"]
             assert ev["both"]["zeroshot"] == ev["off"]["zeroshot"]
     assert rows["reco"]["train_info"]["selection"]["step"] > 0        # retrieval helps at once
-    again = run_variant(cfg, "reco", variants_for(cfg)["reco"], tmp_path / "reco", clip=clip,
-                        memories=world["memories"], inputs=inputs, steps=cfg.train.steps, val_inputs=val)
+    again = run_variant(cfg, "reco", variants_for(cfg, world["ablation"])["reco"], tmp_path / "reco", clip=clip,
+                        memories=world["memories"], inputs=inputs, steps=cfg.train.steps, val_inputs=val,
+                        ablation=world["ablation"])
     assert again["train_info"].get("reused") and again["eval"] == rows["reco"]["eval"]
     assert again["train_info"]["selection"] == rows["reco"]["train_info"]["selection"]
     results = {"model_id": clip.model_id, "steps": 80, "train_k": 8, "memory_sizes": {"full": 3200},
@@ -223,7 +226,7 @@ def test_variant_keeps_the_checkpoint_best_on_validation_species(world, clip, tm
 
 
 def test_selection_warns_and_keeps_the_last_step_when_validation_cannot_discriminate(caplog):
-    from reco.evaluation.validation import choose_step, pick_step
+    from experiments.validation import choose_step, pick_step
 
     flat = {0: 100.0, 40: 100.0, 80: 98.3}          # frozen CLIP perfect: no room to be better
     step, _, warning = choose_step(flat, 60)
@@ -247,8 +250,9 @@ def test_saturated_validation_is_reported(world, clip, tmp_path):
                           captions=[""] * 40, urls=[""] * 40)
     val = EvalInputs(split, inputs.classnames, inputs.prompt_emb, {"val": ids})
     cfg = world["cfg"]
-    row = run_variant(cfg, "reco", variants_for(cfg)["reco"], tmp_path / "reco", clip=clip,
-                      memories=world["memories"], inputs=inputs, steps=cfg.train.steps, val_inputs=val)
+    row = run_variant(cfg, "reco", variants_for(cfg, world["ablation"])["reco"], tmp_path / "reco", clip=clip,
+                      memories=world["memories"], inputs=inputs, steps=cfg.train.steps, val_inputs=val,
+                      ablation=world["ablation"])
     sel = row["train_info"]["selection"]
     assert sel["curve"]["0"] == 100.0 and sel["step"] == cfg.train.steps and sel["warning"]
     results = {"model_id": clip.model_id, "steps": 80, "train_k": 8, "memory_sizes": {"full": 3200},

@@ -8,7 +8,7 @@ evaluates each fine-grained data set among its own classes. The generalised prot
 80 species, ``unseen``) is reported too: there every trained head, with or without retrieval,
 pulls unseen images towards the 56 seen species it was trained on.
 
-Margins (percentage points), each variant trained ``eval.ablation_steps`` steps (keeping the
+Margins (percentage points), each variant trained ``ablation_steps`` steps (experiments.config) (keeping the
 checkpoint chosen on held-out validation species by the one-standard-error rule, never on the
 unseen test species):
 * reco (both sides fused) beats frozen CLIP by >= 20;
@@ -23,9 +23,9 @@ import pytest
 import torch
 
 # Whole chain + 4 trained variants (reco, MLP and cross-modal search keep the checkpoint chosen
-# on held-out validation species, reco.evaluation.validation; the small-memory variant keeps its
+# on held-out validation species, experiments.validation; the small-memory variant keeps its
 # last step); the ablations themselves take ~35 s on 2 cores. The margins hold on world seeds
-# 0-4 (`python -m reco.evaluation.seed_sweep --root DIR --seeds 0,1,2,3,4`, figures in the
+# 0-4 (`python -m experiments.seed_sweep --root DIR --seeds 0,1,2,3,4`, figures in the
 # README's Status); with the earlier 40-species tiny world, seed 1 failed them because its heads
 # memorised the 21 training species.
 
@@ -34,7 +34,7 @@ VARIANTS = ("reco", "mlp", "cross_search_cross_fusion", "small_memory", "mean")
 
 @pytest.fixture(scope="module")
 def ablations(tiny_trained, tmp_path_factory):
-    from reco.evaluation.ablations import run_ablations
+    from experiments.ablations import run_ablations
 
     old = torch.get_num_threads()
     torch.set_num_threads(1)          # small heads: one thread beats two busy cores

@@ -41,7 +41,8 @@ def test_world_splits_embedded(tiny_embedded):
 def test_rerun_after_a_real_kill_resumes_without_duplicates(embed_corpus, embed_model, tmp_path):
     """Kill the job (SIGKILL) once its first shard is on disk, rerun, count ids."""
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "reco.pipelines.embed_memory", "--input", str(embed_corpus.urls),
+    cmd = [sys.executable, "-m", "reco.cli", "embed-memory", "--workdir", str(tmp_path / "run"),
+           "--input", str(embed_corpus.urls),
            "--output", str(out), "--model", embed_model, "--set", "embed.shard_size=3",
            "--set", "embed.timeout=2", "--set", "embed.allow_networks=127.0.0.0/8"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -76,3 +76,61 @@ def test_library_never_imports_experiments_and_experiments_use_public_names():
             if module.startswith("reco"):
                 assert not any(part.startswith("_") for part in module.split(".")), (path, module)
                 assert not any(n.startswith("_") for n in names), (path, module, names)
+
+
+def test_ablation_options_come_from_the_preset_and_the_command_flags(tmp_path, capsys):
+    """The ablations' options are the experiment's (not EvalConfig's): the preset's values, changed
+    by `reco ablations` flags, each checked like a run option."""
+    import argparse
+    import dataclasses
+
+    from experiments import config as ablation_config
+    from experiments.ablations import add_arguments
+    from reco import config as config_lib
+    from reco.cli import main
+    from reco.errors import ConfigError
+    from reco.evaluation.config import EvalConfig
+
+    assert not {f.name for f in dataclasses.fields(EvalConfig)} & {
+        f.name for f in dataclasses.fields(ablation_config.AblationConfig)}
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg = config_lib.preset("longtail_small")
+    got = ablation_config.from_args(cfg, parser.parse_args(
+        ["--steps", "7", "--ablation-eval-k", "1,4", "--variants", "reco,mlp"]))
+    assert (got.ablation_steps, got.ablation_eval_k, got.ablations) == (7, (1, 4), ("reco", "mlp"))
+    assert got.ablation_val_checkpoints == 5                    # the longtail preset's
+    assert ablation_config.for_run(config_lib.preset("demo")) == ablation_config.AblationConfig()
+    with pytest.raises(ConfigError, match="ablation_val_fraction"):
+        ablation_config.from_args(cfg, parser.parse_args(["--ablation-val-fraction", "0.95"]))
+    with pytest.raises(ConfigError, match="--steps x: not a valid int"):
+        ablation_config.from_args(cfg, parser.parse_args(["--steps", "x"]))
+    assert main(["ablations", "--workdir", str(tmp_path / "run"), "--preset", "tiny", "--steps", "0"]) == 2
+    assert "ablation.ablation_steps" in capsys.readouterr().err
+
+
+def test_a_run_recorded_with_the_retired_ablation_options_still_loads(tmp_path):
+    """Before issue 18 the ablation options were eval.*: a config.yaml or an evaluation record
+    that holds them still loads and matches (the options are ignored)."""
+    from reco import config as config_lib
+    from reco.config_tree import config_path, load_recorded, save_recorded
+    from reco.record import Record
+
+    cfg = config_lib.preset("tiny", workdir=str(tmp_path))
+    save_recorded(cfg)
+    text = config_path(tmp_path).read_text().replace("eval:\n", "eval:\n  ablation_steps: 100\n  ablations: []\n")
+    assert "ablation_steps" in text
+    config_path(tmp_path).write_text(text)
+    assert load_recorded(tmp_path) == cfg
+    old = Record(stage="evaluate", options={"eval.k": None, "eval.ablation_steps": 100})
+    old.check_same(tmp_path, options={"eval.k": None}, inputs={}, model_id=None, command="evaluate")
+
+
+def test_experiments_run_the_stages_of_the_demo_and_the_cli():
+    from experiments.chain import CHAIN
+    from reco.cli import COMMANDS, RECORDS_CONFIG
+    from reco.demo import STAGES
+
+    names = [s.name for s in STAGES]
+    assert list(CHAIN) == names[:len(CHAIN)]
+    assert set(names) <= set(COMMANDS) and set(names) <= RECORDS_CONFIG

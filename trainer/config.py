@@ -70,12 +70,3 @@ class TrainConfig:
 
     def __post_init__(self):
         o.check(self)
-
-
-# Steps of the generated worlds, chosen on held-out validation species (never the test species):
-# heads trained far past the validation peak memorise the seen species. Demo world: the
-# validation top-1 of a 1000-step run peaked at step 100 (80.1%) and fell to 54.2% by step 1000;
-# tiny world: 100-step runs plateau from step ~50 on world seeds 0-4 (`reco ablations`, the
-# `selection` curve in results.json). A real corpus (CC12M) needs TrainConfig()'s long run.
-PRESETS = {"tiny": TrainConfig(batch_size=256, steps=100, warmup_steps=20, checkpoint_every=50),
-           "demo": TrainConfig(steps=200, warmup_steps=40, checkpoint_every=100)}

@@ -292,7 +292,7 @@ def write_outputs(folder: str | Path, results: dict[str, Any], *,
         os.replace(tmp, folder / name)
     atomic_write_text(folder / "report.md", report)
     atomic_write_bytes(chart, folder / "zeroshot.png")
-    atomic_write_text(folder / RESULTS_FILE, json.dumps(_jsonable(results), indent=2))
+    atomic_write_text(folder / RESULTS_FILE, json.dumps(jsonable(results), indent=2))
 
 
 def markdown_report(results: dict[str, Any]) -> str:
@@ -320,7 +320,7 @@ def markdown_table(modes: dict[str, dict[str, Any]], label: str = "mode") -> str
     cols = [(n, p) for n, p in cols if any(_get(r, p) is not None for r in modes.values())]
     head = f"| {label} | " + " | ".join(n for n, _ in cols) + " |"
     sep = "|---|" + "---:|" * len(cols)
-    rows = [f"| {MODE_LABELS.get(m, m)} | " + " | ".join(_fmt(_get(r, p)) for _, p in cols) + " |"
+    rows = [f"| {MODE_LABELS.get(m, m)} | " + " | ".join(fmt_percent(_get(r, p)) for _, p in cols) + " |"
             for m, r in modes.items()]
     return "\n".join([head, sep, *rows])
 
@@ -361,15 +361,17 @@ def _get(row: dict, path: tuple[str, ...]):
     return row
 
 
-def _fmt(value) -> str:
+def fmt_percent(value) -> str:
+    """A percentage with one decimal, or "–" for a missing or NaN value (report tables)."""
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1f}"
 
 
-def _jsonable(obj):
+def jsonable(obj):
+    """``obj`` with numpy scalars as Python numbers and NaN as None (for json.dumps)."""
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, (np.floating, float)):
         return None if math.isnan(float(obj)) else float(obj)
     if isinstance(obj, np.integer):

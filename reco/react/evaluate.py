@@ -52,7 +52,7 @@ def compare_zeroshot(models: dict[str, torch.nn.Module], pixels: torch.Tensor, l
 
 def evaluate_react(cfg: RecoConfig, model_dir: str | Path | None = None, *, clip=None,
                    react_model: torch.nn.Module | None = None, split: str = "test",
-                   templates: Sequence[str] | None = None, image_source: str = "world",
+                   templates: Sequence[str] | None = None, image_source: str,
                    write: bool = True) -> dict[str, Any]:
     """Zero-shot top-1/top-5 of the frozen CLIP and of REACT on a labelled world split.
 
@@ -63,7 +63,8 @@ def evaluate_react(cfg: RecoConfig, model_dir: str | Path | None = None, *, clip
         react_model: an in-memory customised model (e.g. right after training).
         split: world split with labels (``test``).
         templates: prompt templates (default ``cfg.eval.templates``).
-        image_source: where pixels come from (:mod:`reco.react.images`).
+        image_source: where pixels come from (:mod:`reco.react.images`: ``webdataset`` for a
+            download, ``world``/``embedded``); no default: the world is one source among others.
     Returns ``{"frozen": {"all"|"seen"|"unseen": metrics}, "react": {...}, "delta_top1": {...}}``.
     """
     from reco.evaluation.data import read_classnames, read_groups

@@ -92,7 +92,7 @@ def get_source(name: str) -> ImageSource:
 
 
 def load_pixels(cfg: RecoConfig, rows: pa.Table, preprocess: Callable, *,
-                source: str = "world") -> torch.Tensor:
+                source: str) -> torch.Tensor:
     """Decode and preprocess every image of ``rows`` once -> (n, 3, H, W) float32 tensor."""
     from PIL import Image
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from experiments.chain import link
 from reco.errors import ConfigError
 from reco.embedded import read_table
 from reco.formats import Manifest, atomic_write_table, atomic_write_text
@@ -30,7 +30,7 @@ def subsample_embedded(src: str | Path, dst: str | Path, fraction: float, seed: 
     """Copy a random ``fraction`` of the rows of the embedded shards in ``src`` to ``dst``
     (same shard names, same schema, new manifest). Returns counts."""
     if not 0.0 < fraction <= 1.0:
-        raise ConfigError(f"eval.small_memory_fraction={fraction}: must be in (0, 1]")
+        raise ConfigError(f"small_memory_fraction={fraction} (--small-memory-fraction): must be in (0, 1]")
     manifest = Manifest.read(src, kind="embedded")
     rng = np.random.default_rng(np.random.SeedSequence([seed, 31]))
     counts, kept, total = Counter(), 0, 0
@@ -45,12 +45,6 @@ def subsample_embedded(src: str | Path, dst: str | Path, fraction: float, seed: 
     Manifest(kind="embedded", shards=list(manifest.shards), counts=dict(counts), info=info).write(dst)
     return {"rows": kept, "of": total, "ok": int(counts.get("success", 0))}
 
-
-def _link(target: Path, link: Path) -> None:
-    link.parent.mkdir(parents=True, exist_ok=True)
-    if link.is_symlink() or link.exists():
-        return
-    os.symlink(target.resolve(), link, target_is_directory=target.is_dir())
 
 
 def prepare_small_memory(cfg, fraction: float, workdir: str | Path, *, seed: int | None = None
@@ -78,9 +72,9 @@ def prepare_small_memory(cfg, fraction: float, workdir: str | Path, *, seed: int
     done = workdir / DONE
     if done.is_file() and json.loads(done.read_text()).get("key") == key:
         return small, json.loads(done.read_text())
-    _link(Path(cfg.paths.world), Path(small.paths.world))
+    link(Path(cfg.paths.world), Path(small.paths.world))
     for split in ("train", "test"):
-        _link(Path(cfg.paths.embedded(split)), Path(small.paths.embedded(split)))
+        link(Path(cfg.paths.embedded(split)), Path(small.paths.embedded(split)))
     rows = subsample_embedded(cfg.paths.embedded("memory"), small.paths.embedded("memory"), fraction, seed)
     from reco.index.build import build_memory_index
     from reco.pipelines.neighbours import precompute_neighbours

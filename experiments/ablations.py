@@ -1,4 +1,5 @@
-"""``reco ablations``: the RECO paper's ablations, re-run on the generated world.
+"""``reco ablations`` (or ``python -m experiments.ablations``): the RECO paper's ablations, re-run
+on the generated world.
 
 Every variant trains fusion heads with :func:`reco.trainer.train.train` on the cached neighbour
 tensors (which hold all 8 context fields) and is evaluated like ``reco evaluate``:
@@ -10,16 +11,18 @@ tensors (which hold all 8 context fields) and is evaluated like ``reco evaluate`
   training (heads trained on neighbours of a subsampled memory, evaluated with it and with the
   full one); k at training vs k at inference.
 
-Model selection (``eval.ablation_val_fraction`` > 0, the default): a quarter of the seen species
+Model selection (``ablation_val_fraction`` > 0, the default): a quarter of the seen species
 leave every variant's training set and serve as validation species; each trained variant keeps
 its checkpoint (step 0 = frozen CLIP included) that is best on them, by the one-standard-error
-rule (:mod:`reco.evaluation.validation`). The unseen test species never take part in a choice.
+rule (:mod:`experiments.validation`). The unseen test species never take part in a choice.
 
 ``--noise 0.1,0.5`` instead runs transformer vs mean fusion on worlds that differ only by the
 share of noisy memory captions (:func:`run_noise_study`; the paper finds mean fusion hurts on
 noisy web data, while in a clean world it can do well).
 
-Results: ``eval/ablations/results.json`` and ``report.md`` (one Markdown table per study).
+Results: ``eval/ablations/results.json`` and ``report.md`` (one Markdown table per study). The
+study's options (:class:`experiments.config.AblationConfig`) come from the run's preset and the
+command's flags.
 """
 from __future__ import annotations
 
@@ -32,6 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from experiments import config as ablation_config
+from experiments.ablation_report import markdown_report, noise_table, write_report
+from experiments.chain import chain_config, prepare
+from experiments.config import AblationConfig
+from experiments.small_memory import prepare_small_memory
+from experiments.validation import RULE, prepare_validation, select_checkpoint, validation_inputs
 from reco.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -79,10 +88,11 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
-def variants_for(cfg) -> dict[str, Variant]:
-    """The static variants plus one per extra k at training (``eval.ablation_train_k``)."""
+def variants_for(cfg, ablation: AblationConfig | None = None) -> dict[str, Variant]:
+    """The static variants plus one per extra k at training (``ablation_train_k``; default: the
+    run's preset's, :func:`experiments.config.for_run`)."""
     out = dict(VARIANTS)
-    for k in cfg.eval.ablation_train_k:
+    for k in (ablation or ablation_config.for_run(cfg)).ablation_train_k:
         if k != cfg.train.k:
             out[f"train_k{k}"] = Variant(f"k={k} at training", {"k": int(k)}, k_sweep=True)
     return out
@@ -90,51 +100,50 @@ def variants_for(cfg) -> dict[str, Variant]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("ablations")
-    g.add_argument("--variants", default=None,
-                   help=f"comma-separated variants (default: all): {','.join(VARIANTS)},train_kK")
-    g.add_argument("--steps", type=int, default=None, help="training steps of each variant")
     g.add_argument("--out", default=None, help="output folder (default: WORKDIR/eval/ablations)")
     g.add_argument("--noise", default=None, metavar="LEVELS",
                    help="instead: mean vs transformer fusion on worlds of these caption-noise levels "
                         "(world.noise, comma-separated, e.g. 0.1,0.5), each built in OUT/noise-<level>")
+    ablation_config.add_arguments(parser.add_argument_group(
+        f"ablation options (variants: {','.join(VARIANTS)},train_kK)"))
 
 
 def main(cfg, args: argparse.Namespace) -> int:
-    from reco.evaluation.ablation_report import markdown_report, noise_table
-
+    ablation = ablation_config.from_args(cfg, args)
     if args.noise:
         levels = tuple(float(x) for x in args.noise.split(",") if x.strip())
-        rows = run_noise_study(cfg, levels, out_dir=args.out, steps=args.steps)
+        rows = run_noise_study(cfg, levels, out_dir=args.out, ablation=ablation)
         print(noise_table(rows))
         return 0
-    names = tuple(v.strip() for v in args.variants.split(",") if v.strip()) if args.variants else None
-    results = run_ablations(cfg, variants=names, steps=args.steps, out_dir=args.out)
+    results = run_ablations(cfg, out_dir=args.out, ablation=ablation)
     print(markdown_report(results))
     return 0
 
 
 def run_ablations(cfg, *, variants: tuple[str, ...] | None = None, steps: int | None = None,
-                  out_dir: str | Path | None = None) -> dict[str, Any]:
+                  out_dir: str | Path | None = None, ablation: AblationConfig | None = None
+                  ) -> dict[str, Any]:
     """Train and evaluate the ablation variants; write results.json and report.md.
 
     Args:
-        variants: names among :func:`variants_for` (default ``cfg.eval.ablations`` or all).
-        steps: training steps per variant (default ``cfg.eval.ablation_steps`` or ``train.steps``).
+        variants: names among :func:`variants_for` (default ``ablation.ablations`` or all).
+        steps: training steps per variant (default ``ablation.ablation_steps`` or ``train.steps``).
+        ablation: the study's options (default: the run's preset's, :func:`experiments.config.for_run`).
         out_dir: output folder (default ``cfg.paths.eval / "ablations"``); each variant's heads
             go to ``out_dir/<variant>/heads`` and are reused when their config is unchanged.
     """
     from reco.clip import load_clip, resolve_model_spec
-    from reco.evaluation.ablation_report import write_report
     from reco.evaluation.evaluate import load_inputs
     from reco.index.memory import Memory
 
-    table = variants_for(cfg)
-    names = tuple(variants or cfg.eval.ablations or table)
+    a = ablation or ablation_config.for_run(cfg)
+    table = variants_for(cfg, a)
+    names = tuple(variants or a.ablations or table)
     unknown = [n for n in names if n not in table]
     if unknown:
         raise ConfigError(f"ablation variant {unknown[0]!r}: choose among {', '.join(table)}")
     out = Path(out_dir or Path(cfg.paths.eval) / "ablations")
-    steps = steps or cfg.eval.ablation_steps or cfg.train.steps
+    steps = steps or a.ablation_steps or cfg.train.steps
     _check_fields(cfg, [table[n] for n in names if table[n].memory == "full"])
 
     model, pretrained = resolve_model_spec(cfg.clip.model, cfg.clip.pretrained, cfg.paths.base_clip)
@@ -143,55 +152,49 @@ def run_ablations(cfg, *, variants: tuple[str, ...] | None = None, steps: int | 
     inputs = load_inputs(cfg, clip)
     bases = {"full": cfg}
     if any(table[n].memory == "small" or table[n].memory_sweep for n in names):
-        from reco.evaluation.small_memory import prepare_small_memory
-
-        bases["small"], _ = prepare_small_memory(cfg, cfg.eval.small_memory_fraction, out / "_small_memory")
+        bases["small"], _ = prepare_small_memory(cfg, a.small_memory_fraction, out / "_small_memory")
         memories["small"] = Memory.load(Path(bases["small"].paths.index))
     val_inputs, val_info = None, None
-    if cfg.eval.ablation_val_fraction > 0:
-        from reco.evaluation.validation import prepare_validation, validation_inputs
-
+    if a.ablation_val_fraction > 0:
         for mem in [m for m in bases if any(table[n].memory == m for n in names)]:
-            bases[mem], val_info = prepare_validation(bases[mem], cfg.eval.ablation_val_fraction,
+            bases[mem], val_info = prepare_validation(bases[mem], a.ablation_val_fraction,
                                                       out / f"_validation_{mem}")
         if val_info is not None:
             val_inputs = validation_inputs(cfg, clip, val_info["val_species"])
     results: dict[str, Any] = {
         "model_id": clip.model_id, "steps": steps, "train_k": cfg.train.k,
         "memory_sizes": {k: int(len(m.ids)) for k, m in memories.items()},
-        "small_memory_fraction": cfg.eval.small_memory_fraction, "n_test": len(inputs.test),
-        "validation": val_info and {"fraction": cfg.eval.ablation_val_fraction,
+        "small_memory_fraction": a.small_memory_fraction, "n_test": len(inputs.test),
+        "validation": val_info and {"fraction": a.ablation_val_fraction,
                                     "species": val_info["val_species"], "images": val_info["val_images"],
-                                    "checkpoints": cfg.eval.ablation_val_checkpoints},
+                                    "checkpoints": a.ablation_val_checkpoints},
         "variants": {}}
     for name in names:
         variant = table[name]
         results["variants"][name] = run_variant(bases[variant.memory], name, variant, out / name, clip=clip,
                                                 memories=memories, inputs=inputs, steps=steps,
-                                                val_inputs=val_inputs)
+                                                val_inputs=val_inputs, ablation=a)
         write_report(out, results)             # partial results survive an interruption
     return results
 
 
 def run_noise_study(cfg, levels: tuple[float, ...], *, out_dir: str | Path | None = None,
-                    steps: int | None = None, variants: tuple[str, ...] = ("reco", "mean")
-                    ) -> list[dict[str, Any]]:
+                    steps: int | None = None, variants: tuple[str, ...] = ("reco", "mean"),
+                    ablation: AblationConfig | None = None) -> list[dict[str, Any]]:
     """Transformer (``reco``) vs mean fusion on worlds that differ only by ``world.noise`` (the
     share of memory captions that name a wrong species or say nothing): for each level the whole
     chain (world, base CLIP, embed, index, neighbours) and the ``variants`` run in
     ``out_dir/noise-<level>``. Returns one row per level: zero-shot top-1 (all species, unseen
     species among themselves) of the frozen CLIP and of each variant, and the results path.
     """
-    from reco.evaluation.seed_sweep import chain_config, prepare_chain
-
     out = Path(out_dir or Path(cfg.paths.eval) / "ablations")
     rows = []
     for level in levels:
         if not 0.0 <= level <= 1.0:
             raise ConfigError(f"--noise {level}: world.noise must be in [0, 1]")
         side = chain_config(cfg, cfg.world.seed, out / f"noise-{level:g}", noise=level)
-        prepare_chain(side)
-        results = run_ablations(side, variants=variants, steps=steps)
+        prepare(side)
+        results = run_ablations(side, variants=variants, steps=steps, ablation=ablation)
         row = {"noise": level, "results": str(Path(side.paths.eval) / "ablations" / "results.json")}
         for name, r in results["variants"].items():
             for mode in ("off", "both"):
@@ -204,19 +207,20 @@ def run_noise_study(cfg, levels: tuple[float, ...], *, out_dir: str | Path | Non
 
 
 def run_variant(cfg, name: str, variant: Variant, out: Path, *, clip, memories, inputs,
-                steps: int, val_inputs=None) -> dict[str, Any]:
+                steps: int, val_inputs=None, ablation: AblationConfig | None = None) -> dict[str, Any]:
     """Train one variant (unless already trained with the same config) and evaluate it.
 
-    With ``val_inputs`` (:func:`reco.evaluation.validation.validation_inputs`), trained variants
+    With ``val_inputs`` (:func:`experiments.validation.validation_inputs`), trained variants
     keep the checkpoint that is best on the validation species (``cfg`` then holds the
-    training tensors without them)."""
+    training tensors without them). ``ablation``: the study's options (default: the preset's)."""
+    a = ablation or ablation_config.for_run(cfg)
     from reco.evaluation.evaluate import evaluate_model
     from reco.model import RecoModel
     from reco.trainer.checkpoint import load_heads
 
     select = val_inputs is not None and variant.steps is None and variant.select
     tc = dataclasses.replace(cfg.train, **variant.train, steps=variant.steps or steps)
-    every = (validation_every(tc.steps, cfg.eval.ablation_val_checkpoints) if select
+    every = (validation_every(tc.steps, a.ablation_val_checkpoints) if select
              else min(tc.checkpoint_every, tc.steps))
     tc = dataclasses.replace(tc, checkpoint_every=every,
                              warmup_steps=min(tc.warmup_steps, max(1, tc.steps // 5)))
@@ -234,8 +238,6 @@ def run_variant(cfg, name: str, variant: Variant, out: Path, *, clip, memories, 
         info = train(dataclasses.replace(cfg, train=tc), out_dir=heads_dir, force=True)
         train_info = {"final_loss": info.get("final_loss"), "head_params": info.get("head_params")}
         if select:
-            from reco.evaluation.validation import select_checkpoint
-
             train_info["selection"] = select_checkpoint(heads_dir, clip, memory, val_inputs)
     else:
         train_info = {"final_loss": trained.get("final_loss"), "reused": True}
@@ -251,7 +253,7 @@ def run_variant(cfg, name: str, variant: Variant, out: Path, *, clip, memories, 
                            "eval": evaluate_model(model, inputs, cfg.eval.modes, cfg.eval.retrieval_ks)}
     if variant.k_sweep:
         row["k_sweep"] = {}
-        for k in cfg.eval.ablation_eval_k:
+        for k in a.ablation_eval_k:
             model.k = k
             row["k_sweep"][str(k)] = evaluate_model(model, inputs, _main_mode(model))
         model.k = None
@@ -285,8 +287,6 @@ def _already_trained(heads_dir: Path, tc, val_inputs=None) -> dict | None:
         return None
     same = meta.get("train") == json.loads(json.dumps(dataclasses.asdict(tc)))
     if val_inputs is not None:
-        from reco.evaluation.validation import RULE
-
         chosen = meta.get("selection") or {}
         same = same and chosen.get("val_species") == val_inputs.groups["val"].tolist() \
             and chosen.get("val_images") == len(val_inputs.test) and chosen.get("rule") == RULE
@@ -313,3 +313,11 @@ def _check_fields(cfg, variants: list[Variant]) -> None:
         raise ConfigError(f"{folder}: neighbour tensors lack context field(s) {missing} needed by "
                           f"the ablations; re-run precompute-neighbours with "
                           f"--set neighbours.fields={','.join(sorted(needed | have))}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    from reco.cli import main as reco_main
+
+    sys.exit(reco_main(["ablations", *sys.argv[1:]]))

@@ -4,7 +4,7 @@ For each world seed, the whole chain runs in its own work directory (world + bas
 embed -> index -> neighbours with every context field -> ablation variants), then the margins
 the acceptance test asserts are printed as one row per seed::
 
-    python -m reco.evaluation.seed_sweep --root runs/sweep --seeds 0,1,2 [--preset tiny]
+    python -m experiments.seed_sweep --root runs/sweep --seeds 0,1,2 [--preset tiny]
         [--set train.lr=1e-3 ...] [--variants reco,mlp,...]
 
 Every stage is idempotent, so a re-run with the same options reuses the built chain and the
@@ -14,58 +14,19 @@ test images among the unseen species' names) are reported: the paper's metric.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
-import socket
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from experiments.ablations import run_ablations
+from experiments.chain import chain_config, prepare
+
 METRIC = "unseen_among_unseen"
-ALL_FIELDS = ("v_img_txt", "t_txt_img", "v_img_img", "t_txt_txt",
-              "v_txt_txt", "t_img_img", "v_txt_img", "t_img_txt")
 DEFAULT_VARIANTS = ("reco", "mlp", "cross_search_cross_fusion", "small_memory", "mean")
 # the acceptance margins (percentage points), as asserted in tests/test_ablations_acceptance.py
 MARGINS = {"reco_vs_clip": 20.0, "mlp_vs_clip": 5.0, "uni_vs_cross": 10.0}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def prepare_chain(cfg) -> dict[str, float]:
-    """World + base CLIP, embedded splits, memory index and neighbour tensors with every context
-    field (what the ablations train on). Returns seconds per stage."""
-    from reco.index.build import build_memory_index
-    from reco.pipelines.embed_memory import embed_splits
-    from reco.pipelines.neighbours import precompute_neighbours
-    from reco.world.build import run_world
-
-    from reco.world.serving import serve_world
-
-    def embed(cfg):
-        with serve_world(cfg):
-            return embed_splits(cfg)
-
-    seconds = {}
-    for name, fn in (("world", run_world), ("embed", embed), ("index", build_memory_index),
-                     ("neighbours", precompute_neighbours)):
-        t0 = time.perf_counter()
-        fn(cfg)
-        seconds[name] = round(time.perf_counter() - t0, 1)
-    return seconds
-
-
-def chain_config(base, seed: int, workdir: str | Path, *, noise: float | None = None):
-    """``base`` (a RecoConfig) for world seed ``seed`` in ``workdir``: a free loopback port and
-    neighbour tensors with all eight context fields."""
-    world = dataclasses.replace(base.world, seed=seed, port=_free_port(),
-                                **({} if noise is None else {"noise": noise}))
-    return dataclasses.replace(base, workdir=str(workdir), world=world,
-                               neighbours=dataclasses.replace(base.neighbours, fields=ALL_FIELDS))
 
 
 def _zs(evals: dict, mode: str) -> float | None:
@@ -73,7 +34,7 @@ def _zs(evals: dict, mode: str) -> float | None:
 
 
 def margins(results: dict[str, Any]) -> dict[str, Any]:
-    """The acceptance figures of one :func:`reco.evaluation.ablations.run_ablations` result."""
+    """The acceptance figures of one :func:`experiments.ablations.run_ablations` result."""
     v = results["variants"]
     row: dict[str, Any] = {}
     any_row = next(iter(v.values()))
@@ -106,10 +67,8 @@ def sweep_seed(base, seed: int, workdir: str | Path, *, variants: Sequence[str] 
     returns the margins (see :func:`margins`) plus timings."""
     import torch
 
-    from reco.evaluation.ablations import run_ablations
-
     cfg = chain_config(base, seed, workdir, noise=noise)
-    seconds = prepare_chain(cfg)
+    seconds = prepare(cfg)
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -141,7 +100,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     from reco import config as config_lib
 
-    p = argparse.ArgumentParser(prog="python -m reco.evaluation.seed_sweep", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m experiments.seed_sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", required=True, help="one work directory per seed goes under it (seed<N>)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated world seeds")

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from reco.evaluation.evaluate import _fmt, _jsonable
+from reco.evaluation.evaluate import fmt_percent as pct, jsonable
 from reco.formats import atomic_write_text
 
 TABLE3 = ("reco", "uni_search_uni_fusion", "cross_search_cross_fusion", "cross_search_uni_fusion", "mean")
@@ -29,14 +29,15 @@ def main_mode(row: dict) -> str:
 
 def write_report(out: str | Path, results: dict[str, Any]) -> None:
     out = Path(out)
-    atomic_write_text(out / "results.json", json.dumps(_jsonable(results), indent=2))
+    atomic_write_text(out / "results.json", json.dumps(jsonable(results), indent=2))
     atomic_write_text(out / "report.md", markdown_report(results))
 
 
 def _metric_cells(evals: dict, mode: str) -> list[str]:
-    return [_fmt(zs(evals, mode)), _fmt(zs(evals, mode, "seen")), _fmt(zs(evals, mode, "unseen")),
-            _fmt(zs(evals, mode, "unseen_among_unseen")),
-            _fmt(rt(evals, mode, "image_to_text")), _fmt(rt(evals, mode, "text_to_image"))]
+    cells = [zs(evals, mode), zs(evals, mode, "seen"), zs(evals, mode, "unseen"),
+             zs(evals, mode, "unseen_among_unseen"), rt(evals, mode, "image_to_text"),
+             rt(evals, mode, "text_to_image")]
+    return [pct(x) for x in cells]
 
 
 _METRIC_HEAD = "top-1 | seen top-1 | unseen top-1 | unseen among unseen | I→T R@1 | T→I R@1"
@@ -91,8 +92,8 @@ def _selection(results: dict[str, Any]) -> list[str]:
         sel = r.get("train_info", {}).get("selection")
         if sel:
             curve = {int(k): x for k, x in sel["curve"].items()}
-            rows.append([r["label"], f"{sel['step']} of {max(curve)}", _fmt(curve.get(0)),
-                         _fmt(sel["val_top1"]), _fmt(curve[max(curve)])])
+            rows.append([r["label"], f"{sel['step']} of {max(curve)}", pct(curve.get(0)),
+                         pct(sel["val_top1"]), pct(curve[max(curve)])])
     if not rows or not val:
         return []
     warnings = [f"**Warning ({r['label']})**: {r['train_info']['selection']['warning']}.\n"
@@ -120,9 +121,9 @@ def _fig3(v: dict, clip: dict | None) -> list[str]:
     for name in ("small_memory", "reco"):
         for mem, evals in v.get(name, {}).get("memory_sweep", {}).items():
             mode = next(iter(evals))
-            rows.append([v[name]["label"], v[name]["memory"], mem, _fmt(zs(evals, mode)),
-                         _fmt(zs(evals, mode, "unseen")), _fmt(zs(evals, mode, "unseen_among_unseen")),
-                         _fmt(zs(evals, mode, "seen"))])
+            rows.append([v[name]["label"], v[name]["memory"], mem, pct(zs(evals, mode)),
+                         pct(zs(evals, mode, "unseen")), pct(zs(evals, mode, "unseen_among_unseen")),
+                         pct(zs(evals, mode, "seen"))])
     if rows:
         parts += ["## Fig. 3b: memory at training vs at inference\n",
                   _table("model | memory at training | memory at inference | top-1 | unseen top-1 | "
@@ -137,7 +138,7 @@ def _fig3(v: dict, clip: dict | None) -> list[str]:
             for k in ks:
                 evals = r["k_sweep"].get(str(k), {})
                 mode = next(iter(evals), None)
-                cells.append(f"{_fmt(zs(evals, mode, 'unseen'))} / {_fmt(zs(evals, mode))}" if mode else "–")
+                cells.append(f"{pct(zs(evals, mode, 'unseen'))} / {pct(zs(evals, mode))}" if mode else "–")
             rows.append([f"{r['label']} (k={train_k})", *cells])
         parts += ["## Fig. 3c: k at training (rows) vs k at inference (columns): unseen / all top-1\n",
                   _table("trained with | " + " | ".join(f"k={k}" for k in ks), rows), ""]
@@ -150,7 +151,7 @@ def noise_table(rows: list[dict[str, Any]]) -> str:
     names = [n for n in ("clip", "reco", "mean") if any(n in r for r in rows)]
     label = {"clip": "CLIP (frozen)", "reco": "transformer fusion (reco)", "mean": "mean fusion"}
     head = "world.noise | " + " | ".join(f"{label[n]}: all / unseen among unseen" for n in names)
-    cells = [[f"{r['noise']:g}", *(f"{_fmt(r.get(n, {}).get('all'))} / "
-                                   f"{_fmt(r.get(n, {}).get('unseen_among_unseen'))}" for n in names)]
+    cells = [[f"{r['noise']:g}", *(f"{pct(r.get(n, {}).get('all'))} / "
+                                   f"{pct(r.get(n, {}).get('unseen_among_unseen'))}" for n in names)]
              for r in rows]
     return _table(head, cells)

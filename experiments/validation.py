@@ -4,10 +4,10 @@ The zero-shot protocol of Xian et al. (2018, "Zero-shot learning: the good, the 
 ugly"): training, validation and test classes are disjoint, and every choice made during
 training (here: when to stop) is made on the validation classes, never on the test classes.
 
-A fraction of the *seen* species (``eval.ablation_val_fraction``) is held out: their pairs are
+A fraction of the *seen* species (``ablation_val_fraction``) is held out: their pairs are
 removed from the RECO training tensors, and their training-split images, classified among the
 validation species' names, become the validation set. Every variant saves checkpoints at
-``eval.ablation_val_checkpoints`` evenly spaced steps; of those (step 0, the untrained head = the
+``ablation_val_checkpoints`` evenly spaced steps; of those (step 0, the untrained head = the
 frozen CLIP, included) the earliest whose validation top-1 is within one standard error of the
 best becomes the variant's heads (:func:`pick_step`: a head must beat the frozen CLIP by more
 than the validation set's noise). The unseen test species play no part in it.
@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow as pa
 
+from experiments.chain import link
 from reco.errors import ConfigError
 from reco.formats import Manifest, atomic_write_table, atomic_write_text, read_parquet
 
@@ -45,12 +45,13 @@ def validation_species(seen: np.ndarray, fraction: float, seed: int) -> np.ndarr
     """Sorted ids of ``round(fraction * len(seen))`` seen species held out for validation (at
     least 2 when ``fraction > 0``: a one-class validation set says nothing)."""
     if not 0.0 <= fraction < 1.0:
-        raise ConfigError(f"eval.ablation_val_fraction={fraction}: must be in [0, 1)")
+        raise ConfigError(f"ablation_val_fraction={fraction} (--ablation-val-fraction): must be in "
+                          f"[0, 1)")
     seen = np.asarray(sorted(int(s) for s in seen), dtype=np.int64)
     n = 0 if fraction == 0 else max(2, int(round(fraction * len(seen))))
     if n >= len(seen):
-        raise ConfigError(f"eval.ablation_val_fraction={fraction}: would hold out all {len(seen)} "
-                          f"seen species")
+        raise ConfigError(f"ablation_val_fraction={fraction} (--ablation-val-fraction): would hold "
+                          f"out all {len(seen)} seen species")
     rng = np.random.default_rng(np.random.SeedSequence([seed, 404]))
     return np.sort(rng.choice(seen, size=n, replace=False)) if n else seen[:0]
 
@@ -67,10 +68,10 @@ def filter_tensors(src: str | Path, dst: str | Path, drop_ids: np.ndarray) -> di
         part = table.filter(pc.invert(pc.is_in(table["id"], value_set=drop)))
         if part.num_rows == 0:
             raise ConfigError(f"{path}: no training rows left after holding out the validation "
-                              f"species; lower eval.ablation_val_fraction")
+                              f"species; lower ablation_val_fraction (--ablation-val-fraction)")
         atomic_write_table(part, Path(dst) / name)
         kept, total = kept + part.num_rows, total + table.num_rows
-        if name in counts:                                  # rows per shard, as written
+        if name in counts:                       # the manifest's rows per shard, as written
             counts[name] = part.num_rows
     if "total" in counts:
         counts["total"] = kept
@@ -78,11 +79,6 @@ def filter_tensors(src: str | Path, dst: str | Path, drop_ids: np.ndarray) -> di
              info={**manifest.info, "held_out_rows": total - kept}).write(dst)
     return {"rows": kept, "of": total}
 
-
-def _link(target: Path, link: Path) -> None:
-    link.parent.mkdir(parents=True, exist_ok=True)
-    if not (link.is_symlink() or link.exists()):
-        os.symlink(Path(target).resolve(), link, target_is_directory=Path(target).is_dir())
 
 
 def prepare_validation(cfg, fraction: float, workdir: str | Path, *, seed: int | None = None
@@ -100,7 +96,7 @@ def prepare_validation(cfg, fraction: float, workdir: str | Path, *, seed: int |
     tested = np.concatenate([groups.get(g, np.zeros(0, np.int64)) for g in ("head", "tail")])
     val = validation_species(np.setdiff1d(groups["seen"], tested), fraction, seed)
     source = Manifest.read(src, kind="tensors")
-    key = {"fraction": fraction, "seed": seed, "source": str(src.resolve()),
+    key = {"fraction": fraction, "seed": seed, "source": str(src.resolve()), "filter": 2,
            "shards": source.shards, "counts": source.counts, "val_species": val.tolist()}
     side = dataclasses.replace(cfg, workdir=str(workdir))
     done = workdir / DONE
@@ -108,7 +104,7 @@ def prepare_validation(cfg, fraction: float, workdir: str | Path, *, seed: int |
         return side, json.loads(done.read_text())
     for name in ("world", "embeddings", "index", "base_clip"):
         if getattr(cfg.paths, name).exists():
-            _link(getattr(cfg.paths, name), getattr(side.paths, name))
+            link(getattr(cfg.paths, name), getattr(side.paths, name))
     train = load_embedded(cfg.paths.embedded("train"))
     rows = filter_tensors(src, Path(side.paths.neighbours) / "tensors",
                           train.ids[np.isin(train.labels, val)])
@@ -195,7 +191,7 @@ def choose_step(curve: dict[int, float], n: int) -> tuple[int, float, str | None
         return step, se, None
     warning = (f"model selection cannot discriminate: {why}; kept the last step {max(curve)} "
                f"instead of step {step}; hold out more or harder validation species "
-               f"(eval.ablation_val_fraction)")
+               f"(ablation_val_fraction, --ablation-val-fraction)")
     log.warning(warning)
     return max(curve), se, warning
 
