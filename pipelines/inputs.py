@@ -93,21 +93,10 @@ def _suffix_kind(path: str, listing: bool = True) -> str | None:
 def list_inputs(inputs: str | Iterable[str]) -> list[str]:
     """Paths, folders (searched recursively) or globs -> the input files, sorted. Parquet files
     with the stem of a tar beside them are img2dataset sidecars, not inputs."""
-    inputs = [inputs] if isinstance(inputs, str) else list(inputs)
-    files: set[str] = set()
-    for item in map(str, inputs):
-        fs, path = fsspec.core.url_to_fs(item)
-        if fs.isdir(path):
-            found = [p for p in fs.find(path) if _suffix_kind(p)]
-        elif any(c in path for c in "*?["):
-            found = [p for p in fs.glob(path) if _suffix_kind(p)]
-        else:
-            found = [path] if fs.exists(path) else []
-        if not found:
-            raise FormatError(f"{item}: no input found (URL lists .parquet/.csv/.tsv, img2dataset "
-                              f"webdataset shards .tar, or img2dataset parquet with image bytes)")
-        local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-        files.update(p if local else fs.unstrip_protocol(p) for p in found)
+    from reco.pipelines.urls import expand_paths
+
+    files = expand_paths(inputs, _suffix_kind, "no input found (URL lists .parquet/.csv/.tsv, "
+                         "img2dataset webdataset shards .tar, or img2dataset parquet with image bytes)")
     tars = {stem(p) for p in files if _suffix_kind(p) == "webdataset"}
     return sorted(p for p in files if not (p.endswith(".parquet") and stem(p) in tars))
 

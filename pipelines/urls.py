@@ -81,16 +81,26 @@ def url_format(path: str) -> str:
 
 def list_url_files(inputs: str | Iterable[str]) -> list[str]:
     """Paths, folders or globs (local or fsspec URLs) -> the URL list files, sorted."""
+    return expand_paths(inputs, _has_format, "no URL list found", filter_globs=False)
+
+
+def expand_paths(inputs: str | Iterable[str], keep: Callable[[str], object], missing: str, *,
+                 filter_globs: bool = True) -> list[str]:
+    """Paths, folders (searched recursively for files that ``keep`` accepts) or globs, local or
+    fsspec URLs -> the files, sorted, remote ones with their protocol; an item that finds
+    nothing is a FormatError "ITEM: ``missing``"."""
     inputs = [inputs] if isinstance(inputs, str) else list(inputs)
     files: set[str] = set()
     for item in map(str, inputs):
         fs, path = fsspec.core.url_to_fs(item)
         if fs.isdir(path):
-            found = [p for p in fs.find(path) if _has_format(p)]
+            found = [p for p in fs.find(path) if keep(p)]
+        elif any(c in path for c in "*?["):
+            found = [p for p in fs.glob(path) if keep(p) or not filter_globs]
         else:
-            found = fs.glob(path) if any(c in path for c in "*?[") else ([path] if fs.exists(path) else [])
+            found = [path] if fs.exists(path) else []
         if not found:
-            raise FormatError(f"{item}: no URL list found")
+            raise FormatError(f"{item}: {missing}")
         local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
         files.update(p if local else fs.unstrip_protocol(p) for p in found)
     return sorted(files)

@@ -52,11 +52,11 @@ def test_failed_build_index_keeps_the_previous_index(tmp_path, monkeypatch):
     before = _digests(cfg.paths.index)
     real, calls = build.train_index, []
 
-    def fails_on_the_text_index(vectors, plan, index_cfg):
+    def fails_on_the_text_index(vectors, plan, index_cfg, *rest):
         calls.append(plan.key)
         if len(calls) == 2:
             raise RuntimeError("autofaiss: out of memory")
-        return real(vectors, plan, index_cfg)
+        return real(vectors, plan, index_cfg, *rest)
 
     monkeypatch.setattr(build, "train_index", fails_on_the_text_index)
     with pytest.raises(RuntimeError, match="out of memory"):
