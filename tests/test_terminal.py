@@ -79,6 +79,8 @@ def test_tiny_demo_fits_one_screen_and_ends_with_the_table(tiny_trained, tmp_pat
     done; the rest redone): fewer than 60 lines, the results table last; a rerun prints the
     table again."""
     work = Path(shutil.copytree(tiny_trained.paths.root, tmp_path / "run", symlinks=True))
+    for name in ("index", "neighbours", "heads", "eval"):       # made with the fixture's options
+        shutil.rmtree(work / name, ignore_errors=True)
     # the embeddings name the CLIP by the path that reached it (issue 16.1): the fixture's
     model = f"local-dir:{tiny_trained.paths.base_clip}"
     cmd = [*RECO, "demo", "--preset", "tiny", "--workdir", str(work), "--model", model,
