@@ -130,6 +130,13 @@ def process_group(device: str):
             dist.destroy_process_group()
 
 
+def _global_rank() -> int:
+    """This process's rank: the initialised group's, else torchrun's ``RANK`` (0 alone)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
 def _distributed(device: str) -> tuple[int, int, torch.device]:
     """(rank, world size, device) of this process."""
     import torch.distributed as dist
@@ -221,8 +228,7 @@ def train(cfg, *, out_dir: str | Path | None = None, resume: bool = False,
     ``record.json``) are not trained again: ``{"skipped": True, ...}``.
     """
     out = Path(out_dir) if out_dir is not None else Path(cfg.paths.heads)
-    lock = (locked(out, "train") if int(os.environ.get("RANK", "0")) == 0
-            else contextlib.nullcontext())                    # under torchrun: rank 0 writes
+    lock = locked(out, "train") if _global_rank() == 0 else contextlib.nullcontext()  # rank 0 writes
     with lock, process_group(cfg.clip.device):
         return _train(cfg, out, resume, force)
 
