@@ -130,3 +130,44 @@ def test_react_ddp_two_processes_gloo(foreign_run, tmp_path):
     assert train["world_size"] == 2 and result["world_imported"] is False
     zs = train["zeroshot"]
     assert zs["react"]["all"]["top1"] >= zs["frozen"]["all"]["top1"] + 25, zs
+
+
+def test_caption_targets_match_the_text_tower_and_are_embedded_once(foreign_run, tmp_path):
+    """The stream's targets are the locked text tower's embeddings of each sample's caption,
+    embedded once per (tar, model) and looked up by key; a corrupt targets file names itself."""
+    import numpy as np
+
+    from reco.errors import FormatError
+    from reco.react.data import encode_captions
+    from reco.react.retrieve import load_frozen_clip
+    from reco.react.shards import ShardStream, list_tars
+    from reco.react.targets import CaptionTargets, tar_captions
+
+    root, _ = foreign_run
+    cfg = config(root, 1)
+    clip = load_frozen_clip(cfg)
+    tars = list_tars(root / "work" / "react" / "shards")
+    calls = []
+
+    def encode(captions):
+        calls.append(len(captions))
+        return encode_captions(clip, captions)
+
+    cache = CaptionTargets(tmp_path / "targets", clip.model_id)
+    assert cache.build(tars, encode, rank=0, world=2) == len(tars[0::2])
+    assert cache.build(tars, encode, rank=1, world=2) == len(tars[1::2])
+    assert cache.build(tars, encode) == 0 and len(calls) == len(tars)            # once per tar
+    stream = ShardStream(tars, clip.preprocess, shuffle_buffer=8, batch=4, targets=cache)
+    pixels, targets = next(iter(stream))
+    keys, captions = zip(*[tar_captions(t) for t in tars])
+    by_key = dict(zip(sum(keys, []), sum(captions, [])))
+    names = [c for (_, c), _ in zip(ShardStream(tars, clip.preprocess, shuffle_buffer=8).samples(), range(4))]
+    assert set(names) <= set(by_key.values())
+    expected = encode_captions(clip, names)
+    assert pixels.shape[0] == 4 and targets.dtype == torch.float32
+    np.testing.assert_allclose(targets.numpy(), expected.numpy(), atol=1e-5)
+    bad = cache.path(tars[0])
+    bad.write_bytes(b"not parquet")
+    with pytest.raises(FormatError, match=str(bad.name)):
+        CaptionTargets(tmp_path / "targets", clip.model_id).lookup(tars[0], keys[0][0])
+    assert CaptionTargets(tmp_path / "targets", "another-model").path(tars[0]) != bad

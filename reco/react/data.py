@@ -3,7 +3,7 @@
 * :class:`ShardBatches` (``react.image_source=shards``): streams the webdataset tars of
   ``react-download`` through :class:`reco.react.shards.ShardStream` and a DataLoader with
   ``react.workers`` processes; never holds the set. Captions are embedded by the locked text
-  tower a batch at a time.
+  tower once, before training (:mod:`reco.react.targets`, ``OUT/targets``), and looked up by key.
 * :class:`MemoryBatches` (``world`` / ``embedded``): decodes the whole set into one tensor
   (small sets and test fixtures; :mod:`reco.react.images`).
 
@@ -29,25 +29,36 @@ def encode_captions(clip, captions: list[str], batch_size: int = 512) -> torch.T
 
 
 class ShardBatches:
-    def __init__(self, cfg: RecoConfig, clip, o: ReactConfig, rank: int, world: int):
+    def __init__(self, cfg: RecoConfig, clip, o: ReactConfig, rank: int, world: int, targets_dir):
+        import functools
+
         from reco.react.download import default_shards_dir
         from reco.react.shards import list_tars
+        from reco.react.targets import CaptionTargets
 
         self.tars = list_tars(o.shards or default_shards_dir(cfg))
         self.clip, self.o, self.rank, self.world = clip, o, rank, world
         self.batch = max(1, o.batch_size // world)
         self.pairs = _count_success(self.tars)
+        self.targets = CaptionTargets(targets_dir, clip.model_id)
+        self.targets.build(self.tars, functools.partial(encode_captions, clip), rank=rank, world=world)
+        barrier(world)                                    # every rank's share written
 
     def __call__(self, start: int):
-        import functools
-
         from reco.react.shards import ShardStream, loader
 
         stream = ShardStream(self.tars, self.clip.preprocess, seed=self.o.seed, rank=self.rank,
                              world=self.world, shuffle_buffer=self.o.shuffle_buffer,
-                             start=start, batch=self.batch,
-                             encode=functools.partial(encode_captions, self.clip))
+                             start=start, batch=self.batch, targets=self.targets)
         yield from loader(stream, self.o.workers)
+
+
+def barrier(world: int) -> None:
+    """Wait for every DDP rank (nothing alone)."""
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def _count_success(tars: list[str]) -> int | None:
@@ -90,7 +101,10 @@ class MemoryBatches:
             yield self.pixels[idx], self.targets[idx]
 
 
-def make_batches(cfg: RecoConfig, clip, o: ReactConfig, rank: int, world: int, table=None):
+def make_batches(cfg: RecoConfig, clip, o: ReactConfig, rank: int, world: int, table=None,
+                 targets_dir=None):
+    """The batch source of ``react.image_source``: streamed shards (caption targets embedded
+    once into ``targets_dir``) or a tensor in memory (``table``: the customisation set)."""
     if o.image_source == "shards":
-        return ShardBatches(cfg, clip, o, rank, world)
+        return ShardBatches(cfg, clip, o, rank, world, targets_dir)
     return MemoryBatches(cfg, table, clip, o, rank, world)

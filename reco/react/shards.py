@@ -21,6 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
 import pyarrow as pa
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -89,8 +90,9 @@ def _worker() -> tuple[int, int]:
 
 class ShardStream(IterableDataset):
     """Batches (pixels (b, 3, H, W), targets) of this rank's share of the tars (see the module
-    docstring): ``targets`` is ``encode(captions)`` (the locked text tower, run in the DataLoader
-    worker, beside decoding) or the caption list when ``encode`` is None.
+    docstring): ``targets`` stacks each sample's caption embedding, looked up by key in
+    ``targets`` (:class:`reco.react.targets.CaptionTargets`, embedded once before training), or
+    is the caption list when ``targets`` is None.
 
     Args:
         tars: tar paths (:func:`list_tars`).
@@ -105,9 +107,9 @@ class ShardStream(IterableDataset):
 
     def __init__(self, tars: list[str], preprocess: Callable, *, seed: int = 0, rank: int = 0,
                  world: int = 1, shuffle_buffer: int = 512, start: int = 0, batch: int = 1,
-                 encode: Callable[[list[str]], torch.Tensor] | None = None):
+                 targets=None):
         super().__init__()
-        self.encode = encode
+        self.targets = targets
         self.tars, self.preprocess, self.seed = list(tars), preprocess, seed
         self.rank, self.world, self.buffer = rank, world, shuffle_buffer
         self.start, self.batch = start, batch
@@ -123,23 +125,28 @@ class ShardStream(IterableDataset):
         import webdataset as wds
 
         stages = [wds.SimpleShardList(tars), wds.tarfile_to_samples()]
+        if self.targets is not None:               # before the shuffle: one tar at a time
+            stages.append(wds.map(self._attach))
         if self.buffer > 1:
             stages.append(wds.shuffle(self.buffer, initial=self.buffer, rng=rng))
         return wds.DataPipeline(*stages)
 
+    def _attach(self, sample: dict) -> dict:
+        sample["__target__"] = self.targets.lookup(sample["__url__"], sample["__key__"])
+        return sample
+
     def __iter__(self):
-        pixels, captions = [], []
-        for px, caption in self.samples():
+        pixels, targets = [], []
+        for px, target in self.samples():
             pixels.append(px)
-            captions.append(caption)
+            targets.append(target)
             if len(pixels) == self.batch:
-                with torch.no_grad():
-                    targets = self.encode(captions) if self.encode else captions
-                yield torch.stack(pixels).float(), targets
-                pixels, captions = [], []
+                yield torch.stack(pixels).float(), (
+                    torch.from_numpy(np.stack(targets)) if self.targets is not None else targets)
+                pixels, targets = [], []
 
     def samples(self):
-        """(pixels, caption) of each sample of this reader's stream, forever (epochs)."""
+        """(pixels, caption target or caption) of each sample of this reader's stream, forever (epochs)."""
         import webdataset as wds
 
         wid, nw = _worker()
@@ -164,6 +171,8 @@ class ShardStream(IterableDataset):
         if image is None or "txt" not in sample:
             raise FormatError(f"{sample.get('__url__')}: sample {sample.get('__key__')!r} has no "
                               f"image or no caption member")
+        if "__target__" in sample:
+            return self.preprocess(image.convert("RGB")), sample["__target__"]
         caption = sample["txt"]
         caption = caption.decode("utf-8", "replace") if isinstance(caption, bytes) else str(caption)
         return self.preprocess(image.convert("RGB")), caption

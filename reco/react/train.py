@@ -151,7 +151,7 @@ def _rank_world() -> tuple[int, int]:
 
 def _train(cfg, options: ReactConfig, out: Path, customisation, evaluate: bool, clip) -> dict[str, Any]:
     from reco.react import retrieve
-    from reco.react.data import make_batches
+    from reco.react.data import barrier, make_batches
     from reco.react.gated import customise, gates, save_gated, trainable_parameters
     from reco.trainer.train import lr_at
 
@@ -160,7 +160,7 @@ def _train(cfg, options: ReactConfig, out: Path, customisation, evaluate: bool, 
     table = None if options.image_source == "shards" else retrieve.read_customisation_set(set_path)
     clip = clip or retrieve.load_frozen_clip(cfg)
     t0 = time.perf_counter()
-    batches = make_batches(cfg, clip, options, rank, world, table)
+    batches = make_batches(cfg, clip, options, rank, world, table, targets_dir=out / "targets")
     decode_s = time.perf_counter() - t0
     torch.manual_seed(options.seed)
     model = customise(clip.model, options.k_blocks, init=options.init)
@@ -212,7 +212,7 @@ def _train(cfg, options: ReactConfig, out: Path, customisation, evaluate: bool, 
         atomic_write_text(out / "train.json", json.dumps({**info, "history": history}, indent=2))
         if evaluate:
             info["zeroshot"] = _evaluate(cfg, out, clip, model, options)
-    _barrier(world)
+    barrier(world)
     return info
 
 
@@ -315,13 +315,6 @@ def _global_mean(value: float, world: int) -> float:
     t = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(t)
     return float(t) / world
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
 
 
 # ---------------------------------------------------------------------------------------------
