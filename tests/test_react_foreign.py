@@ -171,3 +171,35 @@ def test_caption_targets_match_the_text_tower_and_are_embedded_once(foreign_run,
     with pytest.raises(FormatError, match=str(bad.name)):
         CaptionTargets(tmp_path / "targets", clip.model_id).lookup(tars[0], keys[0][0])
     assert CaptionTargets(tmp_path / "targets", "another-model").path(tars[0]) != bad
+
+
+def test_reused_images_keep_their_bytes(foreign_run):
+    """react-download with react.reuse copies each image as downloaded (the world's PNGs stay
+    PNG, byte for byte): a second lossy encoding would shift the colours of small images."""
+    import webdataset as wds
+
+    from reco.react.download import image_member
+
+    root, _ = foreign_run
+    source = {}
+    for s in wds.DataPipeline(wds.SimpleShardList([str(p) for p in sorted((root / "download").glob("*.tar"))]),
+                              wds.tarfile_to_samples()):
+        source[json.loads(s["json"])["url"]] = s["png"]
+    copied = list(wds.DataPipeline(wds.SimpleShardList(
+        [str(p) for p in sorted((root / "work" / "react" / "shards").glob("*.tar"))]), wds.tarfile_to_samples()))
+    assert copied and all("png" in s and "jpg" not in s for s in copied)
+    assert all(s["png"] == source[json.loads(s["json"])["url"]] for s in copied)
+    gif = _gif()
+    suffix, data = image_member(gif)
+    assert suffix == "png" and data[:4] == b"\x89PNG"
+    assert image_member(data) == ("png", data)
+
+
+def _gif() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4), (200, 10, 10)).save(buf, format="GIF")
+    return buf.getvalue()

@@ -10,7 +10,8 @@ Two ways, chosen by ``react.reuse``:
   (:class:`~reco.react.shards.ShardWriter`);
 * reuse: an existing img2dataset webdataset download (``react.reuse``: folder/glob of ``.tar``,
   read through the ``webdataset`` input kind of embed-memory, sidecars honoured) is streamed once;
-  a sample whose key or URL is a row of the set is copied into the output shards. No network.
+  a sample whose key or URL is a row of the set is copied into the output shards, its image
+  bytes unchanged (JPEG, PNG, WebP; other formats become PNG). No network.
 
 Either way every row of the set gets a status in ``{shard}.parquet`` (failures with their message),
 and ``download.json`` sums them up. A finished shard (its tar and parquet present) is not redone.
@@ -106,7 +107,8 @@ def reuse_download(cfg: RecoConfig, rows: list[dict], out: Path, source: str) ->
                 continue
             found.add(row["key"])
             writer = writer or ShardWriter(out, shard, "jpg")
-            writer.add({**row, "status": STATUS_OK}, _as_jpeg(rec["image"]))
+            suffix, image = image_member(rec["image"])
+            writer.add({**row, "status": STATUS_OK}, image, suffix)
             if len(writer.rows) >= cfg.react.shard_size:
                 summaries.append(writer.close())
                 writer, shard = None, shard + 1
@@ -123,18 +125,26 @@ def reuse_download(cfg: RecoConfig, rows: list[dict], out: Path, source: str) ->
     return summaries
 
 
-def _as_jpeg(data: bytes) -> bytes:
-    """Re-encode a reused image as JPEG only when it is not one already (member suffix = format)."""
+MAGIC = {b"\xff\xd8\xff": "jpg", b"\x89PNG": "png"}
+
+
+def image_member(data: bytes) -> tuple[str, bytes]:
+    """(member suffix, bytes) of a reused image: JPEG, PNG and WebP stay as they were downloaded
+    (no second lossy encoding: a JPEG round trip of a small image shifts its colours); any other
+    format is re-encoded losslessly as PNG."""
     import io
 
     from PIL import Image
 
-    if data[:3] == b"\xff\xd8\xff":
-        return data
+    for magic, suffix in MAGIC.items():
+        if data.startswith(magic):
+            return suffix, data
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp", data
     with Image.open(io.BytesIO(data)) as img:
         buf = io.BytesIO()
-        img.convert("RGB").save(buf, format="JPEG", quality=95)
-        return buf.getvalue()
+        img.convert("RGB").save(buf, format="PNG")
+        return "png", buf.getvalue()
 
 
 def react_download(cfg: RecoConfig, *, customisation: str | Path | None = None,

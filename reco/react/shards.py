@@ -50,11 +50,13 @@ class ShardWriter:
         self.sink = wds.TarWriter(str(self.tmp))
         self.rows: list[dict] = []
 
-    def add(self, row: dict, image: bytes | None) -> None:
+    def add(self, row: dict, image: bytes | None, fmt: str | None = None) -> None:
+        """One row; on a success, its ``image`` bytes as member ``{key}.{fmt}`` (default: the
+        writer's encode format)."""
         keep = {k: row.get(k) for k in RESULT_SCHEMA.names}
         if image is not None and keep["status"] == "success":
             meta = {k: keep[k] for k in ("url", "caption", "key", "class_id")}
-            self.sink.write({"__key__": keep["key"], self.fmt: image, "txt": keep["caption"] or "",
+            self.sink.write({"__key__": keep["key"], fmt or self.fmt: image, "txt": keep["caption"] or "",
                              "json": json.dumps(meta)})
         self.rows.append(keep)
 
