@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from reco.config import RecoConfig
+from reco.options import value_flags
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -12,14 +13,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io = parser.add_argument_group("inputs and outputs apart from the work directory (any "
                                    "fsspec path: gs://, s3://, local; mirrored into the work "
                                    "directory, changed files only)")
-    io.add_argument("--memory", default=None, metavar="PATH",
-                    help="embedded memory folder (embed-memory's --output; default "
-                         "WORKDIR/embeddings/memory)")
-    io.add_argument("--test", default=None, metavar="PATH",
-                    help="embedded evaluation images whose near-duplicates leave the memory "
-                         "(default WORKDIR/embeddings/test when present)")
-    io.add_argument("--output", default=None, metavar="PATH",
-                    help="also publish the index folder there (built in WORKDIR/index)")
+    value_flags(io, ("--memory", "PATH", "embedded memory folder (embed-memory's --output; default "
+                                         "WORKDIR/embeddings/memory)"),
+                ("--test", "PATH", "embedded evaluation images whose near-duplicates leave the memory "
+                                   "(default WORKDIR/embeddings/test when present)"),
+                ("--output", "PATH", "also publish the index folder there (built in WORKDIR/index)"))
 
 
 def summary(info: dict, folder) -> dict:
@@ -40,12 +38,11 @@ def summary(info: dict, folder) -> dict:
 def main(cfg: RecoConfig, args: argparse.Namespace) -> int:
     from reco.console import print_summary
     from reco.index.build import build_memory_index
-    from reco.remote import staged
+    from reco.remote import published, staged
 
     with staged({cfg.paths.embedded("memory"): ("memory", args.memory),
                  cfg.paths.embedded("test"): ("test", args.test)},
                 {cfg.paths.index: ("output", args.output)}):
         info = build_memory_index(cfg, force=bool(args.force))
-    folder = f"{cfg.paths.index}" + (f" (published to {args.output})" if args.output else "")
-    print_summary("build-index", summary(info, folder), data=info)
+    print_summary("build-index", summary(info, published(cfg.paths.index, args.output)), data=info)
     return 0

@@ -31,6 +31,7 @@ import pyarrow as pa
 
 from reco.errors import ConfigError
 from reco.formats import EMBEDDED_FORMAT, STATUS_OK, Manifest, atomic_write_table, embedded_schema, encode_vectors
+from reco.options import value_flags
 from reco.pipelines.release import Release, inspect_release
 from reco.pipelines.write import (check_model, check_record, clear_output, complete_shards,
                                   finish_record, shard_path, write_manifest)
@@ -259,8 +260,7 @@ def import_embeddings(input_dir: str, output_dir: str, *, model: str, pretrained
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True,
                         help="release folder with img_emb/, text_emb/, metadata/ (path or fsspec URL)")
-    parser.add_argument("--output", default=None,
-                        help="embedded folder to write (default: WORKDIR/embeddings/memory)")
+    value_flags(parser, ("--output", "PATH", "embedded folder to write (default: WORKDIR/embeddings/memory)"))
     parser.add_argument("--text-from-captions", dest="text_from_captions", action="store_true",
                         help="no text_emb/: embed the metadata captions with the model")
     parser.add_argument("--force", action="store_true",

@@ -14,56 +14,61 @@ import importlib
 import os
 import re
 import sys
+from typing import NamedTuple
 
 from reco import config as config_lib
 from reco import console
 from reco.demo import STAGES
 from reco.errors import ConfigError, RecoError
 
-# name -> (module, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "world": ("reco.world.cli", "generate the fine-grained world and train its frozen base CLIP"),
-    "serve-world": ("reco.world.serve_cli", "serve the world's images over loopback HTTP"),
-    "embed-memory": ("reco.embed_cli", "Beam: download URL lists and embed them to Parquet"),
-    "import-embeddings": ("reco.pipelines.import_embeddings",
-                          "a memory from released embeddings (clip-retrieval layout)"),
-    "build-index": ("reco.index.cli", "build one faiss index per modality over the memory"),
-    "precompute-neighbours": ("reco.pipelines.neighbours", "kNN for every training pair, cached as tensors"),
-    "train": ("reco.trainer.cli", "train the fusion heads on cached neighbour tensors"),
-    "evaluate": ("reco.evaluation.cli", "zero-shot and retrieval evaluation of CLIP vs reco"),
+
+class Command(NamedTuple):
+    module: str           # imported only when the command runs
+    help: str             # one line, in `reco --help` and atop the command's own
+    example: str          # shown at the end of the command's --help
+
+
+# each subcommand: its module, help line and example
+COMMANDS: dict[str, Command] = {
+    "world": Command("reco.world.cli", "generate the fine-grained world and train its frozen base CLIP",
+                     "reco world --preset tiny --workdir runs/tiny"),
+    "serve-world": Command("reco.world.serve_cli", "serve the world's images over loopback HTTP",
+                           "reco serve-world --workdir runs/tiny --port 8000"),
+    "embed-memory": Command("reco.embed_cli", "Beam: download URL lists and embed them to Parquet",
+                            "reco embed-memory --workdir runs/tiny --set embed.threads=8"),
+    "import-embeddings": Command("reco.pipelines.import_embeddings",
+                                 "a memory from released embeddings (clip-retrieval layout)",
+                                 "reco import-embeddings --workdir runs/laion --input laion400m-embeddings"),
+    "build-index": Command("reco.index.cli", "build one faiss index per modality over the memory",
+                           "reco build-index --workdir runs/tiny"),
+    "precompute-neighbours": Command("reco.pipelines.neighbours",
+                                     "kNN for every training pair, cached as tensors",
+                                     "reco precompute-neighbours --workdir runs/tiny --set neighbours.k=16"),
+    "train": Command("reco.trainer.cli", "train the fusion heads on cached neighbour tensors",
+                     "reco train --workdir runs/tiny --set train.steps=200"),
+    "evaluate": Command("reco.evaluation.cli", "zero-shot and retrieval evaluation of CLIP vs reco",
+                        "reco evaluate --workdir runs/tiny --modes off,both"),
     # an experiment (experiments/, outside the library): the CLI names it, reco never imports it
-    "ablations": ("experiments.ablations", "the paper's ablations on the generated world"),
-    "query": ("reco.evaluation.query", "show the memory neighbours of an image or a text"),
-    "demo": ("reco.demo", "run the whole chain on the embedded default and print the table"),
-    "react-retrieve": ("reco.react.retrieve", "REACT: retrieve a customisation set for class names"),
-    "react-download": ("reco.react.download", "REACT: the customisation set's images as webdataset shards"),
-    "react-train": ("reco.react.train", "REACT: train gated blocks on the customisation set"),
-    "compare": ("reco.evaluation.compare", "frozen CLIP vs RECO vs REACT in one table"),
-    "bench": ("reco.bench.cli", "benchmarks; results written to a file"),
-    "config": ("reco.config_cli", "show a run's config (show) or every option with its range (keys)"),
+    "ablations": Command("experiments.ablations", "the paper's ablations on the generated world",
+                         "reco ablations --workdir runs/tiny --noise 0.1,0.5"),
+    "query": Command("reco.evaluation.query", "show the memory neighbours of an image or a text",
+                     "reco query --workdir runs/tiny --text 'a photo of a azure thornwick.' --k 5"),
+    "demo": Command("reco.demo", "run the whole chain on the embedded default and print the table",
+                    "reco demo --preset tiny"),
+    "react-retrieve": Command("reco.react.retrieve", "REACT: retrieve a customisation set for class names",
+                              "reco react-retrieve --workdir runs/tiny --per-class 20"),
+    "react-download": Command("reco.react.download",
+                              "REACT: the customisation set's images as webdataset shards",
+                              "reco react-download --workdir runs/tiny --set react.shard_size=500"),
+    "react-train": Command("reco.react.train", "REACT: train gated blocks on the customisation set",
+                           "reco react-train --workdir runs/tiny --set react.workers=2"),
+    "compare": Command("reco.evaluation.compare", "frozen CLIP vs RECO vs REACT in one table",
+                       "reco compare --workdir runs/tiny"),
+    "bench": Command("reco.bench.cli", "benchmarks; results written to a file", "reco bench --only index"),
+    "config": Command("reco.config_cli", "show a run's config (show) or every option with its range (keys)",
+                      "reco config show --workdir runs/tiny      (or: reco config keys)"),
 }
 
-
-# one example per subcommand, shown at the end of its --help
-EXAMPLES: dict[str, str] = {
-    "world": "reco world --preset tiny --workdir runs/tiny",
-    "serve-world": "reco serve-world --workdir runs/tiny --port 8000",
-    "embed-memory": "reco embed-memory --workdir runs/tiny --set embed.threads=8",
-    "import-embeddings": "reco import-embeddings --workdir runs/laion --input laion400m-embeddings",
-    "build-index": "reco build-index --workdir runs/tiny",
-    "precompute-neighbours": "reco precompute-neighbours --workdir runs/tiny --set neighbours.k=16",
-    "train": "reco train --workdir runs/tiny --set train.steps=200",
-    "evaluate": "reco evaluate --workdir runs/tiny --modes off,both",
-    "ablations": "reco ablations --workdir runs/tiny --noise 0.1,0.5",
-    "query": "reco query --workdir runs/tiny --text 'a photo of a azure thornwick.' --k 5",
-    "demo": "reco demo --preset tiny",
-    "react-retrieve": "reco react-retrieve --workdir runs/tiny --per-class 20",
-    "react-download": "reco react-download --workdir runs/tiny --set react.shard_size=500",
-    "react-train": "reco react-train --workdir runs/tiny --set react.workers=2",
-    "compare": "reco compare --workdir runs/tiny",
-    "bench": "reco bench --only index",
-    "config": "reco config show --workdir runs/tiny      (or: reco config keys)",
-}
 # commands that run a stage of the run (the chain's, reco.demo.STAGES, and the others): they
 # record its config (WORKDIR/config.yaml)
 RECORDS_CONFIG = frozenset({s.name for s in STAGES} | {
@@ -135,13 +140,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                             "reco config keys. A run's config: reco config show --workdir W.")
     parser.add_argument("--version", action="version", version=f"reco {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
-    for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_Formatter,
-                           epilog=f"example:\n  {EXAMPLES[name]}")
+    for name, c in COMMANDS.items():
+        p = sub.add_parser(name, help=c.help, description=c.help, formatter_class=_Formatter,
+                           epilog=f"example:\n  {c.example}")
         p.set_defaults(_parser=p)
         _add_common(p)
         if name == command:
-            _load(module).add_arguments(p)
+            _load(c.module).add_arguments(p)
             p.epilog += _section_keys(name)
     return parser
 
@@ -269,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             from reco.config_tree import record_new
 
             record_new(cfg)      # the first stage of a run writes its config
-        rc = int(_load(COMMANDS[args.command][0]).main(cfg, args) or 0)
+        rc = int(_load(COMMANDS[args.command].module).main(cfg, args) or 0)
         if rc == 0 and args.command in RECORDS_CONFIG:
             from reco.config_tree import record
 

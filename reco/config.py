@@ -89,24 +89,21 @@ class RecoConfig:
         atomic_write_text(path, text)
 
 
+# the stage folders of a work directory: Paths.<name> is WORKDIR/<name>
+FOLDERS = ("world", "base_clip", "embeddings", "index", "neighbours", "heads", "eval", "react")
+
+
 @dataclass(frozen=True)
 class Paths:
-    """Layout of a work directory; every stage reads and writes through these names."""
+    """Layout of a work directory; every stage reads and writes through these names: one folder
+    per stage (``paths.index`` is ``root/index``, for each name of :data:`FOLDERS`)."""
 
     root: Path
 
-    world: Path = field(init=False)
-    base_clip: Path = field(init=False)
-    embeddings: Path = field(init=False)
-    index: Path = field(init=False)
-    neighbours: Path = field(init=False)
-    heads: Path = field(init=False)
-    eval: Path = field(init=False)
-    react: Path = field(init=False)
-
-    def __post_init__(self):
-        for name in ("world", "base_clip", "embeddings", "index", "neighbours", "heads", "eval", "react"):
-            object.__setattr__(self, name, self.root / name)
+    def __getattr__(self, name: str) -> Path:
+        if name in FOLDERS:
+            return self.root / name
+        raise AttributeError(f"{type(self).__name__} has no {name!r}; its folders: {', '.join(FOLDERS)}")
 
     def urls(self, split: str) -> Path:
         """URL list of a world split: pretrain, memory, train, test."""

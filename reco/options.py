@@ -279,3 +279,10 @@ def flag_range(lo: int, hi: int):
 
     parse.__name__ = "integer"
     return parse
+
+
+def value_flags(group, *rows: tuple[str, str, str]) -> None:
+    """Declare the flags that take one value and default to None (the stage CLIs' input and
+    output folders, files and names), from rows of ``(flag, metavar, help)``."""
+    for flag, metavar, text in rows:
+        group.add_argument(flag, default=None, metavar=metavar, help=text)

@@ -165,3 +165,8 @@ def _named(mapping) -> list[tuple[Path, tuple[str, str]]]:
         if src:
             out.append((Path(place), (option, str(src))))
     return out
+
+
+def published(folder: str | Path, dest: str | Path | None) -> str:
+    """``folder`` as a stage summary shows it, with where :func:`staged` published it (if it did)."""
+    return f"{folder}" + (f" (published to {dest})" if dest else "")

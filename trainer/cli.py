@@ -11,17 +11,17 @@ import argparse
 import os
 from pathlib import Path
 
+from reco.options import value_flags
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("train")
     g.add_argument("--resume", action="store_true",
                    help="continue exactly from the latest checkpoint in the output folder")
-    g.add_argument("--out", default=None,
-                   help="output folder (default: WORKDIR/heads); an fsspec URL (gs://, s3://) "
-                        "trains in WORKDIR/heads and publishes the folder there")
-    g.add_argument("--neighbours", default=None, metavar="PATH",
-                   help="neighbours folder, precompute-neighbours' output, any fsspec path "
-                        "(mirrored into WORKDIR/neighbours; default: that folder)")
+    value_flags(g, ("--out", "PATH", "output folder (default: WORKDIR/heads); an fsspec URL (gs://, s3://) "
+                                     "trains in WORKDIR/heads and publishes the folder there"),
+                ("--neighbours", "PATH", "neighbours folder, precompute-neighbours' output, any fsspec path "
+                                         "(mirrored into WORKDIR/neighbours; default: that folder)"))
     g.add_argument("--force", action="store_true",
                    help="train again although the output folder holds heads (also when they were "
                    "trained with other options or tensors, which is refused otherwise)")

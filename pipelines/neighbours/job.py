@@ -47,6 +47,7 @@ from reco.console import advance, print_summary, tracked
 from reco.embedded import open_split, read_shard
 from reco.errors import ConfigError, FormatError
 from reco.index.build import normalise
+from reco.options import value_flags
 from reco.pipelines.neighbours import shards
 from reco.pipelines.neighbours.config import NeighboursConfig
 from reco.pipelines.neighbours.shards import ShardSpec
@@ -464,23 +465,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="extra Beam pipeline flag, repeatable (e.g. --beam-option=--runner=PortableRunner)")
     io = parser.add_argument_group("inputs and outputs apart from the work directory (any "
                                    "fsspec path; mirrored into the work directory)")
-    io.add_argument("--train", default=None, metavar="PATH",
-                    help="embedded training pairs (default WORKDIR/embeddings/train)")
-    io.add_argument("--index", default=None, metavar="PATH",
-                    help="memory index folder, build-index's output (default WORKDIR/index)")
-    io.add_argument("--output", default=None, metavar="PATH",
-                    help="also publish the neighbours folder there (written in WORKDIR/neighbours)")
+    value_flags(io, ("--train", "PATH", "embedded training pairs (default WORKDIR/embeddings/train)"),
+                ("--index", "PATH", "memory index folder, build-index's output (default WORKDIR/index)"),
+                ("--output", "PATH", "also publish the neighbours folder there (written in WORKDIR/neighbours)"))
 
 
 def main(cfg: RecoConfig, args: argparse.Namespace) -> int:
-    from reco.remote import staged
+    from reco.remote import published, staged
 
     with staged({cfg.paths.embedded("train"): ("train", args.train),
                  cfg.paths.index: ("index", args.index)},
                 {cfg.paths.neighbours: ("output", args.output)}):
         info = precompute_neighbours(cfg, force=bool(args.force), beam_options=args.beam_option)
-    folder = f"{cfg.paths.neighbours}" + (f" (published to {args.output})" if args.output else "")
-    print_summary("precompute-neighbours", summary(info, folder), data=info)
+    print_summary("precompute-neighbours", summary(info, published(cfg.paths.neighbours, args.output)),
+                  data=info)
     return 0
 
 

@@ -115,9 +115,11 @@ def read_rate(folder: Path, *, batch: int, epochs: int = 2) -> float:
     return count * batch / (time.perf_counter() - t0)
 
 
-def _hwm_mib() -> float:
+def _status_mib(key: str) -> float:
+    """A memory figure of this process from /proc/self/status (Linux), in MiB: ``VmRSS`` (resident
+    now), ``VmHWM`` (peak resident); NaN when the kernel does not report it."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{key}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -131,20 +133,13 @@ def _peak_probe(folder: str, mode: str, batch: int, steps: int) -> None:
 
     torch.set_num_threads(1)
     info, model, optimizer, stream = _setup(Path(folder), batch, 0)
-    base = _rss_mib()
+    base = _status_mib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")        # reset VmHWM (Linux)
     if mode == "stream":
         _time_steps(model, optimizer, iter(make_loader(stream)), steps, warmup=0)
     else:
         _time_steps(model, optimizer, _in_memory_batches(_load_all(info), batch), steps, warmup=0)
-    print(json.dumps({"base_mib": base, "peak_mib": _hwm_mib()}))
-
-
-def _rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    print(json.dumps({"base_mib": base, "peak_mib": _status_mib("VmHWM")}))
 
 
 def _peak(folder: Path, mode: str, batch: int, steps: int) -> dict:

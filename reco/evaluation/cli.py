@@ -4,17 +4,16 @@ from __future__ import annotations
 import argparse
 
 from reco.evaluation.config import INFERENCE_MODES
-from reco.options import MAX_K, flag_range
+from reco.options import MAX_K, flag_range, value_flags
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("evaluate")
-    g.add_argument("--heads", default=None, help="heads folder (default: WORKDIR/heads); any "
-                   "fsspec path (a URL is mirrored into WORKDIR/cache/)")
-    g.add_argument("--memory", default=None, help="memory index folder used at inference "
-                                                 "(default: WORKDIR/index); any fsspec path")
-    g.add_argument("--output", default=None, metavar="PATH",
-                   help="also publish the eval folder there (any fsspec path)")
+    value_flags(g, ("--heads", "PATH", "heads folder (default: WORKDIR/heads); any fsspec path (a URL is "
+                                       "mirrored into WORKDIR/cache/)"),
+                ("--memory", "PATH", "memory index folder used at inference (default: WORKDIR/index); any "
+                                     "fsspec path"),
+                ("--output", "PATH", "also publish the eval folder there (any fsspec path)"))
     g.add_argument("--modes", default=None,
                    help=f"comma-separated inference modes among {','.join(INFERENCE_MODES)} "
                         "(default: eval.modes)")
@@ -22,27 +21,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="neighbours at inference (default: as trained)")
     d = parser.add_argument_group("labelled data (any of them; the work directory's embedded "
                                   "test split, when present, is evaluated first)")
-    d.add_argument("--image-folder", default=None, metavar="DIR",
-                   help="zero-shot on an ImageFolder layout: DIR/<class>/*.jpg")
-    d.add_argument("--webdataset", default=None, metavar="PATH",
-                   help="zero-shot on webdataset tar shards of {key}.jpg|png|webp + {key}.cls: a "
-                        "folder, .tar, glob or {0..9} pattern, local or fsspec URL")
-    d.add_argument("--dataset", default=None, metavar="NAME",
-                   help="a CLIP_benchmark data set read offline from --dataset-root, e.g. "
-                        "wds/cifar10, mnist, stl10 (README: which names work offline)")
-    d.add_argument("--dataset-root", default=None, metavar="DIR",
-                   help="local root of --dataset (as CLIP_benchmark's --dataset_root)")
+    value_flags(d, ("--image-folder", "DIR", "zero-shot on an ImageFolder layout: DIR/<class>/*.jpg"),
+                ("--webdataset", "PATH", "zero-shot on webdataset tar shards of {key}.jpg|png|webp + "
+                                         "{key}.cls: a folder, .tar, glob or {0..9} pattern, local or fsspec URL"),
+                ("--dataset", "NAME", "a CLIP_benchmark data set read offline from --dataset-root, e.g. "
+                                      "wds/cifar10, mnist, stl10 (README: which names work offline)"),
+                ("--dataset-root", "DIR", "local root of --dataset (as CLIP_benchmark's --dataset_root)"))
     d.add_argument("--split", default="test", help="split of --dataset / a wds layout (default test)")
-    d.add_argument("--classnames", default=None, metavar="FILE",
-                   help="class names, one per line (line i = class i), of the data given above "
-                        "(default: the folder names / the set's own); with no data, of the test "
-                        "split (default WORKDIR/world/classnames.txt)")
-    d.add_argument("--templates", default=None, metavar="FILE",
-                   help="prompt templates, one per line with {c} for the class name "
-                        "(default: the set's own, else eval.templates)")
-    d.add_argument("--groups", default=None, metavar="FILE",
-                   help='JSON {"seen": [class ids], "unseen": [...]}: metrics per group on the '
-                        "main set (default for the test split: WORKDIR/world/species.json)")
+    value_flags(d, ("--classnames", "FILE", "class names, one per line (line i = class i), of the data given "
+                                            "above (default: the folder names / the set's own); with no data, "
+                                            "of the test split (default WORKDIR/world/classnames.txt)"),
+                ("--templates", "FILE", "prompt templates, one per line with {c} for the class name "
+                                        "(default: the set's own, else eval.templates)"),
+                ("--groups", "FILE", 'JSON {"seen": [class ids], "unseen": [...]}: metrics per group on the '
+                                     "main set (default for the test split: WORKDIR/world/species.json)"))
     g.add_argument("--no-gallery", action="store_true", help="do not write gallery.html")
 
 
@@ -72,7 +64,7 @@ def data_specs(args: argparse.Namespace) -> list:
 def main(cfg, args: argparse.Namespace) -> int:
     from reco.console import json_summaries, print_summary
     from reco.evaluation.evaluate import evaluate, markdown_table
-    from reco.remote import local_input, staged
+    from reco.remote import local_input, published, staged
 
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip()) if args.modes else None
     specs = data_specs(args)
@@ -83,8 +75,7 @@ def main(cfg, args: argparse.Namespace) -> int:
                            data=specs, classnames=None if specs else args.classnames,
                            templates=args.templates, groups=args.groups,
                            gallery=not args.no_gallery)
-    folder = f"{cfg.paths.eval}" + (f" (published to {args.output})" if args.output else "")
-    print_summary("evaluate", summary(results, folder), data=results)
+    print_summary("evaluate", summary(results, published(cfg.paths.eval, args.output)), data=results)
     if not json_summaries():
         print(markdown_table(results["modes"]))
     return 0

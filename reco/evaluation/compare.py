@@ -20,6 +20,7 @@ from typing import Any
 
 from reco.errors import FormatError
 from reco.formats import atomic_write_text
+from reco.options import value_flags
 
 COLUMNS = (("all species", "all"), ("seen", "seen"), ("unseen", "unseen"),
            ("unseen among unseen", "unseen_among_unseen"))
@@ -87,8 +88,8 @@ def compare(cfg, *, reco_results: str | Path | None = None,
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("compare")
-    g.add_argument("--reco-results", default=None, help="default: WORKDIR/eval/results.json")
-    g.add_argument("--react-eval", default=None, help="default: WORKDIR/react/model/eval.json")
+    value_flags(g, ("--reco-results", "FILE", "default: WORKDIR/eval/results.json"),
+                ("--react-eval", "FILE", "default: WORKDIR/react/model/eval.json"))
 
 
 def main(cfg, args: argparse.Namespace) -> int:

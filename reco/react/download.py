@@ -31,6 +31,7 @@ import pyarrow as pa
 from reco.config import RecoConfig
 from reco.errors import ConfigError
 from reco.formats import STATUS_OK, atomic_write_text
+from reco.options import value_flags
 
 log = logging.getLogger(__name__)
 INFO_FILE = "download.json"
@@ -180,10 +181,8 @@ def react_download(cfg: RecoConfig, *, customisation: str | Path | None = None,
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--customisation", default=None,
-                        help="customisation set (default: WORKDIR/react/customisation.parquet)")
-    parser.add_argument("--out", default=None,
-                        help="shard folder (default: react.shards or WORKDIR/react/shards)")
+    value_flags(parser, ("--customisation", "PATH", "customisation set (default: WORKDIR/react/customisation.parquet)"),
+                ("--out", "PATH", "shard folder (default: react.shards or WORKDIR/react/shards)"))
 
 
 def main(cfg: RecoConfig, args: argparse.Namespace) -> int:

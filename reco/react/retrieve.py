@@ -25,6 +25,7 @@ import pyarrow as pa
 from reco.config import RecoConfig
 from reco.errors import ConfigError, FormatError, MismatchError
 from reco.formats import Manifest, atomic_write_table, atomic_write_text
+from reco.options import value_flags
 
 log = logging.getLogger(__name__)
 
@@ -254,8 +255,7 @@ def read_customisation_set(path: str | Path) -> pa.Table:
 # ---------------------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--classnames", default=None,
-                        help="class-name file, one per line (default: WORLD/classnames.txt)")
+    value_flags(parser, ("--classnames", "FILE", "class-name file, one per line (default: WORLD/classnames.txt)"))
     parser.add_argument("--per-class", type=int, default=DEFAULT_PER_CLASS,
                         help="pairs kept per class")
     parser.add_argument("--template", dest="templates", action="append", default=None,
@@ -263,8 +263,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--search", dest="searches", action="append", choices=SEARCHES,
                         default=None, help="memory index queried by the class prompts: img "
                         "(cross-modal) or txt (captions); repeatable; default: txt")
-    parser.add_argument("--out", default=None,
-                        help=f"output Parquet (default: WORKDIR/react/{SET_FILE})")
+    value_flags(parser, ("--out", "PATH", f"output Parquet (default: WORKDIR/react/{SET_FILE})"))
 
 
 def main(cfg: RecoConfig, args: argparse.Namespace) -> int:
