@@ -12,9 +12,9 @@ PRECISIONS = ("fp32", "amp", "amp_bf16")         # reco.trainer.train.PRECISIONS
 
 @dataclass(frozen=True)
 class HeadConfig:
-    layers: int = 1
-    heads: int = 8
-    mlp_ratio: float = 4.0
+    layers: int = 1                    # transformer layers of each fusion head (RECO: one)
+    heads: int = 8                     # attention heads
+    mlp_ratio: float = 4.0             # feed-forward width / embedding dimension
     dropout: float = 0.0
     # training-time perturbations of the retrieved set (trainer/heads.py): the share of retrieved
     # tokens dropped by the ``token_dropout`` head, replaced by random other memory items (from
@@ -47,15 +47,15 @@ class TrainConfig:
     text_context: str = "t_txt_img"
     k: int = 10                        # neighbours used per query (<= neighbours.k)
     head: HeadConfig = field(default_factory=HeadConfig)
-    batch_size: int = 512
-    lr: float = 1e-3
-    weight_decay: float = 1e-5
+    batch_size: int = 512              # global batch (split across DDP ranks)
+    lr: float = 1e-3                   # AdamW peak learning rate (linear warm-up, cosine decay)
+    weight_decay: float = 1e-5         # AdamW, on weight matrices only
     warmup_steps: int = 50
     steps: int = 1000
-    init_temperature: float = 0.07
-    shuffle_buffer: int = 8192
-    num_workers: int = 0
-    checkpoint_every: int = 200
+    init_temperature: float = 0.07     # the learned temperature's start
+    shuffle_buffer: int = 8192         # streamed pairs held for shuffling
+    num_workers: int = 0               # DataLoader workers reading the neighbour shards
+    checkpoint_every: int = 200        # steps between safetensors checkpoints (exact resume)
     seed: int = 0
     precision: str = "fp32"           # amp_bf16 / amp on GPU
 
