@@ -70,7 +70,7 @@ VARIANTS: dict[str, Variant] = {
                                          {"image_context": "v_txt_txt", "text_context": "t_img_img"}),
     "cross_search_uni_fusion": Variant("cross-modal search, uni-modal fusion",
                                        {"image_context": "v_txt_img", "text_context": "t_img_txt"}),
-    "mean": Variant("mean fusion (no parameters)", {"fusion": "mean"}, steps=1),
+    "mean": Variant("mean fusion (no parameters)", {"fusion": "mean"}, steps=1, k_sweep=True),
     "image_only": Variant("image fusion only (v̄)", {"fuse_text": False}),
     "text_only": Variant("text fusion only (t̄)", {"fuse_image": False}),
     "mlp": Variant("MLP of equal capacity, no retrieval", {"fusion": "mlp"}),

@@ -92,35 +92,53 @@ def delta_table(per_seed: list[dict], base: str = "mean") -> str:
     return _table(["model", *GROUPS], rows)
 
 
-def _sweeps(result: dict) -> dict[int, dict]:
-    """{k at training: {k at inference: evals}} of the variants with a k sweep."""
-    return {int(v["k"]): {int(k): e for k, e in v["k_sweep"].items()}
-            for v in result["variants"].values() if "k_sweep" in v and v.get("fusion") == "transformer"}
+def _curve_name(variant: dict) -> str | None:
+    """The k-sweep curve a variant draws: the transformer per k at training, mean fusion (no
+    training, so one curve); None for the others."""
+    if variant.get("fusion") == "transformer":
+        return f"k={int(variant['k'])}"
+    return "mean fusion" if variant.get("fusion") == "mean" else None
 
 
-def k_curves(per_seed: list[dict], group: str) -> dict[int, dict[int, tuple[float, float]]]:
-    """{k at training: {k at inference: (mean, SE) over seeds}} on ``group`` among itself."""
-    train_ks = sorted({k for r in per_seed for k in _sweeps(r)})
-    out: dict[int, dict[int, tuple[float, float]]] = {}
-    for tk in train_ks:
-        eval_ks = sorted({k for r in per_seed for k in _sweeps(r).get(tk, {})})
-        out[tk] = {}
+def _sweeps(result: dict) -> dict[str, dict]:
+    """{curve: {k at inference: evals}} of the variants with a k sweep (:func:`_curve_name`)."""
+    out = {}
+    for v in result["variants"].values():
+        name = _curve_name(v) if "k_sweep" in v else None
+        if name is not None:
+            out[name] = {int(k): e for k, e in v["k_sweep"].items()}
+    return out
+
+
+def _curve_order(name: str) -> tuple[int, int]:
+    return (1, 0) if not name.startswith("k=") else (0, int(name[2:]))
+
+
+def k_curves(per_seed: list[dict], group: str) -> dict[str, dict[int, tuple[float, float]]]:
+    """{curve ("k=K" trained with K, "mean fusion"): {k at inference: (mean, SE) over seeds}}
+    on ``group`` among itself."""
+    names = sorted({n for r in per_seed for n in _sweeps(r)}, key=_curve_order)
+    out: dict[str, dict[int, tuple[float, float]]] = {}
+    for name in names:
+        eval_ks = sorted({k for r in per_seed for k in _sweeps(r).get(name, {})})
+        out[name] = {}
         for ek in eval_ks:
             vals = []
             for r in per_seed:
-                evals = _sweeps(r).get(tk, {}).get(ek)
+                evals = _sweeps(r).get(name, {}).get(ek)
                 if evals:
                     vals.append(_zs(evals, next(iter(evals)), _key(group, "own")))
             ms = mean_se(vals)
             if ms:
-                out[tk][ek] = ms
+                out[name][ek] = ms
     return out
 
 
 def k_sweep(per_seed: list[dict], group: str) -> str:
     curves = k_curves(per_seed, group)
     eval_ks = sorted({k for c in curves.values() for k in c})
-    rows = [[f"k={tk}", *(fmt(c.get(ek)) for ek in eval_ks)] for tk, c in curves.items()]
+    rows = [[name if name.startswith("k=") else f"{name} (no training)",
+             *(fmt(c.get(ek)) for ek in eval_ks)] for name, c in curves.items()]
     return _table(["trained with", *(f"k'={k}" for k in eval_ks)], rows)
 
 
@@ -134,10 +152,12 @@ def figure(per_seed: list[dict], path: str | Path) -> Path:
 
     fig, axes = plt.subplots(1, len(GROUPS), figsize=(4 * len(GROUPS), 3.4), sharey=False)
     for ax, group in zip(axes, GROUPS):
-        for tk, curve in k_curves(per_seed, group).items():
+        for name, curve in k_curves(per_seed, group).items():
             ks = sorted(curve)
             ax.errorbar(ks, [curve[k][0] for k in ks], yerr=[_nan0(curve[k][1]) for k in ks],
-                        marker="o", capsize=3, label=f"k={tk} at training")
+                        marker="o" if name.startswith("k=") else "s", capsize=3,
+                        ls="-" if name.startswith("k=") else ":",
+                        label=f"transformer, {name} at training" if name.startswith("k=") else name)
         clip = mean_se(per_seed, "clip", group)
         if clip:
             ax.axhline(clip[0], color="grey", ls="--", lw=1, label="frozen CLIP")

@@ -28,6 +28,7 @@ def _result(seed, shift):
         variants[name] = {"eval": ev, "fusion": "transformer" if name == "reco" else name, "k": 10,
                           "train_info": {"selection": {"step": 100, "warning": None}}}
     variants["reco"]["k_sweep"] = {str(k): _evals("both", up(k)) for k in (1, 5, 10)}
+    variants["mean"]["k_sweep"] = {str(k): _evals("both", up(10 - k)) for k in (1, 5, 10)}
     variants["train_k1"] = {"eval": _evals("both", up(1)), "fusion": "transformer", "k": 1,
                             "k_sweep": {str(k): _evals("both", up(k / 2)) for k in (1, 5, 10)},
                             "train_info": {"selection": {"step": 50, "warning": "cannot discriminate: x"}}}
@@ -50,9 +51,12 @@ def test_report_and_k_saturation_figure(tmp_path):
     assert "| frozen CLIP | 52.0 ± 1.2 | 42.0 ± 1.2 | 32.0 ± 1.2 |" in text
     assert "| learned per-item weighting − mean | +2.0 ± 0.0 |" in text
     assert "| k=1 |" in text and "| k=10 |" in text and "k'=5" in text
+    assert "| mean fusion (no training) | 41.0 ± 1.2 | 37.0 ± 1.2 | 33.0 ± 1.2 |" in text
     assert "seed 0, train_k1: cannot discriminate" in text
     curves = stats.k_curves(per_seed, "head")
-    assert sorted(curves) == [1, 10] and curves[10][5][0] == pytest.approx(50 + 5 + 2)
+    assert list(curves) == ["k=1", "k=10", "mean fusion"]
+    assert curves["k=10"][5][0] == pytest.approx(50 + 5 + 2)
+    assert curves["mean fusion"][1][0] == pytest.approx(50 + 9 + 2)
     png = stats.figure(per_seed, tmp_path / "k.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
