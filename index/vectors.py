@@ -19,18 +19,25 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import pyarrow as pa
 
 from reco.embedded import EmbeddedFolder, check_unique, read_shard
 from reco.errors import FormatError
 from reco.index.dedup import best_similarity
 
-BATCH_BYTES = 64 << 20            # one batch of vectors added/searched at a time (64 MiB)
+BATCH_BYTES = 16 << 20            # one batch of vectors added/searched at a time (16 MiB)
 
 
 def normalise_(x: np.ndarray) -> np.ndarray:
     """L2-normalise the rows of a float32 array in place (the values of ``build.normalise``)."""
     x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     return x
+
+
+def release_arrow_memory() -> None:
+    """Hand back to the system what Arrow's allocator keeps cached after reading shards (it
+    reuses it for Arrow buffers only; faiss and numpy allocate elsewhere)."""
+    pa.default_memory_pool().release_unused()
 
 
 def batch_rows(dim: int, batch_bytes: int = BATCH_BYTES) -> int:
@@ -122,6 +129,7 @@ def scan_split(split: EmbeddedFolder, eval_index=None) -> tuple[np.ndarray, np.n
         if eval_index is not None:
             best.append(best_similarity(normalise_(part["image"]), eval_index))
     check_unique(np.concatenate(ids), [len(i) for i in ids], split)
+    release_arrow_memory()
     return np.concatenate(ids), (np.concatenate(best) if eval_index is not None else None)
 
 
@@ -143,6 +151,7 @@ def stage(split: EmbeddedFolder, column: str, keep: np.ndarray, ids: np.ndarray,
             w32.write(block)
             w16.write(block.astype(np.float16))
             start = stop
+    release_arrow_memory()
     return shape[0]
 
 
