@@ -22,6 +22,11 @@
     ``ratio_excl_startup`` removes the fixed cost of a run (measured on a 1-shard input);
     ``cpu_ratio`` compares process CPU seconds, the robust figure on a shared machine.
 
+* ``build_memory``: build-index's peak RSS (VmHWM, in a fresh process) over a 200k x 512-d memory
+  in 1,000-row shards, against the float32 data of one modality (``ratio``; ``growth_ratio``:
+  above the process's memory before the build); alone: ``python -m reco.bench.index
+  build-memory DIR 200000 512``.
+
 Run: ``reco bench --only index`` (pass sizes 20k and 200k; ``--full`` adds
 a 512-d memory).
 """
