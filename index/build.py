@@ -262,6 +262,16 @@ def _eval_images(cfg: RecoConfig, model_id: str, dim: int) -> np.ndarray | None:
     return normalise(read_split(split, modalities=("image",))["image"])
 
 
+def _scan(cfg: RecoConfig, split) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(success ids, mask of those kept, memory-cleaning info): every memory shard read and
+    validated once, each image compared with the evaluation images (``reco.index.dedup``)."""
+    evals = _eval_images(cfg, split.model_id, split.dim)
+    n_eval = 0 if evals is None else len(evals)
+    ids, best = scan_split(split, reference_index(evals) if n_eval else None)
+    remove, info = duplicate_mask(best, len(ids), cfg.neighbours.eval_dedup_threshold, n_eval)
+    return ids, ~remove, info
+
+
 # IndexConfig options that do not change the index (where and how fast it is built/read)
 # (allow_low_recall: the index is the same; a reused one is checked against the target again)
 NOT_SHAPING = ("use_gpu", "mmap", "nb_cores", "current_memory_available", "allow_low_recall")
@@ -332,11 +342,7 @@ def _build(cfg: RecoConfig, force: bool) -> dict:
         log.info("index in %s is up to date; skipping (--force rebuilds)", out)
         return {**previous, "skipped": True}
     t_start = time.perf_counter()
-    evals = _eval_images(cfg, split.model_id, split.dim)
-    ids, best = scan_split(split, reference_index(evals) if evals is not None and len(evals) else None)
-    remove, dedup_info = duplicate_mask(best, len(ids), cfg.neighbours.eval_dedup_threshold,
-                                        0 if evals is None else len(evals))
-    keep = ~remove
+    ids, keep, dedup_info = _scan(cfg, split)
     remove_temporaries(out)                   # left by a killed run
     staged: list[Path] = []                   # this run's temporaries (removed unless renamed)
     try:
