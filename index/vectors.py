@@ -28,9 +28,12 @@ from reco.index.dedup import best_similarity
 BATCH_BYTES = 16 << 20            # one batch of vectors added/searched at a time (16 MiB)
 
 
-def normalise_(x: np.ndarray) -> np.ndarray:
-    """L2-normalise the rows of a float32 array in place (the values of ``build.normalise``)."""
-    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+def normalise_(x: np.ndarray, rows: int = 4096) -> np.ndarray:
+    """L2-normalise the rows of a float32 array in place, ``rows`` at a time (the values of
+    ``build.normalise``, without its temporaries of the array's size)."""
+    for start in range(0, len(x), rows):
+        block = x[start:start + rows]
+        block /= np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
     return x
 
 
@@ -123,11 +126,13 @@ def scan_split(split: EmbeddedFolder, eval_index=None) -> tuple[np.ndarray, np.n
     """(success ids, largest cosine of each success image with the evaluation images or None):
     every shard read and validated (both modalities), the ids checked unique across shards."""
     ids, best = [], []
-    for path in split.shards:
-        part = read_shard(path, split.dim)
+    for path in split.shards:                 # one modality at a time: half the shard in memory
+        part = read_shard(path, split.dim, modalities=("image",))
         ids.append(part["id"])
         if eval_index is not None:
             best.append(best_similarity(normalise_(part["image"]), eval_index))
+        del part
+        read_shard(path, split.dim, modalities=("text",))     # bad text vectors: an error now
     check_unique(np.concatenate(ids), [len(i) for i in ids], split)
     release_arrow_memory()
     return np.concatenate(ids), (np.concatenate(best) if eval_index is not None else None)
@@ -147,9 +152,11 @@ def stage(split: EmbeddedFolder, column: str, keep: np.ndarray, ids: np.ndarray,
             if not np.array_equal(part["id"], ids[start:stop]):
                 raise FormatError(f"{path}: changed while build-index read it (other success ids); "
                                   f"rerun build-index")
-            block = normalise_(part[column][keep[start:stop]])
+            block, kept = part.pop(column), keep[start:stop]
+            block = normalise_(block if kept.all() else block[kept])
             w32.write(block)
-            w16.write(block.astype(np.float16))
+            for i in range(0, len(block), 4096):
+                w16.write(block[i:i + 4096].astype(np.float16))
             start = stop
     release_arrow_memory()
     return shape[0]
