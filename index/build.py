@@ -8,7 +8,7 @@ shortlist) until recall@``recall_k`` against exact search on a held-out sample r
 
 Memory: one modality at a time, its vectors streamed shard by shard to a float32 temporary
 (``reco.index.vectors``), trained on autofaiss's sample and added in bounded batches: the peak is
-that modality's index plus one batch (1.61x the float32 data at 200k x 512-d with the re-ranked
+that modality's index plus one batch (1.60x the float32 data at 200k x 512-d with the re-ranked
 key, which holds the vectors; 8.51x before, ``python -m reco.bench.index build-memory``).
 """
 from __future__ import annotations
