@@ -41,3 +41,36 @@ def test_ivf_refine_build_peak_stays_under_twice_the_data(tmp_path):
     got = _measure(tmp_path / "m", 100_000, 512, {})
     assert "RFlat" in got["key"]
     assert got["growth_ratio"] < 2.0, got
+
+
+def test_streamed_arrays_equal_the_in_memory_ones(tmp_path, monkeypatch):
+    """The pieces the bounded build is made of give what the whole-array calls gave: the .npy
+    bytes of np.save, rows read back, exact search in batches, the index filled in batches."""
+    import io
+
+    import faiss
+    import numpy as np
+
+    from reco.index import vectors as v
+
+    x = np.random.default_rng(0).standard_normal((3000, 24)).astype(np.float32)
+    with v.NpyWriter(tmp_path / "x.npy", x.shape, np.float32) as w:
+        for i in range(0, len(x), 700):
+            w.write(x[i:i + 700])
+    saved = io.BytesIO()
+    np.save(saved, x)
+    assert (tmp_path / "x.npy").read_bytes() == saved.getvalue()
+    rows = v.NpyRows(tmp_path / "x.npy")
+    picks = np.array([2999, 0, 17, 17, 1500])
+    assert np.array_equal(rows[10:2000], x[10:2000]) and np.array_equal(rows[picks], x[picks])
+    exact = faiss.IndexFlatIP(24)
+    exact.add(x)
+    got = v.exact_knn(rows, x[:50], 11)
+    assert np.array_equal(got[1], exact.search(x[:50], 11)[1])
+    whole, batched = (faiss.index_factory(24, "IVF8,PQ6x4fs,RFlat") for _ in range(2))
+    for index in (whole, batched):
+        index.train(x)
+    whole.add(x)
+    monkeypatch.setattr(v, "batch_rows", lambda dim: 256)          # 12 batches
+    v.add_in_batches(batched, rows)
+    assert faiss.serialize_index(whole).tobytes() == faiss.serialize_index(batched).tobytes()
