@@ -5,12 +5,18 @@ is a near-duplicate of an evaluation image (``reco.index.dedup``), then for each
 the index chosen by ``reco.index.keys`` with autofaiss, tune nprobe (and the re-ranking
 shortlist) until recall@``recall_k`` against exact search on a held-out sample reaches
 ``target_recall``, and write everything atomically (layout: ``reco.index.memory``).
+
+Memory: one modality at a time, its vectors streamed shard by shard to a float32 temporary
+(``reco.index.vectors``), trained on autofaiss's sample and added in bounded batches: the peak is
+that modality's index plus one batch (1.60x the float32 data at 200k x 512-d with the re-ranked
+key, which holds the vectors; 8.51x before, ``python -m reco.bench.index build-memory``).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import time
 import uuid
@@ -18,6 +24,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+from autofaiss.utils.cast import cast_memory_to_bytes
 
 from reco.config import RecoConfig
 from reco.console import captured_output
@@ -25,10 +32,11 @@ from reco.embedded import open_split, read_split
 from reco.errors import ConfigError, FormatError, MismatchError
 from reco.formats import atomic_save_npy, atomic_write_text, remove_temporaries
 from reco.index.config import IndexConfig
-from reco.index.dedup import eval_duplicate_mask
+from reco.index.dedup import duplicate_mask, reference_index
 from reco.index.keys import IndexPlan, choose_index_key
 from reco.index.memory import (EMB_FILES, IDS_FILE, INDEX_FILES, INFO_FILE, gpus_for, read_info,
                                set_search_params)
+from reco.index.vectors import NpyRows, add_in_batches, exact_knn, scan_split, stage
 from reco.record import FILE as RECORD_FILE
 from reco.record import Record, locked, outputs_of
 
@@ -41,29 +49,46 @@ def normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def train_index(vectors: np.ndarray, plan: IndexPlan, cfg: IndexConfig, gpus: int = 0) -> faiss.Index:
-    """The index of ``plan`` over ``vectors`` (nothing written to disk): autofaiss on the CPU;
-    with ``gpus`` (faiss-gpu, ``index.use_gpu``) the IVF k-means runs on the GPUs
-    (:func:`train_on_gpus`)."""
+def train_index(vectors, plan: IndexPlan, cfg: IndexConfig, gpus: int = 0) -> faiss.Index:
+    """The index of ``plan`` over ``vectors`` (an array or :class:`reco.index.vectors.NpyRows`;
+    nothing written to disk): autofaiss's index and training sample on the CPU, then the vectors
+    added one bounded batch at a time; with ``gpus`` (faiss-gpu, ``index.use_gpu``) the IVF
+    k-means runs on the GPUs (:func:`train_on_gpus`)."""
     if gpus and not plan.exact:
         return train_on_gpus(vectors, plan)
-    from autofaiss import build_index
+    return add_in_batches(autofaiss_trained(vectors, plan, cfg), vectors)
 
-    index, _ = build_index(
-        embeddings=vectors, index_path=None, index_infos_path=None, save_on_disk=False,
-        index_key=plan.key, index_param="" if plan.exact else "nprobe=1",
-        metric_type=plan.metric, max_index_memory_usage=cfg.max_index_memory_usage,
-        current_memory_available=cfg.current_memory_available,
-        nb_cores=cfg.nb_cores or None, use_gpu=False, verbose=logging.WARNING)
-    if index is None:
-        raise RuntimeError(f"autofaiss could not build {plan.key} (see its log above)")
+
+def autofaiss_trained(vectors, plan: IndexPlan, cfg: IndexConfig) -> faiss.Index:
+    """The empty index of ``plan`` trained as ``autofaiss.build_index`` trains it (its index
+    factory, its memory check, its training sample: the first ``get_optimal_train_size`` rows).
+    autofaiss's own add would read up to 1 GB batches with up to 50 pieces read ahead."""
+    from autofaiss.external.build import estimate_memory_required_for_index_creation
+    from autofaiss.external.optimize import check_if_index_needs_training, get_optimal_train_size
+    from autofaiss.indices.training import create_empty_index
+
+    n, dim = vectors.shape
+    needed, _ = estimate_memory_required_for_index_creation(n, dim, plan.key, cfg.max_index_memory_usage)
+    available, budget = (cast_memory_to_bytes(cfg.current_memory_available),
+                         cast_memory_to_bytes(cfg.max_index_memory_usage))
+    if needed > available or available - budget < 0.1 * available:
+        raise ConfigError(f"index {plan.key} over {n} x {dim} vectors: autofaiss needs {needed} bytes "
+                          f"and index.max_index_memory_usage={cfg.max_index_memory_usage} under "
+                          f"90% of index.current_memory_available={cfg.current_memory_available}; "
+                          f"raise index.current_memory_available (or lower the budget)")
+    faiss.omp_set_num_threads(cfg.nb_cores or multiprocessing.cpu_count())
+    index = create_empty_index(dim, plan.key, plan.metric)
+    if check_if_index_needs_training(plan.key):
+        size = get_optimal_train_size(n, plan.key, cfg.current_memory_available, dim)
+        sample = np.ascontiguousarray(vectors[:size], dtype=np.float32)
+        index.train(sample)
     return index
 
 
 GPU_TRAIN_POINTS = 256        # training vectors per inverted list (faiss warns below 39)
 
 
-def train_on_gpus(vectors: np.ndarray, plan: IndexPlan) -> faiss.Index:
+def train_on_gpus(vectors, plan: IndexPlan) -> faiss.Index:
     """faiss's recipe for GPU training: the CPU index of ``plan.key`` whose coarse k-means
     assigns on the GPUs (``clustering_index``), trained on a sample, then filled. The index
     stays a CPU index (written to disk as any other; ``Memory.load(use_gpu=True)`` moves it)."""
@@ -74,12 +99,12 @@ def train_on_gpus(vectors: np.ndarray, plan: IndexPlan) -> faiss.Index:
     ivf.clustering_index = gpu_flat        # (a borrowed pointer: gpu_flat lives until training ends)
     rng = np.random.default_rng(0)
     n_train = min(len(vectors), max(ivf.nlist * GPU_TRAIN_POINTS, 1))
-    sample = vectors[np.sort(rng.choice(len(vectors), n_train, replace=False))]
+    sample = np.ascontiguousarray(vectors[np.sort(rng.choice(len(vectors), n_train, replace=False))],
+                                  dtype=np.float32)
     index.train(sample)
     ivf.clustering_index = None
-    del gpu_flat
-    index.add(vectors)
-    return index
+    del gpu_flat, sample
+    return add_in_batches(index, vectors)
 
 
 def _leave_one_out(labels: np.ndarray, sample: np.ndarray, k: int) -> np.ndarray:
@@ -100,7 +125,7 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
 MAX_K_FACTOR = 512
 
 
-def tune_search(index: faiss.Index, vectors: np.ndarray, plan: IndexPlan, cfg: IndexConfig) -> dict:
+def tune_search(index: faiss.Index, vectors, plan: IndexPlan, cfg: IndexConfig) -> dict:
     """Smallest nprobe (then larger re-ranking shortlists) reaching ``cfg.target_recall``.
 
     nprobe doubles until recall reaches the target or stops improving (then the codes, not the
@@ -113,10 +138,8 @@ def tune_search(index: faiss.Index, vectors: np.ndarray, plan: IndexPlan, cfg: I
         return {"nprobe": None, "k_factor": None, "recall": 1.0, "recall_curve": []}
     rng = np.random.default_rng(cfg.seed)
     sample = rng.choice(len(vectors), min(cfg.recall_sample, len(vectors)), replace=False)
-    queries, k = vectors[sample], cfg.recall_k
-    exact = faiss.IndexFlatIP(vectors.shape[1])
-    exact.add(vectors)
-    truth = _leave_one_out(exact.search(queries, k + 1)[1], sample, k)
+    queries, k = np.ascontiguousarray(vectors[sample], dtype=np.float32), cfg.recall_k
+    truth = _leave_one_out(exact_knn(vectors, queries, k + 1)[1], sample, k)
     nlist = faiss.extract_index_ivf(index).nlist
     top = min(nlist, cfg.max_nprobe)
     nprobes = [p for p in (2 ** i for i in range(20)) if min(cfg.min_nprobe, top) <= p <= top]
@@ -161,17 +184,41 @@ def check_recall(tuned: dict, key: str, cfg: IndexConfig) -> dict:
                       f"to keep this index")
 
 
-def write_index(index: faiss.Index, path: Path) -> int:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        faiss.write_index(index, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path.stat().st_size
+def _temporary(out: Path, name: str) -> Path:
+    """A temporary name beside ``out / name`` (``reco.storage.remove_temporaries`` drops it)."""
+    return out / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
 
 
-def build_one(vectors: np.ndarray, name: str, cfg: IndexConfig) -> tuple[faiss.Index, dict]:
+def _build_modality(split, m: str, keep: np.ndarray, ids: np.ndarray, out: Path, cfg: IndexConfig,
+                    staged: list[Path]) -> dict:
+    """One modality's index and float16 embeddings, on temporary names in ``out`` (appended to
+    ``staged``): its kept vectors streamed to a float32 temporary (``reco.index.vectors.stage``)
+    that the index is trained and filled from in bounded batches, then deleted."""
+    f32, f16, index_tmp = (_temporary(out, name) for name in (f"{EMB_FILES[m]}.f32", EMB_FILES[m],
+                                                               INDEX_FILES[m]))
+    staged += [f32, f16, index_tmp]
+    stage(split, MODALITY_COLUMNS[m], keep, ids, f32, f16)
+    index, info = build_one(NpyRows(f32), INDEX_FILES[m], cfg)
+    f32.unlink()
+    faiss.write_index(index, str(index_tmp))
+    return {"index": index_tmp, "emb": f16, "info": {**info, "size_bytes": index_tmp.stat().st_size}}
+
+
+def _commit(out: Path, built: dict) -> dict:
+    """Rename the built files into place; returns each modality's index info."""
+    # info.json (written last) marks a complete folder: withdraw it before replacing any file, so
+    # that a run killed mid-rebuild leaves a folder that readers and reruns see as unbuilt, never
+    # an old info.json over a mix of old and new files. Only now, with the new indices built: a
+    # run that fails before this point leaves the previous index whole.
+    (out / INFO_FILE).unlink(missing_ok=True)
+    (out / RECORD_FILE).unlink(missing_ok=True)
+    for m, files in built.items():
+        os.replace(files["index"], out / INDEX_FILES[m])
+        os.replace(files["emb"], out / EMB_FILES[m])
+    return {m: files["info"] for m, files in built.items()}
+
+
+def build_one(vectors, name: str, cfg: IndexConfig) -> tuple[faiss.Index, dict]:
     """Build and tune one modality's index in memory (nothing written); returns it and its info."""
     gpus = gpus_for(cfg.use_gpu)
     plan = choose_index_key(len(vectors), vectors.shape[1], cfg, gpu=gpus > 0)
@@ -213,6 +260,16 @@ def _eval_images(cfg: RecoConfig, model_id: str, dim: int) -> np.ndarray | None:
     if split.dim != dim:
         raise MismatchError(f"{folder}: test embeddings of dimension {split.dim}, memory {dim}")
     return normalise(read_split(split, modalities=("image",))["image"])
+
+
+def _scan(cfg: RecoConfig, split) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(success ids, mask of those kept, memory-cleaning info): every memory shard read and
+    validated once, each image compared with the evaluation images (``reco.index.dedup``)."""
+    evals = _eval_images(cfg, split.model_id, split.dim)
+    n_eval = 0 if evals is None else len(evals)
+    ids, best = scan_split(split, reference_index(evals) if n_eval else None)
+    remove, info = duplicate_mask(best, len(ids), cfg.neighbours.eval_dedup_threshold, n_eval)
+    return ids, ~remove, info
 
 
 # IndexConfig options that do not change the index (where and how fast it is built/read)
@@ -285,29 +342,19 @@ def _build(cfg: RecoConfig, force: bool) -> dict:
         log.info("index in %s is up to date; skipping (--force rebuilds)", out)
         return {**previous, "skipped": True}
     t_start = time.perf_counter()
-    data = read_split(split)
-    vectors = {m: normalise(data[col]) for m, col in MODALITY_COLUMNS.items()}
-    remove, dedup_info = eval_duplicate_mask(vectors["img"], _eval_images(cfg, split.model_id, split.dim),
-                                             cfg.neighbours.eval_dedup_threshold)
-    keep = ~remove
-    ids = data["id"][keep]
-    vectors = {m: np.ascontiguousarray(v[keep]) for m, v in vectors.items()}
-    built = {m: build_one(vectors[m], name, cfg.index) for m, name in INDEX_FILES.items()}
-    out.mkdir(parents=True, exist_ok=True)
-    # info.json (written last) marks a complete folder: withdraw it before replacing any file, so
-    # that a run killed mid-rebuild leaves a folder that readers and reruns see as unbuilt, never
-    # an old info.json over a mix of old and new files. Only now, with the new indices built: a
-    # run that fails before this point leaves the previous index whole.
-    (out / INFO_FILE).unlink(missing_ok=True)
-    (out / RECORD_FILE).unlink(missing_ok=True)
+    ids, keep, dedup_info = _scan(cfg, split)
     remove_temporaries(out)                   # left by a killed run
-    indices = {m: {**info, "size_bytes": write_index(index, out / INDEX_FILES[m])}
-               for m, (index, info) in built.items()}
-    for m, name in EMB_FILES.items():
-        atomic_save_npy(vectors[m].astype(np.float16), out / name)
-    atomic_save_npy(ids.astype(np.int64), out / IDS_FILE)
-    info = {"model_id": split.model_id, "dim": split.dim, "n": int(len(ids)),
-            "n_memory_success": int(len(data["id"])), **dedup_info,
+    staged: list[Path] = []                   # this run's temporaries (removed unless renamed)
+    try:
+        built = {m: _build_modality(split, m, keep, ids, out, cfg.index, staged) for m in INDEX_FILES}
+        indices = _commit(out, built)
+    finally:
+        for path in staged:
+            path.unlink(missing_ok=True)
+    kept = ids[keep]
+    atomic_save_npy(kept.astype(np.int64), out / IDS_FILE)
+    info = {"model_id": split.model_id, "dim": split.dim, "n": int(len(kept)),
+            "n_memory_success": int(len(ids)), **dedup_info,
             "keys": {m: i["key"] for m, i in indices.items()},
             "nprobe": {m: i["nprobe"] for m, i in indices.items()},
             "recall": {m: i["recall"] for m, i in indices.items()},
@@ -316,6 +363,6 @@ def _build(cfg: RecoConfig, force: bool) -> dict:
     atomic_write_text(out / INFO_FILE, json.dumps(info, indent=2))
     files = [*INDEX_FILES.values(), *EMB_FILES.values(), IDS_FILE, INFO_FILE]
     planned.outputs = outputs_of(out, files)
-    planned.counts, planned.complete = {"n": int(len(ids))}, True
+    planned.counts, planned.complete = {"n": int(len(kept))}, True
     planned.write(out)
     return info

@@ -276,11 +276,11 @@ def read_split(split: EmbeddedFolder, modalities: tuple[str, ...] = ("image", "t
     """All success rows of a split, concatenated in manifest order."""
     parts = [read_shard(p, split.dim, modalities=modalities) for p in split.shards]
     out = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-    _check_unique(out["id"], [len(p["id"]) for p in parts], split)
+    check_unique(out["id"], [len(p["id"]) for p in parts], split)
     return out
 
 
-def _check_unique(ids: np.ndarray, sizes: list[int], split: EmbeddedFolder) -> None:
+def check_unique(ids: np.ndarray, sizes: list[int], split: EmbeddedFolder) -> None:
     """FormatError naming the shard(s) holding the first duplicated id."""
     values, counts = np.unique(ids, return_counts=True)
     if len(values) == len(ids):

@@ -380,9 +380,20 @@ def _is_fp16_list(typ: pa.DataType) -> bool:
 _F16_TO_F32 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 
 
+_F16_CHUNK = 1 << 20       # values per lookup: bounds its int64 index temporary to 8 MiB
+
+
 def to_float32(x: np.ndarray) -> np.ndarray:
-    """A float16 array as a new float32 array (exact); other dtypes through astype."""
-    return _F16_TO_F32[x.view(np.uint16)] if x.dtype == np.float16 else x.astype(np.float32)
+    """A float16 array as a new float32 array (exact); other dtypes through astype. The table
+    lookup runs chunk by chunk (one lookup of the whole array held an int64 index of it: 4x the
+    float16 input beside the output)."""
+    if x.dtype != np.float16:
+        return x.astype(np.float32)
+    flat = np.ascontiguousarray(x).view(np.uint16).reshape(-1)
+    out = np.empty(flat.size, dtype=np.float32)
+    for start in range(0, flat.size, _F16_CHUNK):
+        np.take(_F16_TO_F32, flat[start:start + _F16_CHUNK], out=out[start:start + _F16_CHUNK])
+    return out.reshape(x.shape)
 
 
 OLD_TENSORS_HINT = ("trainer tensors of format tensors/1 (float16 lists), which this version no "

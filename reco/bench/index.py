@@ -22,6 +22,11 @@
     ``ratio_excl_startup`` removes the fixed cost of a run (measured on a 1-shard input);
     ``cpu_ratio`` compares process CPU seconds, the robust figure on a shared machine.
 
+* ``build_memory``: build-index's peak RSS (VmHWM, in a fresh process) over a 200k x 512-d memory
+  in 1,000-row shards, against the float32 data of one modality (``ratio``; ``growth_ratio``:
+  above the process's memory before the build); alone: ``python -m reco.bench.index
+  build-memory DIR 200000 512``.
+
 Run: ``reco bench --only index`` (pass sizes 20k and 200k; ``--full`` adds
 a 512-d memory).
 """
@@ -60,16 +65,23 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _peak_rss_mb() -> float:
-    """This process's peak RSS (VmHWM: reset by exec, unlike ru_maxrss, which a child started
-    with fork + exec inherits from its parent)."""
+def _status_mb(key: str) -> float:
+    """A memory figure of this process from /proc/self/status in MiB (``VmRSS``: resident now,
+    ``VmHWM``: peak resident, reset by exec unlike ru_maxrss, which a child started with fork +
+    exec inherits from its parent); NaN where the kernel does not report it."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return float("nan")
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM; ru_maxrss where /proc does not say)."""
+    peak = _status_mb("VmHWM")
+    return round(peak if peak == peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _timed(fn) -> tuple[float, float]:
@@ -269,6 +281,53 @@ def hard_recall(n: int = 50_000, dim: int = 64, budgets: tuple[str, ...] = ("100
     return out
 
 
+# --------------------------------------------------------------------------------------------
+# build-index memory (issue 21: peak <= 1.5x the float32 data of one modality)
+# --------------------------------------------------------------------------------------------
+
+MEMORY_SHARD = 1000              # rows per memory shard, as the embed stage writes them
+
+
+def write_build_input(workdir: str, n: int, dim: int) -> None:
+    """The synthetic memory of :func:`measure_build` (``python -m reco.bench.index build-input``:
+    generated in its own process, so that no process measured holds it)."""
+    cfg = _cfg(Path(workdir))
+    img, txt, _, _ = clustered_pairs(n, dim, max(n // 100, 1), seed=0)
+    write_embedded(cfg.paths.embedded("memory"), img, txt, shard_size=MEMORY_SHARD)
+
+
+def measure_build(workdir: str) -> dict:
+    """build-index (force) in this process, its peak RSS against the float32 data of one
+    modality (n x dim x 4 bytes): ``ratio`` = peak / data, ``growth_ratio`` = (peak - resident
+    before the build, imports done) / data. The peak counter is reset before the build."""
+    import autofaiss  # noqa: F401  (imported by the build: a fixed cost, not the data's)
+
+    cfg = _cfg(Path(workdir))
+    threads = _threads()
+    before = _status_mb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")        # reset VmHWM (Linux)
+    t0 = time.perf_counter()
+    info = build_memory_index(cfg, force=True)
+    seconds, peak = time.perf_counter() - t0, _status_mb("VmHWM")
+    data = info["n"] * info["dim"] * 4 / 2 ** 20
+    return {"n": info["n"], "dim": info["dim"], "key": info["keys"]["img"], "threads": threads,
+            "float32_data_mb": round(data, 1), "rss_before_mb": round(before, 1),
+            "peak_rss_mb": round(peak, 1), "ratio": round(peak / data, 3),
+            "growth_ratio": round((peak - before) / data, 3), "seconds": round(seconds, 1)}
+
+
+def build_memory(root: Path, n: int, dim: int, options: dict) -> dict:
+    """Peak memory of build-index over an ``n`` x ``dim`` memory (both modalities), measured in
+    a fresh process (:func:`measure_build`)."""
+    from reco.bench import options as bench_options
+
+    bench_options.save(root, options)
+    if not (_cfg(root).paths.embedded("memory") / "manifest.json").exists():
+        _subprocess("build-input", str(root), str(n), str(dim))
+    return {"claim": "build-index peak RSS <= 1.5x the float32 data of one modality",
+            **_subprocess("build", str(root))}
+
+
 def bench_index(out_dir: str | Path, quick: bool = True, options: dict | None = None) -> dict:
     """Run the benchmark in ``out_dir`` (work folders are kept there); returns the figures.
     ``options``: ``index.*``/``neighbours.*`` values (``reco bench --set``) over the demo preset."""
@@ -280,6 +339,7 @@ def bench_index(out_dir: str | Path, quick: bool = True, options: dict | None = 
     if not quick:
         results["d512"] = _one(out_dir / "d512", 200_000, 512, (20_000,), options)
     results["hard_distribution"] = hard_recall()
+    results["build_memory"] = build_memory(out_dir / "build_memory", 200_000, 512, options)
     results["peak_rss_mb"] = _peak_rss_mb()
     return results
 
@@ -291,6 +351,12 @@ if __name__ == "__main__":               # the measured processes, see measure_r
     what = sys.argv[1]
     if what == "hard":
         result = hard_recall()
+    elif what == "build-input":
+        result = write_build_input(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    elif what == "build":
+        result = measure_build(sys.argv[2])
+    elif what == "build-memory":           # python -m reco.bench.index build-memory OUT N DIM
+        result = build_memory(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), {})
     else:
         result = measure_raw(sys.argv[2]) if what == "raw" else measure_pass(sys.argv[2])
     print(json.dumps(result))
