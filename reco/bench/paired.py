@@ -95,9 +95,24 @@ def paired(a: list[str], b: list[str], rounds: int, *, timeout: float | None = N
     return summarise(pairs)
 
 
+def _cpu_per_item(result: dict) -> float | None:
+    if not {"cpu_seconds", "seconds", "rate"} <= set(result) or not result["cpu_seconds"]:
+        return None
+    return result["cpu_seconds"] / (result["rate"] * result["seconds"])
+
+
+def cpu_ratio(pair: dict) -> float | None:
+    """CPU seconds per item of B / of A (the children's ``cpu_seconds``, ``seconds``, ``rate``):
+    the ratio in CPU time, steadier than wall time on a shared machine; None when not reported."""
+    a, b = _cpu_per_item(pair["a"]), _cpu_per_item(pair["b"])
+    return None if a is None or b is None else b / a
+
+
 def summarise(pairs: list[dict]) -> dict:
     """The statistics of measured pairs (see :func:`paired`)."""
+    cpu = [c for c in map(cpu_ratio, pairs) if c is not None]
     return {"rounds": len(pairs), "pairs": pairs,
+            "cpu_ratio": round(quantiles(cpu)["median"], 4) if len(cpu) == len(pairs) else None,
             "ratio": {k: round(v, 4) for k, v in quantiles([p["ratio"] for p in pairs]).items()},
             "a_rate": round(quantiles([p["a"]["rate"] for p in pairs])["median"], 2),
             "b_rate": round(quantiles([p["b"]["rate"] for p in pairs])["median"], 2),
@@ -115,23 +130,28 @@ class Claim:
 
     ``value`` is the median ratio A/B of a paired run (or a single figure such as a recall, with
     ``rounds`` 1 and no spread); ``goal`` the least value that meets the claim (None: reported
-    only); ``rates`` says what A and B measured (e.g. "stage 21.3 img/s vs raw forward 24.0").
+    only; ``at_most``: the most, as for a memory ratio); ``rates`` says what A and B measured
+    (e.g. "stage 21.3 vs raw 24.0 img/s").
     """
 
     claim: str
     value: float
     goal: float | None = None
+    at_most: bool = False
     q25: float | None = None
     q75: float | None = None
     rates: str = ""
     rounds: int = 1
+    cpu_ratio: float | None = None
     load_before: list[float] = field(default_factory=list)
     load_after: list[float] = field(default_factory=list)
     command: str = ""
 
     @property
     def met(self) -> bool | None:
-        return None if self.goal is None else self.value >= self.goal
+        if self.goal is None:
+            return None
+        return self.value <= self.goal if self.at_most else self.value >= self.goal
 
     @classmethod
     def from_paired(cls, claim: str, stats: dict, goal: float | None, unit: str, a_name: str,
@@ -139,14 +159,14 @@ class Claim:
         r = stats["ratio"]
         return cls(claim=claim, value=r["median"], goal=goal, q25=r["q25"], q75=r["q75"],
                    rates=f"{a_name} {stats['a_rate']:,.1f} vs {b_name} {stats['b_rate']:,.1f} {unit}",
-                   rounds=stats["rounds"], load_before=stats["load_before"],
+                   rounds=stats["rounds"], cpu_ratio=stats.get("cpu_ratio"), load_before=stats["load_before"],
                    load_after=stats["load_after"], command=command)
 
     def as_dict(self) -> dict:
         return {**asdict(self), "met": self.met}
 
 
-COLUMNS = ("claim", "goal", "ratio (median)", "spread (IQR)", "rates", "rounds",
+COLUMNS = ("claim", "goal", "value (median)", "spread (IQR)", "rates", "rounds", "CPU-time ratio",
            "load before", "load after", "met", "command")
 
 
@@ -160,8 +180,9 @@ def row(claim: dict) -> str:
     c = Claim(**{k: v for k, v in claim.items() if k != "met"})
     spread = "" if c.q25 is None else f"{c.q25:.3f}-{c.q75:.3f}"
     met = "n/a" if c.met is None else ("yes" if c.met else "**no**")
-    cells = [c.claim, "" if c.goal is None else f">= {c.goal:g}", f"{c.value:.3f}", spread, c.rates,
-             str(c.rounds), _loads(c.load_before), _loads(c.load_after), met,
+    goal = "" if c.goal is None else f"{'<=' if c.at_most else '>='} {c.goal:g}"
+    cells = [c.claim, goal, f"{c.value:.3f}", spread, c.rates,
+             str(c.rounds), "" if c.cpu_ratio is None else f"{c.cpu_ratio:.3f}", _loads(c.load_before), _loads(c.load_after), met,
              f"`{c.command}`" if c.command else ""]
     return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
 
@@ -171,8 +192,9 @@ def summary_markdown(results: dict) -> str:
     machine = results.get("machine", {})
     lines = [f"# reco bench summary ({'quick' if results.get('quick', True) else 'full'} sizes)", "",
              f"Machine: {machine.get('cpus', '?')} CPUs, {machine.get('platform', '?')}. Ratios are "
-             "A/B per round of fresh processes run A,B,B,A,...; load = 1-min load average before "
-             "and after each round (min-max).", "",
+             "A/B of items/s per round of fresh processes run A,B,B,A,... (median, IQR); CPU-time "
+             "ratio: B's CPU seconds per item / A's (median); load: 1-min load average before and "
+             "after each round (min-max).", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for bench, result in results.items():
         if isinstance(result, dict):
