@@ -92,26 +92,32 @@ def measure_stage(spec_path: str) -> dict:
 
 
 def measure_raw(spec_path: str) -> dict:
-    """B: the model's image + text forward on decoded, preprocessed, tokenised batches."""
+    """B: the model's image + text forward on decoded, preprocessed, tokenised batches. They are
+    decoded and tokenised (untimed) by the stage's own executors, kept alive while the forward is
+    timed, so that the process holds the same threads as A's: libgomp throttles its spin-waiting
+    while more threads than cores use OpenMP, and without them the same forward cost ~35% more
+    CPU on the loaded 2-core machine (raw slower than the whole stage)."""
     import torch
 
     from reco.clip import encode_images, encode_tokens
     from reco.pipelines.download import IMAGE_KEY
-    from reco.pipelines.embed import decode
+    from reco.pipelines.embed import _executors, decode
 
     spec, clip, rows = _load(spec_path)
     batch = spec["batch"]
-    batches = [(torch.stack([decode(clip, r[IMAGE_KEY]) for r in rows[s:s + batch]]),
-                clip.tokenizer([r["caption"] for r in rows[s:s + batch]]))
-               for s in range(0, len(rows), batch)]
 
     def forward(todo):
         for pixels, tokens in todo:
             encode_images(clip, pixels)
             encode_tokens(clip, tokens)
 
-    forward(batches[:1])                                                # warm-up
-    return _timed(len(rows), lambda: forward(batches))
+    with _executors(spec["decode_workers"]) as (decoder, tokeniser):     # alive while timed, as in A
+        pixels = [decoder.submit(decode, clip, r[IMAGE_KEY]) for r in rows]
+        batches = [(torch.stack([f.result() for f in pixels[s:s + batch]]),
+                    tokeniser.submit(clip.tokenizer, [r["caption"] for r in rows[s:s + batch]]).result())
+                   for s in range(0, len(rows), batch)]
+        forward(batches[:1])                                            # warm-up
+        return _timed(len(rows), lambda: forward(batches))
 
 
 # --------------------------------------------------------------------------------------------
