@@ -34,7 +34,7 @@ from reco.formats import STATUS_OK, atomic_write_text
 
 # preset -> model, source image side (px), images (quick, full), batch, ratio goal
 PRESETS = {
-    "reco-tiny": dict(model="reco-tiny", source_px=64, images=(512, 2048), batch=256, goal=None),
+    "reco-tiny": dict(model="reco-tiny", source_px=64, images=(2048, 8192), batch=256, goal=None),
     "ViT-B-32": dict(model="ViT-B-32", source_px=256, images=(64, 256), batch=32, goal=0.8),
 }
 COMMAND = "reco bench --only embed"
