@@ -142,7 +142,7 @@ def embed_rows(clip, rows: list[dict], batch_size: int, decode_workers: int = 0)
     from reco.clip import encode_images, encode_tokens
 
     out = [{k: v for k, v in r.items() if k != IMAGE_KEY} for r in rows]
-    with _executors(decode_workers) as (decoder, tokeniser):
+    with _executors(min(decode_workers, len(rows))) as (decoder, tokeniser):
         for index, pixels, tokens in _batches(clip, rows, out, batch_size, decoder, tokeniser):
             images = encode_images(clip, pixels).numpy()
             texts = encode_tokens(clip, tokens.result()).numpy()
