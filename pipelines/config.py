@@ -30,6 +30,8 @@ class EmbedConfig:
     direct_running_mode: str = "in_memory"   # or multi_processing (never multi_threading)
     direct_num_workers: int = 1
     torch_threads: int = 2
+    decode_workers: int = 4           # threads decoding + preprocessing images one batch ahead of
+                                      # the forward (and one tokenising); 0 or 1: in the worker thread
     device: str | None = None         # torch device of the workers' encoder: cpu, cuda, auto
                                       # (None: the run's clip.device); GPU workers use cuda/auto
     precision: str | None = None      # open_clip precision (fp32, fp16, amp...; None: clip.precision)
@@ -46,6 +48,7 @@ class EmbedConfig:
                  resize_mode=o.Choice(RESIZE_MODES), encode_format=o.Choice(ENCODE_FORMATS),
                  runner=o.NON_EMPTY, direct_running_mode=o.NON_EMPTY,
                  direct_num_workers=o.Range(0, o.MAX_THREADS), torch_threads=o.Range(1, o.MAX_THREADS),
+                 decode_workers=o.Range(0, o.MAX_THREADS),
                  device=o.Pattern(o.DEVICE, "cpu, cuda, cuda:1, auto"), precision=o.Choice(o.CLIP_PRECISIONS),
                  input_format=o.NON_EMPTY, image_col=o.NON_EMPTY)    # input_format: reco.pipelines.inputs
 

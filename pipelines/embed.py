@@ -4,11 +4,21 @@ The model is created in ``DoFn.setup`` through a :class:`apache_beam.utils.share
 so all DoFn instances (threads) of one worker process share a single copy. Rows whose download
 succeeded get ``image_emb`` and ``text_emb`` (float32, unit norm); a success whose bytes PIL
 cannot decode becomes ``failed_to_embed``. Image bytes are dropped after embedding.
+
+Feeding the encoder (:func:`embed_rows`): decode + preprocess run in ``embed.decode_workers``
+threads and tokenisation in one more thread, one batch ahead of the forward, so that the encoder
+(a GPU in production) does not wait for a serial decoder; the results are the serial path's.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
+import functools
 import io
+import itertools
 import logging
+import re
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import apache_beam as beam
 import numpy as np
@@ -36,29 +46,109 @@ def decode(clip, data: bytes):
         return clip.preprocess(img.convert("RGB"))
 
 
-def embed_rows(clip, rows: list[dict], batch_size: int) -> list[dict]:
-    """Add ``image_emb``/``text_emb`` to successful rows (in batches of ``batch_size``)."""
+class _Inline:
+    """An executor that runs each task at once in the calling thread (the serial path)."""
+
+    def submit(self, fn, *args):
+        future = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller through the future
+            future.set_exception(exc)
+        return future
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False):
+        pass
+
+
+@contextlib.contextmanager
+def _executors(decode_workers: int):
+    """(decoder, tokeniser): a pool of ``decode_workers`` threads and ONE tokeniser thread (open_clip's
+    Hugging Face tokenizers must not run concurrently); both inline when ``decode_workers`` <= 1."""
+    if decode_workers <= 1:
+        yield _Inline(), _Inline()
+        return
+    decoder = ThreadPoolExecutor(decode_workers, thread_name_prefix="reco-decode")
+    tokeniser = ThreadPoolExecutor(1, thread_name_prefix="reco-tokenise")
+    try:
+        yield decoder, tokeniser
+    finally:
+        decoder.shutdown(wait=True, cancel_futures=True)
+        tokeniser.shutdown(wait=True, cancel_futures=True)
+
+
+def _ahead(executor, fn, items: list, ahead: int):
+    """fn(item) for every item, results in order, at most ``ahead`` tasks submitted ahead of the
+    one consumed (they run while the consumer works on earlier results)."""
+    pending, it = collections.deque(), iter(items)
+    for item in itertools.islice(it, ahead):
+        pending.append(executor.submit(fn, item))
+    while pending:
+        done = pending.popleft()
+        nxt = next(it, _END)
+        if nxt is not _END:
+            pending.append(executor.submit(fn, nxt))
+        yield done.result()
+
+
+_END = object()
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")    # PIL names the BytesIO by address: not reproducible
+
+
+def _decoded(clip, rows: list[dict], i: int):
+    """(i, tensor, None) or (i, None, error message) for row i (run in the decode pool)."""
+    try:
+        return i, decode(clip, rows[i][IMAGE_KEY]), None
+    except Exception as exc:  # noqa: BLE001 - any decoder error is this row's failure
+        return i, None, f"cannot decode image: {_ADDRESS.sub('', str(exc))}"
+
+
+def _batches(clip, rows: list[dict], out: list[dict], batch_size: int, decoder, tokeniser):
+    """(row indices, stacked pixels, future of the tokens) per batch of ``batch_size`` DECODED
+    images, in row order; the next batch is decoded (and this one tokenised) while the caller
+    runs the forward. Undecodable rows are marked ``failed_to_embed`` in ``out``."""
     import torch
 
-    from reco.clip import encode_images, encode_texts
+    todo = [i for i, row in enumerate(rows) if row["status"] == STATUS_OK]
+    batch: list[tuple[int, object]] = []
+
+    def emit():
+        index = [i for i, _ in batch]
+        captions = [rows[i]["caption"] or "" for i in index]
+        return index, torch.stack([t for _, t in batch]), tokeniser.submit(clip.tokenizer, captions)
+
+    for i, tensor, error in _ahead(decoder, functools.partial(_decoded, clip, rows), todo, batch_size):
+        if error is not None:
+            out[i].update(status="failed_to_embed", error_message=error)
+            continue
+        batch.append((i, tensor))
+        if len(batch) == batch_size:
+            yield emit()
+            batch = []
+    if batch:
+        yield emit()
+
+
+def embed_rows(clip, rows: list[dict], batch_size: int, decode_workers: int = 0) -> list[dict]:
+    """Add ``image_emb``/``text_emb`` to successful rows (in batches of ``batch_size`` decoded
+    images); rows PIL cannot decode become ``failed_to_embed``. Image bytes are dropped.
+
+    ``decode_workers`` > 1: decode + preprocess run in that many threads and tokenisation in
+    one more, a batch ahead of the forward (batch i+1 is decoded while batch i is encoded);
+    0 or 1: everything in the calling thread. Both give the same rows, in the same order, with
+    the same batches (so the same embeddings)."""
+    from reco.clip import encode_images, encode_tokens
 
     out = [{k: v for k, v in r.items() if k != IMAGE_KEY} for r in rows]
-    todo = []
-    for i, row in enumerate(rows):
-        if row["status"] != STATUS_OK:
-            continue
-        try:
-            todo.append((i, decode(clip, row[IMAGE_KEY])))
-        except Exception as exc:  # noqa: BLE001 - any decoder error is this row's failure
-            out[i].update(status="failed_to_embed", error_message=f"cannot decode image: {exc}")
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start:start + batch_size]
-        index = [i for i, _ in batch]
-        images = encode_images(clip, torch.stack([t for _, t in batch])).numpy()
-        texts = encode_texts(clip, [rows[i]["caption"] or "" for i in index]).numpy()
-        for j, i in enumerate(index):
-            out[i]["image_emb"] = images[j].astype(np.float32)
-            out[i]["text_emb"] = texts[j].astype(np.float32)
+    with _executors(min(decode_workers, len(rows))) as (decoder, tokeniser):
+        for index, pixels, tokens in _batches(clip, rows, out, batch_size, decoder, tokeniser):
+            images = encode_images(clip, pixels).numpy()
+            texts = encode_tokens(clip, tokens.result()).numpy()
+            for j, i in enumerate(index):
+                out[i]["image_emb"] = images[j].astype(np.float32)
+                out[i]["text_emb"] = texts[j].astype(np.float32)
     return out
 
 
@@ -74,8 +164,9 @@ class ClipDoFn(beam.DoFn):
     shared by its threads through :class:`apache_beam.utils.shared.Shared`."""
 
     def __init__(self, model: str, pretrained: str | None, batch_size: int, torch_threads: int,
-                 device: str = "cpu", precision: str = "fp32"):
+                 device: str = "cpu", precision: str = "fp32", decode_workers: int = 0):
         self.model = model
+        self.decode_workers = decode_workers
         self.pretrained = pretrained
         self.batch_size = batch_size
         self.torch_threads = torch_threads
@@ -112,7 +203,7 @@ class ClipDoFn(beam.DoFn):
 class _EmbedShardFn(ClipDoFn):
     def process(self, element):
         shard, rows = element
-        out = embed_rows(self.clip, rows, self.batch_size)
+        out = embed_rows(self.clip, rows, self.batch_size, self.decode_workers)
         done = self.count(out)
         log.debug("shard %05d: embedded %d rows", shard, done)
         yield shard, out
@@ -122,9 +213,11 @@ class EmbedShards(beam.PTransform):
     """(shard, rows with image bytes) -> (shard, rows with image_emb/text_emb on success)."""
 
     def __init__(self, model: str, pretrained: str | None, *, batch_size: int = 256,
-                 torch_threads: int = 2, device: str = "cpu", precision: str = "fp32"):
+                 torch_threads: int = 2, device: str = "cpu", precision: str = "fp32",
+                 decode_workers: int = 0):
         super().__init__()
-        self.fn = _EmbedShardFn(model, pretrained, batch_size, torch_threads, device, precision)
+        self.fn = _EmbedShardFn(model, pretrained, batch_size, torch_threads, device, precision,
+                                decode_workers)
 
     def expand(self, shards):
         return shards | "OpenClip" >> beam.ParDo(self.fn)

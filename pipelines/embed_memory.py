@@ -121,7 +121,7 @@ def check_net_options(cfg: EmbedConfig) -> None:
 # options that do not change what is written (how fast, where it runs); every other option of
 # EmbedConfig shapes the output and is recorded (a new option is recorded unless listed here)
 NOT_SHAPING = ("batch_size", "processes", "threads", "runner", "direct_running_mode",
-               "direct_num_workers", "torch_threads", "device")
+               "direct_num_workers", "torch_threads", "decode_workers", "device")
 
 
 def embed_options(embed_cfg: EmbedConfig, kind: str = "urls") -> dict:

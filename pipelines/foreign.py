@@ -60,7 +60,7 @@ class _EmbedFileFn(ClipDoFn):
 
     def __init__(self, read: Callable, cfg, model: str, pretrained: str | None):
         super().__init__(model, pretrained, cfg.batch_size, cfg.torch_threads,
-                         cfg.device or "cpu", cfg.precision or "fp32")
+                         cfg.device or "cpu", cfg.precision or "fp32", cfg.decode_workers)
         self.read = read
         self.cfg = cfg
 
@@ -70,9 +70,9 @@ class _EmbedFileFn(ClipDoFn):
             pending.append(r)
             images += IMAGE_KEY in r
             if images >= self.batch_size:
-                done += embed_rows(self.clip, pending, self.batch_size)
+                done += embed_rows(self.clip, pending, self.batch_size, self.decode_workers)
                 pending, images = [], 0
-        done += embed_rows(self.clip, pending, self.batch_size)
+        done += embed_rows(self.clip, pending, self.batch_size, self.decode_workers)
         out = [_locate(r, file) for r in complete(done, file)]
         n = self.count(out)
         log.info("shard %05d: embedded %d of %d rows of %s", file.shard, n, len(out), file.path)

@@ -39,4 +39,4 @@ def embed_transform(job) -> EmbedShards:
     cfg = job.cfg
     return EmbedShards(job.model, job.pretrained, batch_size=cfg.batch_size,
                        torch_threads=cfg.torch_threads, device=cfg.device or "cpu",
-                       precision=cfg.precision or "fp32")
+                       precision=cfg.precision or "fp32", decode_workers=cfg.decode_workers)

@@ -266,12 +266,17 @@ def encode_images(clip: LoadedClip, pixels: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(emb.float(), dim=-1).cpu()
 
 
-@torch.no_grad()
 def encode_texts(clip: LoadedClip, texts: list[str]) -> torch.Tensor:
-    """Unit-norm float32 text embeddings on the CPU (tokens moved to the model's device, autocast
-    for the amp precisions)."""
+    """Unit-norm float32 text embeddings on the CPU (tokenised, then :func:`encode_tokens`)."""
+    return encode_tokens(clip, clip.tokenizer(list(texts)))
+
+
+@torch.no_grad()
+def encode_tokens(clip: LoadedClip, tokens: torch.Tensor) -> torch.Tensor:
+    """Unit-norm float32 text embeddings of already tokenised texts on the CPU (tokens moved to
+    the model's device, autocast for the amp precisions)."""
     device = _model_device(clip)
-    tokens = to_device(clip.tokenizer(list(texts)), device)
+    tokens = to_device(tokens, device)
     with autocast(clip, device):
         emb = clip.model.encode_text(tokens)
     return torch.nn.functional.normalize(emb.float(), dim=-1).cpu()

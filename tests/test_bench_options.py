@@ -34,14 +34,34 @@ def test_measured_subprocesses_get_the_same_options(tmp_path):
 
 
 def test_model_device_precision_reach_the_embed_bench(tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr(bench_embed_mod, "bench_model",
-                        lambda *args, **kw: calls.append((args, kw)) or {"model": args[0]})
+    import json
+
+    from reco.bench import paired as pb
+
+    specs, argv = [], []
+
+    def fake_prepare(work, model, pretrained, n, batch, source_px, opt):
+        spec = {**bench_embed_mod.spec_of(model, pretrained, n, batch, opt), "image_size": 224}
+        specs.append(spec)
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "spec.json").write_text(json.dumps(spec))
+        return work / "spec.json"
+
+    def fake_paired(a, b, rounds):
+        argv.append((a, b, rounds))
+        return pb.summarise([{"a": {"rate": 1.0}, "b": {"rate": 1.0}, "ratio": 1.0, "load_before": 0.0,
+                              "load_after": 0.0}])
+
+    monkeypatch.setattr(bench_embed_mod, "prepare", fake_prepare)
+    monkeypatch.setattr(bench_embed_mod, "paired", fake_paired)
     bench_embed_mod.bench_embed(tmp_path, options={"clip.model": "ViT-B-32", "clip.device": "cpu",
-                                                   "clip.precision": "bf16", "embed.batch_size": 32})
-    (model, pretrained, _, batch, *_), kw = calls[0]
-    assert (model, pretrained, batch) == ("ViT-B-32", None, 32)
-    assert kw == {"device": "cpu", "precision": "bf16"}
+                                                   "clip.precision": "bf16", "embed.batch_size": 32,
+                                                   "embed.decode_workers": 3})
+    (spec,) = specs                                  # only the model asked for, not the presets
+    assert (spec["model"], spec["pretrained"], spec["batch"]) == ("ViT-B-32", None, 32)
+    assert (spec["device"], spec["precision"], spec["decode_workers"]) == ("cpu", "bf16", 3)
+    ((a, b, rounds),) = argv                         # the children read that spec
+    assert (a[-2], b[-2]) == ("stage", "raw") and a[-1] == b[-1] and a[-1].endswith("spec.json")
 
 
 def test_option_a_bench_cannot_use_is_refused(tmp_path, capsys):

@@ -1,102 +1,229 @@
-"""Benchmark of the embed stage: its images/s against raw open_clip forward images/s.
+"""Benchmark of the embed stage: its images/s against the raw open_clip forward, paired.
 
-Same model, same batch size, same machine, one process:
+Per preset (``reco-tiny`` at 32 px, and ``ViT-B-32`` at 224 px, 512-d, random init: no
+download), two measurements, each a FRESH process (:mod:`reco.bench.paired`: interleaved
+A,B,B,A,..., ``rounds`` rounds, ratio median and spread, load before/after):
 
-* ``raw_forward``: ``encode_image`` + ``encode_text`` on tensors already preprocessed (the
-  model alone; ``raw_image_forward`` is ``encode_image`` only);
-* ``decode_preprocess``: PIL decode + the model's eval transform of the resized image bytes;
-* ``embed_stage``: :func:`reco.pipelines.embed.embed_rows` on rows holding image bytes (what the
-  Beam step does per shard: decode, preprocess, batch, encode images and captions);
-* ``pipeline``: the whole job (loopback download with img2dataset, embed, write) through
-  :func:`reco.pipelines.embed_memory.embed_urls` on the DirectRunner.
+* A, ``stage``: :func:`reco.pipelines.embed.embed_rows` on rows holding the resized image bytes
+  the download step hands over (img2dataset's resize, ``embed.encode_format``): decode +
+  preprocess + tokenise (``embed.decode_workers`` threads) + image and text forward;
+* B, ``raw``: ``encode_image`` + ``encode_text`` (:func:`reco.clip.encode_images` /
+  :func:`reco.clip.encode_tokens`) on tensors ALREADY decoded, preprocessed and tokenised, same
+  model, batch, torch threads, device and precision: the model alone.
 
-``ratio = embed_stage / raw_forward`` (goal >= 0.8). For a tiny model the forward is so cheap that
-decode/preprocess dominates; ``full`` mode adds a ViT-B-32 (random init, no download).
+Both load the model the same way, run one batch as warm-up, then time one pass over the images.
+``ratio = A / B`` (goal >= 0.8 at ViT-B-32/224). The tiny preset also runs the whole job once
+(loopback download with img2dataset, embed, write: ``pipeline_images_per_s``).
+
+Run: ``reco bench --only embed`` (``--full``: more images and rounds; ``--rounds N``).
 """
 from __future__ import annotations
 
 import io
 import json
+import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from reco.clip import encode_images, encode_texts, load_clip, save_local_dir
+from reco.bench.paired import ROUNDS, Claim, paired
 from reco.formats import STATUS_OK, atomic_write_text
 
+# preset -> model, source image side (px), images (quick, full), batch, ratio goal
+PRESETS = {
+    "reco-tiny": dict(model="reco-tiny", source_px=64, images=(2048, 8192), batch=256, goal=None),
+    "ViT-B-32": dict(model="ViT-B-32", source_px=256, images=(64, 256), batch=32, goal=0.8),
+}
+COMMAND = "reco bench --only embed"
 
-def _png_corpus(folder: Path, n: int, size: int) -> list[str]:
+
+# --------------------------------------------------------------------------------------------
+# the measured processes (``python -m reco.bench.embed stage|raw SPEC``)
+# --------------------------------------------------------------------------------------------
+
+def _load(spec_path: str):
+    """(spec, clip, rows) in a child: the model loaded as the parent said, the rows read back."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from reco.clip import load_clip, resolve_device
+    from reco.pipelines.download import IMAGE_KEY
+
+    spec = json.loads(Path(spec_path).read_text())
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    clip = load_clip(spec["model"], spec["pretrained"], device=resolve_device(spec["device"]),
+                     precision=spec["precision"])
+    table = pq.read_table(Path(spec_path).parent / "rows.parquet").to_pylist()
+    rows = [{"id": r["id"], "url": "", "caption": r["caption"], "label": None, "status": STATUS_OK,
+             "error_message": None, IMAGE_KEY: r["image"]} for r in table]
+    return spec, clip, rows
+
+
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _timed(n: int, fn) -> dict:
+    c0, t0 = _cpu(), time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - t0
+    return {"rate": n / seconds, "seconds": round(seconds, 3), "cpu_seconds": round(_cpu() - c0, 3),
+            "images": n}
+
+
+def measure_stage(spec_path: str) -> dict:
+    """A: embed_rows on the rows (after one warm-up batch)."""
+    from reco.pipelines.embed import embed_rows
+
+    spec, clip, rows = _load(spec_path)
+    batch, workers = spec["batch"], spec["decode_workers"]
+    embed_rows(clip, rows[:batch], batch, workers)                     # warm-up
+    done = {}
+    result = _timed(len(rows), lambda: done.update(out=embed_rows(clip, rows, batch, workers)))
+    ok = sum("image_emb" in r for r in done["out"])
+    if ok != len(rows):
+        raise RuntimeError(f"embed_rows embedded {ok} of {len(rows)} rows")
+    return {**result, "decode_workers": workers}
+
+
+def measure_raw(spec_path: str) -> dict:
+    """B: the model's image + text forward on decoded, preprocessed, tokenised batches. They are
+    decoded and tokenised (untimed) by the stage's own executors, kept alive while the forward is
+    timed, so that the process holds the same threads as A's: libgomp throttles its spin-waiting
+    while more threads than cores use OpenMP, and without them the same forward cost ~35% more
+    CPU on the loaded 2-core machine (raw slower than the whole stage)."""
+    import torch
+
+    from reco.clip import encode_images, encode_tokens
+    from reco.pipelines.download import IMAGE_KEY
+    from reco.pipelines.embed import _executors, decode
+
+    spec, clip, rows = _load(spec_path)
+    batch = spec["batch"]
+
+    def forward(todo):
+        for pixels, tokens in todo:
+            encode_images(clip, pixels)
+            encode_tokens(clip, tokens)
+
+    with _executors(spec["decode_workers"]) as (decoder, tokeniser):     # alive while timed, as in A
+        pixels = [decoder.submit(decode, clip, r[IMAGE_KEY]) for r in rows]
+        batches = [(torch.stack([f.result() for f in pixels[s:s + batch]]),
+                    tokeniser.submit(clip.tokenizer, [r["caption"] for r in rows[s:s + batch]]).result())
+                   for s in range(0, len(rows), batch)]
+        forward(batches[:1])                                            # warm-up
+        return _timed(len(rows), lambda: forward(batches))
+
+
+# --------------------------------------------------------------------------------------------
+# the benchmark
+# --------------------------------------------------------------------------------------------
+
+def _resized_rows(image_size: int, n: int, source_px: int, encode_format: str) -> list[dict]:
+    """n random images of ``source_px`` px, resized as the download step resizes them."""
     from PIL import Image
 
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return [f"{i}.png" for i in range(n)]
-
-
-def _rate(n: int, fn, repeat: int = 2) -> float:
-    fn()                                                     # warm-up
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return n / best
-
-
-def _resized_rows(clip, files: list[Path], captions: list[str]) -> list[dict]:
     from reco.pipelines.config import EmbedConfig
-    from reco.pipelines.download import IMAGE_KEY, resizer
+    from reco.pipelines.download import resizer
 
-    resize = resizer(clip.image_size, EmbedConfig())
+    resize = resizer(image_size, EmbedConfig(encode_format=encode_format))
+    rng = np.random.default_rng(0)
     rows = []
-    for i, (path, caption) in enumerate(zip(files, captions)):
-        data, *_, err = resize(io.BytesIO(path.read_bytes()), None)
-        assert err is None, err
-        rows.append({"id": i, "url": "", "caption": caption, "label": None, "status": STATUS_OK,
-                     "error_message": None, IMAGE_KEY: data})
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (source_px, source_px, 3), dtype=np.uint8)).save(buf, format="PNG")
+        data, *_, err = resize(io.BytesIO(buf.getvalue()), None)
+        if err is not None:
+            raise RuntimeError(f"resize failed: {err}")
+        rows.append({"id": i, "caption": f"a photo of object number {i}", "image": data})
     return rows
 
 
-def bench_model(model: str, pretrained: str | None, n: int, batch: int, threads: int,
-                image_px: int, work: Path, device: str = "cpu", precision: str = "fp32") -> dict:
-    from reco.clip import resolve_device
-    from reco.pipelines.download import IMAGE_KEY
-    from reco.pipelines.embed import decode, embed_rows
+def spec_of(model: str, pretrained: str | None, n: int, batch: int, opt: dict) -> dict:
+    """What both children run with: the model and the run options (given, else the defaults)."""
+    from reco.pipelines.config import EmbedConfig
 
-    torch.set_num_threads(threads)
-    device = resolve_device(device)
-    clip = load_clip(model, pretrained, device=device, precision=precision)
-    names = _png_corpus(work / "images", n, image_px)
-    captions = [f"a photo of object number {i}" for i in range(n)]
-    rows = _resized_rows(clip, [work / "images" / f for f in names], captions)
-    pixels = torch.stack([decode(clip, r[IMAGE_KEY]) for r in rows])
-
-    def forward(with_text: bool):
-        for s in range(0, n, batch):
-            encode_images(clip, pixels[s:s + batch])
-            if with_text:
-                encode_texts(clip, captions[s:s + batch])
-
-    out = {"model": model, "device": device, "precision": precision, "images": n, "batch": batch,
-           "torch_threads": threads,
-           "raw_image_forward": _rate(n, lambda: forward(False)),
-           "raw_forward": _rate(n, lambda: forward(True)),
-           "decode_preprocess": _rate(n, lambda: [decode(clip, r[IMAGE_KEY]) for r in rows]),
-           "embed_stage": _rate(n, lambda: embed_rows(clip, rows, batch))}
-    out["ratio"] = out["embed_stage"] / out["raw_forward"]
-    out["ratio_vs_image_forward"] = out["embed_stage"] / out["raw_image_forward"]
-    out["pipeline"] = _pipeline_rate(clip, model, pretrained, names, captions, batch, threads, work,
-                                     device=device, precision=precision)
-    return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
+    defaults = EmbedConfig()
+    return {"model": model, "pretrained": pretrained, "images": n, "batch": batch,
+            "encode_format": opt.get("embed.encode_format", defaults.encode_format),
+            "threads": opt.get("embed.torch_threads", defaults.torch_threads),
+            "decode_workers": opt.get("embed.decode_workers", defaults.decode_workers),
+            "device": opt.get("clip.device", "cpu"), "precision": opt.get("clip.precision", "fp32")}
 
 
-def _pipeline_rate(clip, model, pretrained, names, captions, batch, threads, work: Path,
-                   device: str = "cpu", precision: str = "fp32") -> float:
+def prepare(work: Path, model: str, pretrained: str | None, n: int, batch: int, source_px: int,
+            opt: dict) -> Path:
+    """The work folder of one preset: rows.parquet and spec.json (what both children read)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from reco.clip import encode_texts, load_clip, save_local_dir
+
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    clip = load_clip(model, pretrained)
+    spec = spec_of(model, pretrained, n, batch, opt)
+    if model == "reco-tiny":                       # a saved random model, as the tests' workers load it
+        spec["model"] = save_local_dir(clip.model, "reco-tiny", work / "clip")
+    rows = _resized_rows(clip.image_size, n, source_px, spec["encode_format"])
+    pq.write_table(pa.Table.from_pylist(rows), work / "rows.parquet")
+    spec.update(image_size=clip.image_size, embed_dim=int(encode_texts(clip, ["x"]).shape[1]))
+    atomic_write_text(work / "spec.json", json.dumps(spec, indent=2))
+    return work / "spec.json"
+
+
+def bench_preset(name: str, preset: dict, work: Path, quick: bool, rounds: int, opt: dict) -> dict:
+    n = preset["images"][0 if quick else 1]
+    batch = opt.get("embed.batch_size", preset["batch"])
+    spec_path = prepare(work, preset["model"], preset.get("pretrained"), n, batch, preset["source_px"], opt)
+    spec = json.loads(spec_path.read_text())
+    print(f"embed {name}: {n} images of {spec['image_size']} px, batch {batch}, {rounds} rounds", flush=True)
+    stats = paired(["-m", "reco.bench.embed", "stage", str(spec_path)],
+                   ["-m", "reco.bench.embed", "raw", str(spec_path)], rounds)
+    claim = Claim.from_paired(f"embed stage / raw forward, {name} {spec['image_size']} px, batch {batch}, "
+                              f"{spec['threads']} torch threads, {spec['decode_workers']} decode workers",
+                              stats, preset["goal"], "img/s", "stage", "raw", COMMAND)
+    return {"preset": name, **spec, "paired": stats, "claim": claim.as_dict()}
+
+
+def bench_embed(out_dir: str | Path, quick: bool = True, options: dict | None = None,
+                rounds: int | None = None) -> dict:
+    """Run the benchmark, write ``embed.json`` into ``out_dir`` and return the results (with
+    ``claims``: rows of ``summary.md``).
+
+    ``options`` (``reco bench --only embed --model ... --device ... --set ...``): ``clip.model``
+    (+ ``clip.pretrained``) benchmarks that model instead of the two presets (ViT-B-32's sizes);
+    ``clip.device``, ``clip.precision``, ``embed.batch_size``, ``embed.torch_threads``,
+    ``embed.decode_workers`` and ``embed.encode_format`` apply to every model.
+    """
+    out_dir, opt = Path(out_dir), options or {}
+    rounds = rounds or ROUNDS["quick" if quick else "full"]
+    presets = dict(PRESETS)
+    if "clip.model" in opt:
+        presets = {opt["clip.model"]: {**PRESETS["ViT-B-32"], "model": opt["clip.model"],
+                                       "pretrained": opt.get("clip.pretrained")}}
+    results = {"quick": quick, "rounds": rounds, "models": []}
+    with tempfile.TemporaryDirectory(prefix="reco-bench-embed-") as tmp:
+        for name, preset in presets.items():
+            work = Path(tmp) / name.replace("/", "_")
+            results["models"].append(bench_preset(name, preset, work, quick, rounds, opt))
+            if name == "reco-tiny":
+                results["models"][-1]["pipeline_images_per_s"] = round(_pipeline_rate(work, opt), 1)
+    results["claims"] = [m["claim"] for m in results["models"]]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "embed.json", json.dumps(results, indent=2))
+    return results
+
+
+def _pipeline_rate(work: Path, opt: dict) -> float:
+    """The whole embed job once (img2dataset over loopback HTTP, embed, write) on the preset's
+    rows served as files: images/s."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -104,50 +231,30 @@ def _pipeline_rate(clip, model, pretrained, names, captions, batch, threads, wor
     from reco.pipelines.embed_memory import embed_urls
     from reco.world.server import WorldServer
 
+    spec = json.loads((work / "spec.json").read_text())
+    rows = pq.read_table(work / "rows.parquet").to_pylist()
+    (work / "images").mkdir(exist_ok=True)
+    for r in rows:
+        (work / "images" / f"{r['id']}.png").write_bytes(r["image"])
     with WorldServer(work / "images") as server:
-        urls = [server.base_url + name for name in names]
-        pq.write_table(pa.table({"url": urls, "caption": captions}), work / "urls.parquet")
-        cfg = EmbedConfig(shard_size=max(1, len(names) // 2), batch_size=batch, allow_networks=("127.0.0.0/8",),
-                          torch_threads=threads, threads=16, device=device, precision=precision)
+        urls = [f"{server.base_url}{r['id']}.png" for r in rows]
+        pq.write_table(pa.table({"url": urls, "caption": [r["caption"] for r in rows]}), work / "urls.parquet")
+        cfg = EmbedConfig(shard_size=max(1, len(rows) // 2), batch_size=spec["batch"],
+                          allow_networks=("127.0.0.0/8",), torch_threads=spec["threads"],
+                          decode_workers=spec["decode_workers"], threads=16, device=spec["device"],
+                          precision=spec["precision"], encode_format=spec["encode_format"])
         start = time.perf_counter()
-        _, info = embed_urls(str(work / "urls.parquet"), str(work / f"out-{time.time_ns()}"),
-                             model=model, pretrained=pretrained, embed_cfg=cfg)
+        _, info = embed_urls(str(work / "urls.parquet"), str(work / "out"), model=spec["model"],
+                             pretrained=spec["pretrained"], embed_cfg=cfg)
         seconds = time.perf_counter() - start
-    assert info["counts"][STATUS_OK] == len(names), info["counts"]
-    return len(names) / seconds
+    if info["counts"][STATUS_OK] != len(rows):
+        raise RuntimeError(f"pipeline embedded {info['counts']}")
+    return len(rows) / seconds
 
 
-def bench_embed(out_dir: str | Path, quick: bool = True, options: dict | None = None) -> dict:
-    """Run the benchmark, write ``embed.json`` into ``out_dir`` and return the results.
+if __name__ == "__main__":               # the measured processes
+    import logging
 
-    ``options`` (``reco bench --only embed --model ... --device ... --set ...``): ``clip.model``
-    (+ ``clip.pretrained``) benchmarks that model instead of reco-tiny; ``clip.device``,
-    ``clip.precision``, ``embed.batch_size`` and ``embed.torch_threads`` apply to every model.
-    """
-    out_dir, opt = Path(out_dir), options or {}
-    n, batch = (512, 256) if quick else (2048, 256)
-    batch, threads = opt.get("embed.batch_size", batch), opt.get("embed.torch_threads", 2)
-    run = dict(device=opt.get("clip.device", "cpu"), precision=opt.get("clip.precision", "fp32"))
-    results = {"quick": quick, "note": "noisy shared machine; images/s, best of 2 after warm-up",
-               "models": []}
-    with tempfile.TemporaryDirectory(prefix="reco-bench-embed-") as tmp:
-        work = Path(tmp)
-        torch.manual_seed(0)
-        if "clip.model" in opt:
-            results["models"].append(bench_model(opt["clip.model"], opt.get("clip.pretrained"), n // 4,
-                                                 batch, threads, 256, work / "model", **run))
-        else:
-            spec = save_local_dir(load_clip("reco-tiny").model, "reco-tiny", work / "reco-tiny")
-            results["models"].append(bench_model(spec, None, n, batch, threads, 64, work / "tiny", **run))
-        if not quick and "clip.model" not in opt:
-            results["models"].append(bench_model("ViT-B-32", None, n // 8, min(batch, 64), threads, 256,
-                                                 work / "b32", **run))
-    atomic_write_text(out_dir / "embed.json", json.dumps(results, indent=2))
-    return results
-
-
-if __name__ == "__main__":
-    import sys
-
-    print(json.dumps(bench_embed(sys.argv[1] if len(sys.argv) > 1 else "runs/bench",
-                                 quick="--full" not in sys.argv), indent=2))
+    logging.disable(logging.WARNING)
+    what, spec_file = sys.argv[1], sys.argv[2]
+    print(json.dumps((measure_stage if what == "stage" else measure_raw)(spec_file)))

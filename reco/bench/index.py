@@ -5,30 +5,23 @@
 * build-index as the project runs it (autofaiss, key chosen by ``reco.index.keys``, nprobe tuned);
 * recall@10 and queries/s of the tuned IVF-PQ+refine index vs exact ``IndexFlatIP`` on fresh
   queries (never in the memory nor used for tuning);
-* the neighbour pass vs RAW FAISS SEARCH ON THE SAME INDEX. Raw = ``index.search`` of the same
-  training queries (read and normalised as the pass reads them), with the k the pass searches
-  (``k + search_margin``), one call per modality (image queries -> image index, text queries ->
-  text index: the two searches of the default fields), the index loaded as the pass loads it
-  (memory-mapped, tuned nprobe / k_factor), faiss OpenMP threads = all cores in both;
-  ``raw_pairs_per_s = n / (t_img + t_txt)``.
-
-  - ``core``: the pass's faiss/numpy core in-process on the same queries: search + exclusion
-    (``neighbour_batch``) and search + exclusion + fetch of the fused embeddings;
-  - ``pass_<n>``: the whole ``precompute_neighbours`` (plan, Beam job on the DirectRunner: read
-    the shards, search, exclude, fetch, write the Parquet files; manifests) for n training
-    pairs, each run in a FRESH process, so that its peak RSS is its own (it must not grow with
-    n). ``ratio = pass pairs/s / raw pairs/s`` with the raw run just before and just after the
-    pass averaged (the 2 shared cores of the dev machine make single timings noisy);
-    ``ratio_excl_startup`` removes the fixed cost of a run (measured on a 1-shard input);
-    ``cpu_ratio`` compares process CPU seconds, the robust figure on a shared machine.
-
+* the neighbour pass (``pass``: the whole ``precompute_neighbours``: plan, Beam job on the
+  DirectRunner reading the shards, searching, excluding, fetching, writing the Parquet files;
+  manifests) against the BATCHED RAW SEARCH (``raw``: the same searches alone, batched as the
+  pass batches them: ``neighbours.batch_size`` queries per faiss call, ``k + search_margin``
+  hits, every search of the fields, same index loaded the same way, same faiss threads), each
+  a FRESH process, paired and interleaved (:mod:`reco.bench.paired`: ratio median and IQR over
+  ``rounds`` rounds, load before/after). Sizes: 200k training pairs (``--full``: 1M);
+  the peak RSS of the pass at n is compared with a pass at n / 10 (it must stay flat);
+* ``core``: the pass's faiss/numpy core in-process (search + exclusion, + fetch) against one
+  unbatched search call (a diagnostic, not a claim);
+* ``hard_distribution``: tuned recall@10 on clusters of ~1000 near items;
 * ``build_memory``: build-index's peak RSS (VmHWM, in a fresh process) over a 200k x 512-d memory
   in 1,000-row shards, against the float32 data of one modality (``ratio``; ``growth_ratio``:
   above the process's memory before the build); alone: ``python -m reco.bench.index
   build-memory DIR 200000 512``.
 
-Run: ``reco bench --only index`` (pass sizes 20k and 200k; ``--full`` adds
-a 512-d memory).
+Run: ``reco bench --only index`` (``--full`` adds a 512-d memory, recall only; ``--rounds N``).
 """
 from __future__ import annotations
 
@@ -45,11 +38,13 @@ import faiss
 import numpy as np
 
 from reco import config as config_lib
+from reco.bench.paired import ROUNDS, Claim, paired
 from reco.index.build import build_memory_index, normalise
 from reco.index.memory import Memory
 from reco.index.synthetic import clustered_pairs, write_embedded
 
 TRAIN_SHARD = 2500               # rows per embedded training shard (several per output shard)
+COMMAND = "reco bench --only index"
 
 
 def _threads() -> int:
@@ -121,19 +116,32 @@ def _train_queries(cfg) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------------------------
 
 def measure_raw(workdir: str) -> dict:
-    """Raw faiss search of the training queries, k = k + margin, both modalities."""
+    """The baseline: the pass's faiss searches alone, BATCHED as the pass batches them (its
+    settings: ``neighbours.batch_size`` queries per call, k + margin hits, every search of the
+    fields, e.g. image queries -> image index and text queries -> text index), on the index
+    loaded as the pass loads it (memory-mapped, tuned nprobe / k_factor), faiss threads as in
+    the pass. Times the searches only (not reading the queries nor loading the index)."""
+    from reco.pipelines.neighbours.job import make_settings
+    from reco.pipelines.neighbours.search import QUERY_MODALITY, split_search
+
     cfg = _cfg(Path(workdir))
     threads = _threads()
     queries = _train_queries(cfg)
-    memory = Memory.load(cfg.paths.index, mmap=True)            # as the pass loads it
-    k = cfg.neighbours.k + cfg.neighbours.search_margin
-    wall = cpu = 0.0
-    for modality in ("img", "txt"):
-        w, c = _timed(lambda m=modality: memory.indices[m].search(queries[m], k))
-        wall, cpu = wall + w, cpu + c
+    s = make_settings(cfg, queries["img"].shape[1])
+    memory = Memory.load(s.index_folder, mmap=s.mmap, use_gpu=s.use_gpu, verify=False)
+    k = min(s.k + s.margin, memory.n)
     n = len(queries["img"])
-    return {"pairs": n, "k": k, "threads": threads, "seconds": round(wall, 3), "cpu_seconds": round(cpu, 3),
-            "pairs_per_s": round(n / wall, 1), "peak_rss_mb": _peak_rss_mb()}
+
+    def searches():
+        for start in range(0, n, s.batch_size):
+            for search in s.searches:
+                query, index = split_search(search)
+                memory.search(queries[QUERY_MODALITY[query]][start:start + s.batch_size], index, k)
+
+    wall, cpu = _timed(searches)
+    return {"pairs": n, "k": k, "batch_size": s.batch_size, "searches": list(s.searches),
+            "threads": threads, "seconds": round(wall, 3), "cpu_seconds": round(cpu, 3),
+            "rate": n / wall, "peak_rss_mb": _peak_rss_mb()}
 
 
 def measure_pass(workdir: str, shard_size: int | None = None) -> dict:
@@ -144,10 +152,11 @@ def measure_pass(workdir: str, shard_size: int | None = None) -> dict:
     if shard_size:
         cfg = dataclasses.replace(cfg, neighbours=dataclasses.replace(cfg.neighbours, shard_size=shard_size))
     threads = _threads()
-    c0 = _cpu()
+    c0, t0 = _cpu(), time.perf_counter()
     info = precompute_neighbours(cfg, force=True)
-    return {"pairs": info["n_pairs"], "shards": info["shards"], "threads": threads,
-            "seconds": info["seconds"], "job_seconds": info["job_seconds"],
+    wall = time.perf_counter() - t0
+    return {"pairs": info["n_pairs"], "shards": info["shards"], "threads": threads, "rate": info["n_pairs"] / wall,
+            "seconds": round(wall, 3), "info_seconds": info["seconds"], "job_seconds": info["job_seconds"],
             "step_seconds": info["step_seconds"], "cpu_seconds": round(_cpu() - c0, 3),
             "peak_rss_mb": _peak_rss_mb(),
             "n_excluded": info["n_excluded"], "n_missing": info["n_missing"]}
@@ -221,23 +230,43 @@ def _core_vs_raw(cfg, memory: Memory, pair: dict, reps: int = 3) -> dict:
     return out
 
 
-def _pass_vs_raw(cfg, root: Path, n: int, centers, startup: float) -> dict:
-    ri, rt, _, _ = clustered_pairs(n, centers[0].shape[1], len(centers[0]), seed=2, centers=centers)
+def _pass_vs_raw(cfg, root: Path, n: int, centers, rounds: int) -> dict:
+    """The neighbour pass on n training pairs against the batched raw searches (paired, fresh
+    processes), and its peak RSS against a pass on n / 10 pairs (flat: about 1)."""
+    dim = centers[0].shape[1]
+    small = max(n // 10, 1)
+    ri, rt, _, _ = clustered_pairs(small, dim, len(centers[0]), seed=2, centers=centers)
     write_embedded(cfg.paths.embedded("train"), ri, rt, shard_size=TRAIN_SHARD)
-    before = _subprocess("raw", str(root))
-    done = _subprocess("pass", str(root))
-    after = _subprocess("raw", str(root))
-    raw_pps = 2.0 / (1.0 / before["pairs_per_s"] + 1.0 / after["pairs_per_s"])
-    raw_cpu = (before["cpu_seconds"] + after["cpu_seconds"]) / 2
-    pps = n / done["seconds"]
-    pps_run = n / max(done["seconds"] - startup, 1e-9)
-    return {"raw_search": {"before": before, "after": after, "pairs_per_s": round(raw_pps, 1)},
-            "pass": {**done, "pairs_per_s": round(pps, 1), "pairs_per_s_excl_startup": round(pps_run, 1)},
-            "ratio": round(pps / raw_pps, 3), "ratio_excl_startup": round(pps_run / raw_pps, 3),
-            "cpu_ratio": round(raw_cpu / done["cpu_seconds"], 3)}
+    tenth = _subprocess("pass", str(root))
+    ri, rt, _, _ = clustered_pairs(n, dim, len(centers[0]), seed=2, centers=centers)
+    write_embedded(cfg.paths.embedded("train"), ri, rt, shard_size=TRAIN_SHARD)
+    del ri, rt
+    print(f"index: neighbour pass on {n:,} pairs vs batched raw search, {rounds} rounds", flush=True)
+    stats = paired(["-m", "reco.bench.index", "pass", str(root)], ["-m", "reco.bench.index", "raw", str(root)],
+                   rounds)
+    peak = sorted(p["a"]["peak_rss_mb"] for p in stats["pairs"])[len(stats["pairs"]) // 2]
+    rss = {"pass_peak_rss_mb": peak, f"pass_{small}_peak_rss_mb": tenth["peak_rss_mb"],
+           "rss_ratio": round(peak / tenth["peak_rss_mb"], 3)}
+    return {"pairs": n, "paired": stats, "pass_tenth": tenth, **rss}
 
 
-def _one(root: Path, n_memory: int, dim: int, pass_sizes: tuple[int, ...], options: dict) -> dict:
+def _recall_claim(out: dict) -> dict:
+    return Claim(f"index recall@10 (IVF-PQ + re-rank vs exact), {out['n_memory']:,} x {out['dim']}-d",
+                 out["recall_at_10"], 0.95, command=COMMAND,
+                 rates=f"ivfpq {out['ivfpq_qps']:,.0f} vs exact {out['exact_qps']:,.0f} q/s").as_dict()
+
+
+def _pass_claims(out: dict, n: int) -> list[dict]:
+    r = out[f"pass_{n}"]
+    where = f"{n:,} pairs, memory {out['n_memory']:,} x {out['dim']}-d"
+    return [Claim.from_paired(f"neighbour pass / batched raw search, {where}", r["paired"], 0.8, "pairs/s",
+                              "pass", "raw", COMMAND).as_dict(),
+            Claim(f"neighbour pass peak RSS, {n:,} / {n // 10:,} pairs", r["rss_ratio"], 1.2, at_most=True,
+                  rates=f"{r['pass_peak_rss_mb']:,.0f} vs {r[f'pass_{n // 10}_peak_rss_mb']:,.0f} MB",
+                  rounds=r["paired"]["rounds"], command=COMMAND).as_dict()]
+
+
+def _one(root: Path, n_memory: int, dim: int, pass_size: int | None, options: dict, rounds: int) -> dict:
     from reco.bench import options as bench_options
 
     bench_options.save(root, options)
@@ -257,11 +286,11 @@ def _one(root: Path, n_memory: int, dim: int, pass_sizes: tuple[int, ...], optio
     memory = Memory.load(cfg.paths.index, mmap=True)
     out.update(_search_vs_exact(memory, queries[:2000]))
     out["core"] = _core_vs_raw(cfg, memory, _train_queries(cfg))
-    # the fixed cost of a run (Beam startup, planning, manifests): one shard of 100 pairs
-    write_embedded(cfg.paths.embedded("train"), queries[:100], texts[:100], shard_size=TRAIN_SHARD)
-    out["pass_startup"] = _subprocess("pass", str(root))
-    for n in pass_sizes:
-        out[f"pass_{n}"] = _pass_vs_raw(cfg, root, n, centers, out["pass_startup"]["seconds"])
+    del memory
+    out["claims"] = [_recall_claim(out)]
+    if pass_size:
+        out[f"pass_{pass_size}"] = _pass_vs_raw(cfg, root, pass_size, centers, rounds)
+        out["claims"] += _pass_claims(out, pass_size)
     return out
 
 
@@ -328,18 +357,30 @@ def build_memory(root: Path, n: int, dim: int, options: dict) -> dict:
             **_subprocess("build", str(root))}
 
 
-def bench_index(out_dir: str | Path, quick: bool = True, options: dict | None = None) -> dict:
-    """Run the benchmark in ``out_dir`` (work folders are kept there); returns the figures.
-    ``options``: ``index.*``/``neighbours.*`` values (``reco bench --set``) over the demo preset."""
+def bench_index(out_dir: str | Path, quick: bool = True, options: dict | None = None,
+                rounds: int | None = None) -> dict:
+    """Run the benchmark in ``out_dir`` (work folders are kept there); returns the figures with
+    ``claims`` (rows of ``summary.md``). ``options``: ``index.*``/``neighbours.*`` values
+    (``reco bench --set``) over the demo preset; ``rounds``: pass/raw pairs (default 3, --full 10)."""
     out_dir, options = Path(out_dir), options or {}
-    results = {"note": ("raw = index.search of the same training queries, k = k + search_margin, "
-                        "image and text, same index/nprobe/threads; ratio = pass / raw pairs per "
-                        "second; timings on shared CPU cores are noisy (cpu_ratio: CPU seconds)"),
-               "d64": _one(out_dir / "d64", 200_000, 64, (20_000, 200_000), options)}
+    rounds = rounds or ROUNDS["quick" if quick else "full"]
+    results = {"note": ("raw = the pass's searches alone, batched as the pass batches them "
+                        "(neighbours.batch_size, k + search_margin, every search), same index "
+                        "loaded the same way; ratio = pass / raw pairs per second per round of "
+                        "fresh processes (A,B,B,A...)"),
+               "d64": _one(out_dir / "d64", 200_000, 64, 200_000 if quick else 1_000_000, options, rounds)}
     if not quick:
-        results["d512"] = _one(out_dir / "d512", 200_000, 512, (20_000,), options)
+        results["d512"] = _one(out_dir / "d512", 200_000, 512, None, options, rounds)
     results["hard_distribution"] = hard_recall()
+    results["claims"] = [c for key in ("d64", "d512") if key in results for c in results[key].pop("claims")]
     results["build_memory"] = build_memory(out_dir / "build_memory", 200_000, 512, options)
+    build = results["build_memory"]
+    results["claims"].append(Claim(      # growth: the fixed ~130 MB of imports is not the data's
+        claim=f"build-index memory growth / float32 data of one modality, {build['n'] // 1000}k x "
+              f"{build['dim']}-d",
+        value=build["growth_ratio"], goal=1.5, at_most=True,
+        rates=f"peak {build['peak_rss_mb']:.0f} MB = {build['ratio']}x of {build['float32_data_mb']:.0f} MB",
+        command="python -m reco.bench.index build-memory DIR 200000 512").as_dict())
     results["peak_rss_mb"] = _peak_rss_mb()
     return results
 

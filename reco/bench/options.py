@@ -14,7 +14,7 @@ from reco.errors import ConfigError
 # bench -> the option keys (or KEY. prefixes of whole sections) it honours
 HONOURS: dict[str, tuple[str, ...]] = {
     "embed": ("clip.model", "clip.pretrained", "clip.device", "clip.precision",
-              "embed.batch_size", "embed.torch_threads"),
+              "embed.batch_size", "embed.torch_threads", "embed.decode_workers", "embed.encode_format"),
     "index": ("index.", "neighbours."),
     "train": ("train.batch_size", "train.num_workers"),
     "import": (),
