@@ -6,19 +6,17 @@ files in the world's layout (``urls/set.parquet`` row i -> ``images/set/{i:06d}.
 bytes) for the in-memory ``world`` source (which decodes the whole set into one
 tensor first). A random-init ``reco-tiny`` CLIP is trained for the same steps in a fresh process
 per run (torch on one thread; the stream with ``react.workers`` DataLoader workers). Per run:
-training samples/s (loop only; the in-memory run's decode is reported apart) and the process's
-peak RSS (``ru_maxrss``). Sizes: ``n`` and ``10 n``.
+training samples/s (loop only; the in-memory run's decode and the stream's one-off caption
+embedding are reported apart) and the process's peak RSS (``ru_maxrss``).
 
-``throughput_ratio = stream / memory`` at ``n`` (goal >= 0.9); ``stream_rss_ratio = peak(10 n) /
-peak(n)`` for the stream (goal: flat, about 1), beside the in-memory run's, which grows.
+``throughput_ratio``: stream / in-memory samples/s at ``n``, paired and interleaved over
+``rounds`` rounds of fresh processes (:mod:`reco.bench.paired`; goal >= 0.9);
+``stream_rss_ratio = peak(10 n) / peak(n)`` for the stream (goal: flat, <= 1.1), beside the
+in-memory run's, which grows. Both are rows of ``summary.md``.
 """
 from __future__ import annotations
 
 import io
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +37,8 @@ o = ReactConfig(steps=steps, batch_size=64, warmup_steps=5, checkpoint_every=10*
 cfg = dataclasses.replace(cfg, react=o)
 info = react_train(cfg, out_dir=root + "/out-" + mode, customisation=root + "/set.parquet",
                    evaluate=False)
-print(json.dumps({"samples_per_s": info["samples_per_s"], "decode_seconds": info["decode_seconds"],
+print(json.dumps({"rate": info["samples_per_s"], "samples_per_s": info["samples_per_s"],
+                  "decode_seconds": info["decode_seconds"],
                   "pairs": info["pairs"],
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
@@ -90,43 +89,57 @@ def write_set(root: Path, n: int, shard_size: int = 500, seed: int = 0) -> None:
                    root / "set.parquet")
 
 
-def _child(root: Path, mode: str, steps: int, workers: int) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", _CHILD, str(root), mode, str(steps), str(workers)],
-                         capture_output=True, text=True, env=env, timeout=1800)
-    if out.returncode:
-        raise RuntimeError(out.stderr[-2000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def _argv(root: Path, mode: str, steps: int, workers: int) -> list[str]:
+    return ["-c", _CHILD, str(root), mode, str(steps), str(workers)]
 
 
-def bench_react(out_dir: Path, quick: bool = True) -> dict:
+def _make_set(out_dir: Path, size: int) -> Path:
     import shutil
 
     import torch
 
     from reco.clip import load_clip, save_local_dir
 
+    root = out_dir / f"set-{size}"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    torch.manual_seed(0)
+    (root / "clip.spec").write_text(save_local_dir(load_clip("reco-tiny").model, "reco-tiny", root / "base"))
+    write_set(root, size)
+    return root
+
+
+def bench_react(out_dir: Path, quick: bool = True, rounds: int | None = None) -> dict:
+    import shutil
+
+    from reco.bench.paired import ROUNDS, Claim, paired, run_child
+
     n, steps, workers = (1000, 60, 1) if quick else (5000, 200, 2)
+    rounds = rounds or ROUNDS["quick" if quick else "full"]
     out_dir = Path(out_dir)
-    results = {"n": n, "steps": steps, "batch_size": 64, "workers": workers,
-               "loadavg_1m_at_start": os.getloadavg()[0], "runs": {}}
-    for size in (n, 10 * n):
-        root = out_dir / f"set-{size}"
-        shutil.rmtree(root, ignore_errors=True)
-        root.mkdir(parents=True)
-        torch.manual_seed(0)
-        (root / "clip.spec").write_text(save_local_dir(load_clip("reco-tiny").model, "reco-tiny",
-                                                       root / "base"))
-        write_set(root, size)
-        for mode in ("shards", "world"):
-            results["runs"][f"{mode}-{size}"] = _child(root, mode, steps, workers)
-        shutil.rmtree(root, ignore_errors=True)
+    results = {"n": n, "steps": steps, "batch_size": 64, "workers": workers, "runs": {}}
+    root = _make_set(out_dir, n)
+    stats = paired(_argv(root, "shards", steps, workers), _argv(root, "world", steps, workers), rounds,
+                   timeout=1800)
+    results["paired"] = stats
+    results["runs"][f"shards-{n}"], results["runs"][f"world-{n}"] = stats["pairs"][0]["a"], stats["pairs"][0]["b"]
+    shutil.rmtree(root, ignore_errors=True)
+    root = _make_set(out_dir, 10 * n)
+    for mode in ("shards", "world"):
+        results["runs"][f"{mode}-{10 * n}"] = run_child(_argv(root, mode, steps, workers), 1800)
+    shutil.rmtree(root, ignore_errors=True)
     runs = results["runs"]
-    results["throughput_ratio"] = round(runs[f"shards-{n}"]["samples_per_s"]
-                                        / runs[f"world-{n}"]["samples_per_s"], 3)
-    results["stream_rss_ratio"] = round(runs[f"shards-{10 * n}"]["peak_rss_mb"]
-                                        / runs[f"shards-{n}"]["peak_rss_mb"], 3)
-    results["memory_rss_ratio"] = round(runs[f"world-{10 * n}"]["peak_rss_mb"]
-                                        / runs[f"world-{n}"]["peak_rss_mb"], 3)
-    results["loadavg_1m_at_end"] = os.getloadavg()[0]
+    results["throughput_ratio"] = stats["ratio"]["median"]
+    peak = {k: max(p[side]["peak_rss_mb"] for p in stats["pairs"])
+            for k, side in ((f"shards-{n}", "a"), (f"world-{n}", "b"))}
+    results["stream_rss_ratio"] = round(runs[f"shards-{10 * n}"]["peak_rss_mb"] / peak[f"shards-{n}"], 3)
+    results["memory_rss_ratio"] = round(runs[f"world-{10 * n}"]["peak_rss_mb"] / peak[f"world-{n}"], 3)
+    command = "reco bench --only react"
+    results["claims"] = [
+        Claim.from_paired(f"react-train streaming shards / in-memory tensor, {n:,} pairs", stats, 0.9,
+                          "samples/s", "stream", "in memory", command).as_dict(),
+        Claim(f"react-train stream peak RSS, {10 * n:,} / {n:,} pairs", results["stream_rss_ratio"], 1.1,
+              at_most=True, rates=f"{runs[f'shards-{10 * n}']['peak_rss_mb']:,.0f} vs "
+              f"{peak[f'shards-{n}']:,.0f} MB (in memory: {results['memory_rss_ratio']}x)",
+              command=command).as_dict()]
     return results
