@@ -69,7 +69,7 @@ test-slow: install
 	if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
 
 # issue 20: learned heads vs mean fusion on a long-tail world, over world seeds (experiments/);
-# LONGTAIL=longtail for the 2,000-species world (longtail_small: 400 species, the README's figures)
+# LONGTAIL=longtail for the 2,000-species world (longtail_small: 400 species); both in the README
 SEEDS ?= 0,1,2
 LONGTAIL ?= longtail_small
 experiment-longtail: install

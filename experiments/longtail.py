@@ -102,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated world seeds")
     p.add_argument("--out", default="runs/longtail", help="output folder (one seed<N> per seed)")
     p.add_argument("--preset", default="longtail_small",
-                   help="longtail_small (400 species, what the README reports) or longtail "
-                        "(2,000 species, a 900-step base CLIP)")
+                   help="longtail_small (400 species) or longtail (2,000 species, a 900-step "
+                        "base CLIP); the README reports both")
     p.add_argument("--steps", type=int, default=None, help="training steps of every head")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
