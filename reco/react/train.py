@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 
 ReactTrainConfig = ReactConfig        # the ``react`` section of the run config (older name)
+WARM_STEPS = 3    # steps left out of ``steady_samples_per_s`` (DataLoader workers start, buffers fill)
 
 
 def check_options(o: ReactTrainConfig) -> None:
@@ -173,7 +174,11 @@ def _train(cfg, options: ReactConfig, out: Path, customisation, evaluate: bool, 
     net = _ddp(step_module, device) if world > 1 else step_module
     writer, bar = _monitors(out, options, start, rank)
     t1, it = time.perf_counter(), iter(batches(start))
+    warm = min(start + WARM_STEPS, options.steps - 1)
+    t_warm = t1
     for step in range(start, options.steps):
+        if step == warm:
+            t_warm = time.perf_counter()                 # loader start-up and first steps done
         pixels, targets = (t.to(device, non_blocking=True) for t in next(it))
         lr = lr_at(step, options)
         for group in optimizer.param_groups:
@@ -189,7 +194,8 @@ def _train(cfg, options: ReactConfig, out: Path, customisation, evaluate: bool, 
         _report(writer, bar, history[-1], step, options, model if rank == 0 else None)
         if (step + 1) % options.checkpoint_every == 0 and step + 1 < options.steps and rank == 0:
             _checkpoint(out, step + 1, model, loss_fn, optimizer, options, history, world)
-    train_s = time.perf_counter() - t1
+    t_end = time.perf_counter()
+    train_s = t_end - t1
     if bar is not None:
         bar.close()
         writer.close()
@@ -201,6 +207,8 @@ def _train(cfg, options: ReactConfig, out: Path, customisation, evaluate: bool, 
             "final_loss": history[-1][1] if history else None, "gates": gates(model),
             "decode_seconds": round(decode_s, 2), "train_seconds": round(train_s, 2),
             "samples_per_s": round(done * options.batch_size / train_s, 2) if train_s > 0 and done else None,
+            "steady_samples_per_s": (round((options.steps - warm) * options.batch_size / (t_end - t_warm), 2)
+                                     if options.steps > warm > start and t_end > t_warm else None),
             "trainable_params": int(sum(p.numel() for p in trainable_parameters(model).values())),
             "model_id": clip.model_id}
     if rank == 0:
