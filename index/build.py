@@ -38,7 +38,7 @@ from reco.index.memory import (EMB_FILES, IDS_FILE, INDEX_FILES, INFO_FILE, gpus
                                set_search_params)
 from reco.index.vectors import NpyRows, add_in_batches, exact_knn, scan_split, stage
 from reco.record import FILE as RECORD_FILE
-from reco.record import Record, locked, outputs_of
+from reco.record import Record, StaleError, locked, outputs_of
 
 log = logging.getLogger(__name__)
 MODALITY_COLUMNS = {"img": "image", "txt": "text"}
@@ -64,7 +64,6 @@ def autofaiss_trained(vectors, plan: IndexPlan, cfg: IndexConfig) -> faiss.Index
     factory, its memory check, its training sample: the first ``get_optimal_train_size`` rows).
     autofaiss's own add would read up to 1 GB batches with up to 50 pieces read ahead."""
     from autofaiss.external.build import estimate_memory_required_for_index_creation
-    from autofaiss.external.optimize import check_if_index_needs_training, get_optimal_train_size
     from autofaiss.indices.training import create_empty_index
 
     n, dim = vectors.shape
@@ -78,11 +77,37 @@ def autofaiss_trained(vectors, plan: IndexPlan, cfg: IndexConfig) -> faiss.Index
                           f"raise index.current_memory_available (or lower the budget)")
     faiss.omp_set_num_threads(cfg.nb_cores or multiprocessing.cpu_count())
     index = create_empty_index(dim, plan.key, plan.metric)
-    if check_if_index_needs_training(plan.key):
-        size = get_optimal_train_size(n, plan.key, cfg.current_memory_available, dim)
-        sample = np.ascontiguousarray(vectors[:size], dtype=np.float32)
-        index.train(sample)
+    size = train_rows(n, dim, plan.key, cfg)
+    if size is not None:
+        index.train(np.ascontiguousarray(vectors[:size], dtype=np.float32))
     return index
+
+
+def train_rows(n: int, dim: int, key: str, cfg: IndexConfig) -> int | None:
+    """Rows of autofaiss's training sample for ``key`` over ``n`` x ``dim`` vectors (None: the
+    key needs no training). ``index.current_memory_available`` caps it, so it is recorded in
+    info.json and checked before an index is reused (:func:`check_train_rows`)."""
+    from autofaiss.external.optimize import check_if_index_needs_training, get_optimal_train_size
+
+    if not check_if_index_needs_training(key):
+        return None
+    return int(get_optimal_train_size(n, key, cfg.current_memory_available, dim))
+
+
+def check_train_rows(out: Path, info: dict, cfg: IndexConfig) -> None:
+    """StaleError when the index in ``out`` was trained on another sample than
+    ``index.current_memory_available`` now gives (an option the run record leaves out because it
+    changes the index only when the cap binds)."""
+    n, dim = info.get("n"), info.get("dim")
+    for m, meta in info.get("indices", {}).items():
+        if (not isinstance(meta, dict) or meta.get("trained_on_gpus") or not isinstance(n, int)
+                or not isinstance(dim, int) or not isinstance(meta.get("train_rows"), int)):
+            continue                      # GPU-trained, or an info.json from before this check
+        now = train_rows(n, dim, str(meta.get("key")), cfg)
+        if now != meta["train_rows"]:
+            raise StaleError(f"{out / INDEX_FILES[m]}: trained on {meta['train_rows']} rows; "
+                             f"index.current_memory_available={cfg.current_memory_available} gives "
+                             f"{now}: rerun build-index with --force (or the option it was built with)")
 
 
 GPU_TRAIN_POINTS = 256        # training vectors per inverted list (faiss warns below 39)
@@ -230,7 +255,8 @@ def build_one(vectors, name: str, cfg: IndexConfig) -> tuple[faiss.Index, dict]:
     tuned = tune_search(index, vectors, plan, cfg)
     log.debug("%s: %s nprobe=%s recall@%d=%.3f (%.1fs)", name, plan.key, tuned["nprobe"],
               cfg.recall_k, tuned["recall"], build_s)
-    return index, {"key": plan.key, "metric": plan.metric, "reason": plan.reason, **tuned,
+    rows = None if gpus else train_rows(len(vectors), vectors.shape[1], plan.key, cfg)
+    return index, {"key": plan.key, "metric": plan.metric, "reason": plan.reason, "train_rows": rows, **tuned,
                    "recall_k": cfg.recall_k, "build_seconds": round(build_s, 2),
                    "tune_seconds": round(time.perf_counter() - t0, 2),
                    "estimated_bytes": plan.estimated_bytes, "trained_on_gpus": gpus}
@@ -335,6 +361,7 @@ def _build(cfg: RecoConfig, force: bool) -> dict:
     planned = index_plan(cfg, split, test)
     previous = None if force else _previous(out, planned)
     if previous is not None:
+        check_train_rows(out, previous, cfg.index)
         for m, meta in previous.get("indices", {}).items():
             check_recall({"recall": meta.get("recall"), "nprobe": meta.get("nprobe"),
                           "k_factor": meta.get("k_factor")}, f"{meta.get('key')} ({out / INDEX_FILES[m]})",

@@ -74,3 +74,26 @@ def test_streamed_arrays_equal_the_in_memory_ones(tmp_path, monkeypatch):
     monkeypatch.setattr(v, "batch_rows", lambda dim: 256)          # 12 batches
     v.add_in_batches(batched, rows)
     assert faiss.serialize_index(whole).tobytes() == faiss.serialize_index(batched).tobytes()
+
+
+def test_reuse_checks_the_training_sample_that_current_memory_available_caps(tmp_path):
+    """index.current_memory_available is left out of the run record (it changes nothing unless
+    it caps autofaiss's training sample); an index trained on another sample than the option now
+    gives is refused on reuse, naming the option."""
+    import pytest
+
+    from reco.index.build import check_train_rows, train_rows
+    from reco.index.config import IndexConfig
+    from reco.record import StaleError
+
+    roomy, tight = IndexConfig(current_memory_available="16G"), IndexConfig(current_memory_available="5M")
+    key = "IVF256,Flat"
+    assert train_rows(50_000, 64, "Flat", roomy) is None
+    rows = train_rows(50_000, 64, key, roomy)
+    assert rows != train_rows(50_000, 64, key, tight)
+    info = {"n": 50_000, "dim": 64, "indices": {"img": {"key": key, "train_rows": rows}}}
+    check_train_rows(tmp_path, info, roomy)                             # same sample: reused
+    check_train_rows(tmp_path, info, IndexConfig(current_memory_available="8G"))   # cap not binding
+    with pytest.raises(StaleError, match="index.current_memory_available=5M"):
+        check_train_rows(tmp_path, info, tight)
+    check_train_rows(tmp_path, {**info, "indices": {"img": {"key": key}}}, tight)  # older info.json
